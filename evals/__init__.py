@@ -1,0 +1,1 @@
+"""The Tulu benchmark suite (imported as ``qtulu.evals``)."""

@@ -1,0 +1,5 @@
+import sys
+
+from qtulu.cli import main
+
+sys.exit(main())
