@@ -1,0 +1,69 @@
+"""The Tulu benchmark tasks: one module per benchmark, each with a ``VERSION``.
+
+A task module exposes ``NAME``, ``VERSION``, ``DATA_SUBDIR``,
+``load(data_dir, *, limit=None, **opts) -> list[dict]`` (examples, each with a unique "id"),
+``predict(lm, examples, **opts) -> list[dict]`` (one JSON-able record per example, gold included,
+so that ``score`` needs nothing else) and ``score(predictions, **ctx) -> dict`` (metrics in [0, 1],
+the headline one under "score"). ``ctx`` carries what scoring may need: ``judge``,
+``classifier``, ``allow_code_execution``, ``workers``.
+
+``TASKS`` names the variants the CLI accepts (``--tasks mmlu,gsm8k_direct``); a variant is a
+module plus default options.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+TASKS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mmlu": ("mmlu", {"k_shot": 0}),
+    "mmlu_5shot": ("mmlu", {"k_shot": 5}),
+    "gsm8k": ("gsm8k", {"cot": True}),
+    "gsm8k_direct": ("gsm8k", {"cot": False}),
+    "bbh": ("bbh", {"cot": True}),
+    "bbh_direct": ("bbh", {"cot": False}),
+    "tydiqa": ("tydiqa", {"no_context": False}),
+    "tydiqa_nocontext": ("tydiqa", {"no_context": True}),
+    "codex_humaneval": ("codex_humaneval", {"temperature": 0.1, "num_samples": 20}),
+    "codex_humaneval_t08": ("codex_humaneval", {"temperature": 0.8, "num_samples": 20}),
+    "alpaca_eval": ("alpaca_eval", {}),
+    "toxigen": ("toxigen", {}),
+    "truthfulqa_mc": ("truthfulqa", {"mode": "mc"}),
+    "truthfulqa_gen": ("truthfulqa", {"mode": "gen"}),
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task variant: its module and the options passed to ``load``/``predict``/``score``."""
+
+    name: str
+    module: ModuleType
+    opts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return self.module.VERSION
+
+
+def get_task(name: str, **overrides: Any) -> Task:
+    """The task variant called ``name`` (see ``TASKS``), options updated with ``overrides``."""
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    module_name, opts = TASKS[name]
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    return Task(name, module, {**opts, **overrides})
+
+
+def parse_task_list(spec: str | list[str]) -> list[str]:
+    """"mmlu,gsm8k" or ["mmlu", "gsm8k"] -> validated names ("all" = every variant)."""
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    if names == ["all"]:
+        return list(TASKS)
+    for n in names:
+        if n not in TASKS:
+            raise KeyError(f"unknown task {n!r}; known tasks: {', '.join(sorted(TASKS))}")
+    return names

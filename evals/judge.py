@@ -1,0 +1,89 @@
+"""A client for any OpenAI-compatible chat-completions endpoint (a local vLLM or llama.cpp server,
+or a hosted API), used as the judge of AlpacaEval and TruthfulQA generation.
+
+Standard library only (urllib): a judge must not pull an SDK into the eval path. The API key, if
+any, is read from an environment variable (never from the command line, never written anywhere).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+HOW_TO_CONFIGURE = (
+    "give a judge: --judge-url URL --judge-model NAME (any OpenAI-compatible chat endpoint, e.g. a local "
+    "vLLM server `--judge-url http://localhost:8000/v1 --judge-model Qwen/Qwen2.5-72B-Instruct`, or "
+    "`--judge-url https://api.openai.com/v1 --judge-model gpt-4o` with the key in $OPENAI_API_KEY); "
+    "in Python: evaluate(..., judge=Judge(url, model))"
+)
+
+
+class JudgeNotConfigured(RuntimeError):
+    """A task needs a judge and none was given."""
+
+    def __init__(self, task: str):
+        super().__init__(f"task {task!r} needs a judge model; {HOW_TO_CONFIGURE}")
+
+
+class JudgeError(RuntimeError):
+    """The judge endpoint failed or answered something unusable."""
+
+
+@dataclass
+class Judge:
+    """``url``: the API base (``http://host:8000/v1``) or the full ``.../chat/completions`` URL."""
+
+    url: str
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout: float = 120.0
+    max_retries: int = 4
+    max_tokens: int = 16
+
+    @property
+    def endpoint(self) -> str:
+        url = self.url.rstrip("/")
+        return url if url.endswith("/chat/completions") else url + "/chat/completions"
+
+    def complete(self, messages: list[dict], *, max_tokens: int | None = None, temperature: float = 0.0) -> str:
+        """The judge's reply (first choice's message content) to ``messages``; retries 429/5xx."""
+        body = json.dumps({
+            "model": self.model, "messages": messages, "temperature": temperature,
+            "max_tokens": max_tokens or self.max_tokens,
+        }).encode()
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        delay = 1.0
+        for attempt in range(self.max_retries + 1):
+            req = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    payload = json.loads(resp.read().decode("utf-8"))
+                return payload["choices"][0]["message"]["content"] or ""
+            except urllib.error.HTTPError as e:
+                if e.code in (429, 500, 502, 503, 504) and attempt < self.max_retries:
+                    time.sleep(delay)
+                    delay *= 2
+                    continue
+                raise JudgeError(f"judge {self.endpoint} answered HTTP {e.code}: {e.read()[:300]!r}") from e
+            except urllib.error.URLError as e:
+                if attempt < self.max_retries:
+                    time.sleep(delay)
+                    delay *= 2
+                    continue
+                raise JudgeError(f"judge {self.endpoint} unreachable: {e.reason}") from e
+            except (KeyError, IndexError, json.JSONDecodeError) as e:
+                raise JudgeError(f"judge {self.endpoint} gave no chat completion: {e}") from e
+        raise JudgeError(f"judge {self.endpoint}: retries exhausted")  # pragma: no cover (loop returns/raises)
+
+
+def require_judge(judge: Judge | None, task: str) -> Judge:
+    if judge is None:
+        raise JudgeNotConfigured(task)
+    return judge

@@ -1,0 +1,81 @@
+"""results.json, a markdown table (tasks x models/adapters) and a PNG bar chart of the headline scores."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+HEADLINE = {  # what "score" means per task, for the table's row labels
+    "mmlu": "acc", "mmlu_5shot": "acc", "gsm8k": "EM", "gsm8k_direct": "EM", "bbh": "EM", "bbh_direct": "EM",
+    "tydiqa": "F1", "tydiqa_nocontext": "F1", "codex_humaneval": "pass@1", "codex_humaneval_t08": "pass@1",
+    "alpaca_eval": "win %", "toxigen": "% toxic (lower better)", "truthfulqa_mc": "MC2",
+    "truthfulqa_gen": "% true+info",
+}
+
+
+def _fmt(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{100 * x:.1f}"
+
+
+def markdown_table(results: dict) -> str:
+    """Rows: tasks (with version and metric); columns: labels; cells: headline score x 100."""
+    labels = list(results["results"])
+    tasks = list(results.get("versions") or {t for lab in labels for t in results["results"][lab]})
+    lines = ["| task | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for t in tasks:
+        ver = results.get("versions", {}).get(t, "?")
+        cells = [_fmt(results["results"][lab].get(t, {}).get("score")) for lab in labels]
+        lines.append(f"| {t} v{ver} ({HEADLINE.get(t, 'score')}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(results: dict, path: Path) -> Path:
+    """Grouped bars: one group per task, one bar per label (scores x 100)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(results["results"])
+    tasks = list(results.get("versions") or {})
+    width = 0.8 / max(len(labels), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(tasks) * max(1, len(labels)) ** 0.5), 4.0))
+    for i, lab in enumerate(labels):
+        vals = []
+        for t in tasks:
+            s = results["results"][lab].get(t, {}).get("score")
+            vals.append(0.0 if s is None or (isinstance(s, float) and math.isnan(s)) else 100 * s)
+        ax.bar([j + i * width for j in range(len(tasks))], vals, width, label=lab)
+    ax.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(tasks))])
+    ax.set_xticklabels(tasks, rotation=30, ha="right")
+    ax.set_ylabel("score (x100)")
+    ax.set_title("qtulu eval")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_report(results: dict, out_dir) -> dict[str, Path]:
+    """Write results.json, results.md and results.png into ``out_dir``; returns their paths."""
+    from .runner import write_json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md", "chart": out_dir / "results.png"}
+    write_json(paths["json"], results)
+    tmp = paths["markdown"].with_name("results.md.tmp")
+    tmp.write_text(markdown_table(results), encoding="utf-8")
+    tmp.replace(paths["markdown"])
+    bar_chart(results, paths["chart"])
+    return paths
+
+
+def load_results(path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -1,0 +1,162 @@
+"""Run tasks over a loaded model and its adapters, save predictions and scores, write the report.
+
+Layout of ``out_dir``::
+
+    results.json  results.md  results.png
+    <label>/<task>/predictions.jsonl   # one record per example, gold included
+    <label>/<task>/metrics.json        # the task's scores, version, settings
+
+where ``<label>`` is an adapter name, "base" (adapters disabled) or ``model_name`` for a model
+evaluated as is. Several adapters are evaluated on one loaded base by swapping the active one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .lm import LM
+from .tasks import get_task, parse_task_list
+
+NEEDS = {
+    "codex_humaneval": "allow_code_execution",
+    "codex_humaneval_t08": "allow_code_execution",
+    "alpaca_eval": "judge",
+    "truthfulqa_gen": "judge",
+    "toxigen": "classifier",
+}
+
+
+def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    """Atomic: write a temp file in the same dir, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not JSON ({e})") from e
+    return rows
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=_json_default), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON-able: {type(o).__name__}")
+
+
+def check_requirements(task_names: Sequence[str], *, judge=None, classifier=None, allow_code_execution=False) -> None:
+    """Fail before any generation when a task lacks its judge, classifier or code-execution opt-in."""
+    from .judge import JudgeNotConfigured
+    from .sandbox import require_opt_in
+    from .tasks.toxigen import HOW_TO_CONFIGURE, ClassifierNotConfigured
+
+    for name in task_names:
+        need = NEEDS.get(name)
+        if need == "allow_code_execution":
+            require_opt_in(allow_code_execution, name)
+        elif need == "judge" and judge is None:
+            raise JudgeNotConfigured(name)
+        elif need == "classifier" and classifier is None:
+            raise ClassifierNotConfigured(HOW_TO_CONFIGURE)
+
+
+def run_task(lm: LM, task_name: str, *, data_dir, out_dir: Path | None = None, limit=None,
+             task_options: dict | None = None, score_context: dict | None = None) -> dict:
+    """Load, predict, score one task with ``lm``; save predictions.jsonl + metrics.json in ``out_dir``."""
+    task = get_task(task_name, **(task_options or {}))
+    ctx = dict(score_context or {})
+    t0 = time.time()
+    examples = task.module.load(data_dir, limit=limit, **task.opts)
+    preds = task.module.predict(lm, examples, **task.opts, **ctx)
+    t1 = time.time()
+    if out_dir is not None:
+        write_jsonl(Path(out_dir) / "predictions.jsonl", preds)
+    metrics = task.module.score(preds, **task.opts, **ctx)
+    metrics = {
+        **metrics, "task": task_name, "version": task.version, "options": task.opts, "limit": limit,
+        "chat_format": lm.chat_format, "predict_seconds": round(t1 - t0, 2),
+        "score_seconds": round(time.time() - t1, 2),
+    }
+    if out_dir is not None:
+        write_json(Path(out_dir) / "metrics.json", metrics)
+    return metrics
+
+
+def evaluate(model, tokenizer, tasks, *, data_dir, out_dir, adapters: Sequence[str] | None = None,
+             batch_size: int = 8, limit: int | None = None, chat_format: str | None = "tulu",
+             judge=None, classifier=None, allow_code_execution: bool = False, workers: int | None = None,
+             task_options: dict[str, dict] | None = None, model_name: str = "model", max_length: int | None = None,
+             base_chat_format: str | None = None, progress: bool = True, report: bool = True) -> dict:
+    """Evaluate ``model`` (optionally under each of ``adapters``) on ``tasks``; returns the results dict.
+
+    ``tasks``: names from ``qtulu.evals.tasks.TASKS`` (list or "a,b"). ``adapters``: names already
+    loaded in the peft model, "base" = adapters disabled; None evaluates the model as it is.
+    ``chat_format`` applies to tuned models (adapters, or the model as is); the "base" label uses
+    ``base_chat_format`` (default None: plain prompts, as the Tulu paper evaluates base models).
+    ``task_options``: per-task option overrides, e.g. ``{"mmlu": {"subjects": ["anatomy"]}}``.
+    The returned dict (also ``out_dir/results.json``) is
+    ``{"results": {label: {task: metrics}}, "versions": {task: version}, "config": {...}}``.
+    """
+    names = parse_task_list(tasks)
+    check_requirements(names, judge=judge, classifier=classifier, allow_code_execution=allow_code_execution)
+    out_dir = Path(out_dir)
+    labels = list(adapters) if adapters else [model_name]
+    if adapters:
+        from qtulu.adapters import set_active
+    ctx = {"judge": judge, "classifier": classifier, "allow_code_execution": allow_code_execution,
+           "workers": workers, "progress": progress}
+    def make_lm(fmt):
+        return LM(model, tokenizer, batch_size=batch_size, chat_format=fmt, progress=progress, max_length=max_length)
+    results: dict[str, dict] = {}
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        for label in labels:
+            if adapters:
+                set_active(model, label)
+            lm = make_lm(base_chat_format if label == "base" else chat_format)
+            results[label] = {}
+            for name in names:
+                results[label][name] = run_task(
+                    lm, name, data_dir=data_dir, out_dir=out_dir / label / name, limit=limit,
+                    task_options=(task_options or {}).get(name), score_context=ctx)
+    finally:
+        if was_training:
+            model.train()
+    out = {
+        "results": results,
+        "versions": {n: get_task(n).version for n in names},
+        "config": {"tasks": names, "labels": labels, "batch_size": batch_size, "limit": limit,
+                   "chat_format": chat_format, "base_chat_format": base_chat_format, "data_dir": str(data_dir),
+                   "judge": None if judge is None else {"url": judge.url, "model": judge.model},
+                   "classifier": classifier if isinstance(classifier, (str, type(None))) else repr(classifier)},
+    }
+    if report:
+        from .report import write_report
+
+        write_report(out, out_dir)
+    return out

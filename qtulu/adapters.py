@@ -1,0 +1,516 @@
+"""LoRA adapters: save (PEFT format + qtulu metadata), verify, load several on one base, swap,
+mixed-adapter batches.
+
+An adapter directory is exactly what vanilla ``peft.PeftModel.from_pretrained`` loads
+(``adapter_config.json`` + ``adapter_model.safetensors``) plus ``qtulu.json``::
+
+    {"format_version": 1,
+     "base": {"id", "revision", "weights_sha256", "quantization"},   # from qtulu.model.base_info
+     "quantization": {...} | null,      # what the adapter was trained against (NF4 blocksize, ...)
+     "recipe": {...} | null,            # the resolved recipe (Recipe.to_dict())
+     "data_manifest": {...} | null,     # the data build manifest
+     "extra": {...},
+     "files": {name: sha256},           # every other file of the directory
+     "sizes": {name: bytes},
+     "tensors": {key: {"shape": [...], "dtype": "F32"}}}   # of adapter_model.safetensors
+
+safetensors alone happily loads a file with a flipped byte in a tensor's data; the SHA-256
+manifest is what catches it. ``verify_adapter`` checks in an order that names the problem:
+missing file, truncated file, unreadable header, renamed key, changed shape, checksum, then the
+base (weights hash) and its quantization.
+
+Example::
+
+    model, tok = load_model("path/to/base", ["adapters/lima", "code=adapters/code_alpaca"])
+    set_active(model, "code")
+    logits = forward_mixed(model, ids, mask, ["lima", "code", "base"])   # one row per adapter
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+FORMAT_VERSION = 1
+META_NAME = "qtulu.json"
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+BASE_NAME = "base"  # in adapter_names: this row runs with adapters disabled (peft's "__base__")
+
+
+class AdapterError(ValueError):
+    """An adapter directory is corrupt, incomplete or bound to another base/quantization."""
+
+
+# --------------------------------------------------------------------------------------------
+# hashing and small file helpers
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def _json_default(obj: Any):
+    # recipes/manifests may carry Paths, tuples, sets or numpy scalars: make them JSON-able
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _safetensors_layout(path: Path) -> dict[str, dict[str, Any]]:
+    """{key: {"shape", "dtype"}} read from a safetensors header (no tensor data loaded)."""
+    from safetensors import safe_open
+
+    out: dict[str, dict[str, Any]] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            sl = f.get_slice(key)
+            out[key] = {"shape": list(sl.get_shape()), "dtype": str(sl.get_dtype())}
+    return out
+
+
+def _replace_dir(stage: Path, out_dir: Path) -> None:
+    """Move a fully written ``stage`` dir to ``out_dir`` (replacing it) with renames only."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out_dir, old)
+    os.replace(stage, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# save
+
+
+def save_adapter(
+    peft_model,
+    out_dir: str | os.PathLike,
+    *,
+    adapter_name: str = "default",
+    base_info: dict,
+    recipe: dict | None = None,
+    manifest: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Save one adapter of ``peft_model`` as a PEFT adapter dir plus ``qtulu.json``; return its path.
+
+    The directory is written under a staging name in the same parent and renamed into place
+    last, so a crash never leaves a half-written adapter under ``out_dir`` (an existing
+    ``out_dir`` is replaced). Refuses (``AdapterError``) to save NaN/inf weights.
+    ``base_info`` is ``qtulu.model.base_info(model)``: it binds the adapter to its base.
+    """
+    from safetensors.torch import load_file
+
+    if not isinstance(base_info, dict):
+        raise AdapterError(f"save_adapter: base_info must be a dict, got {type(base_info).__name__}")
+    if adapter_name not in getattr(peft_model, "peft_config", {}):
+        known = sorted(getattr(peft_model, "peft_config", {}))
+        raise AdapterError(f"save_adapter: no adapter named {adapter_name!r} (have {known})")
+    if recipe is not None and hasattr(recipe, "to_dict"):
+        recipe = recipe.to_dict()
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        stage.mkdir()
+        peft_model.save_pretrained(str(stage), selected_adapters=[adapter_name], safe_serialization=True)
+        if adapter_name != "default":
+            # peft nests non-default adapters in a sub-folder; an adapter dir holds one adapter
+            sub = stage / adapter_name
+            for item in sub.iterdir():
+                os.replace(item, stage / item.name)
+            sub.rmdir()
+        weights = stage / WEIGHTS_NAME
+        if not weights.is_file() or not (stage / CONFIG_NAME).is_file():
+            raise AdapterError(f"save_adapter: peft did not write {WEIGHTS_NAME}/{CONFIG_NAME} in {stage}")
+        bad = [k for k, t in load_file(str(weights)).items() if t.is_floating_point() and not bool(t.isfinite().all())]
+        if bad:
+            raise AdapterError(
+                f"save_adapter: refusing to save adapter {adapter_name!r} to {out_dir}: non-finite "
+                f"values in {len(bad)} tensor(s), e.g. {bad[:3]}"
+            )
+        files = sorted(p.name for p in stage.iterdir() if p.is_file())
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "adapter_name": adapter_name,
+            "base": base_info,
+            "quantization": base_info.get("quantization"),
+            # the dtype the base weights were cast to before NF4 quantization / used in the matmuls:
+            # export_merged needs it to re-create the trained-against weights bit for bit
+            "compute_dtype": compute_dtype_of(peft_model),
+            "recipe": recipe,
+            "data_manifest": manifest,
+            "extra": extra or {},
+            "files": {name: sha256_file(stage / name) for name in files},
+            "sizes": {name: (stage / name).stat().st_size for name in files},
+            "tensors": _safetensors_layout(weights),
+        }
+        _write_json(stage / META_NAME, meta)
+        _replace_dir(stage, out_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def compute_dtype_of(model) -> str | None:
+    """``"bfloat16"`` etc.: the NF4 layers' compute dtype, else the float Linear weights' dtype."""
+    import torch
+    from torch import nn
+
+    try:
+        from qtulu.quant import Linear4bit
+    except ImportError:  # the NF4 module is optional for plain LoRA
+        Linear4bit = None
+    for m in model.modules():
+        if Linear4bit is not None and isinstance(m, Linear4bit):
+            return str(m.compute_dtype).replace("torch.", "") if m.compute_dtype is not None else None
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and isinstance(m.weight, torch.Tensor) and m.weight.is_floating_point():
+            return str(m.weight.dtype).replace("torch.", "")
+    return None
+
+
+def recorded_compute_dtype(meta: dict) -> str | None:
+    """The compute dtype an adapter was trained with (qtulu.json, else its recipe), or None."""
+    return meta.get("compute_dtype") or ((meta.get("recipe") or {}).get("model") or {}).get("compute_dtype")
+
+
+# --------------------------------------------------------------------------------------------
+# verify
+
+
+def _mismatch(msg: str, force: bool) -> None:
+    if force:
+        warnings.warn(f"{msg} (loading anyway: force=True)", stacklevel=3)
+    else:
+        raise AdapterError(msg + "; pass force=True (CLI: --force) to load it anyway")
+
+
+def read_meta(adapter_dir: str | os.PathLike) -> dict:
+    """The parsed ``qtulu.json`` of an adapter dir (no checks beyond JSON validity)."""
+    path = Path(adapter_dir) / META_NAME
+    if not path.is_file():
+        raise AdapterError(f"{path}: missing (not a qtulu adapter dir, or saved by plain peft)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or "files" not in meta:
+        raise AdapterError(f"{path}: not a qtulu adapter manifest (no 'files' key)")
+    return meta
+
+
+def verify_adapter(adapter_dir: str | os.PathLike, *, base_info: dict | None = None, force: bool = False) -> dict:
+    """Check an adapter dir against its ``qtulu.json``; return that dict.
+
+    Raises ``AdapterError`` naming the problem: missing file, truncated file, unreadable
+    safetensors, renamed key, changed shape, checksum mismatch (e.g. one flipped byte), and,
+    when ``base_info`` (of the loaded base) is given, another base (weights hash) or another
+    quantization. ``force=True`` turns only the base/quantization refusals (and a missing
+    ``qtulu.json``, i.e. a plain peft adapter) into warnings: a corrupt adapter is always refused.
+    """
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise AdapterError(f"{d}: adapter directory not found")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (d / name).is_file():
+            raise AdapterError(f"{d / name}: missing (an adapter dir needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    if not (d / META_NAME).is_file() and force:
+        warnings.warn(f"{d / META_NAME} missing: plain peft adapter, not verified (force=True)", stacklevel=2)
+        return {}
+    meta = read_meta(d)
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise AdapterError(f"{d / META_NAME}: format_version {version!r} not supported (expected {FORMAT_VERSION})")
+    files: dict[str, str] = meta["files"]
+    sizes: dict[str, int] = meta.get("sizes", {})
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if name not in files:
+            raise AdapterError(f"{d / META_NAME}: 'files' does not list {name}")
+    for name in files:
+        if not (d / name).is_file():
+            raise AdapterError(f"{d / name}: missing (listed in {META_NAME})")
+
+    def size_problem(name: str) -> str | None:
+        size, want = (d / name).stat().st_size, sizes.get(name)
+        if want is None or size == want:
+            return None
+        what = "truncated" if size < want else "size changed"
+        return f"{d / name}: {what}: {size} bytes, {META_NAME} records {want}"
+
+    # the header first: a renamed key or changed shape also changes the size, and should be named
+    try:
+        layout = _safetensors_layout(d / WEIGHTS_NAME)
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        problem = size_problem(WEIGHTS_NAME)
+        if problem:
+            raise AdapterError(f"{problem} (unreadable: {e})") from None
+        raise AdapterError(f"{d / WEIGHTS_NAME}: corrupt safetensors file ({e})") from None
+    expected = meta.get("tensors")
+    if expected is not None:
+        missing = sorted(set(expected) - set(layout))
+        unexpected = sorted(set(layout) - set(expected))
+        if missing or unexpected:
+            raise AdapterError(
+                f"{d / WEIGHTS_NAME}: renamed key(s): missing {missing[:3]}, unexpected {unexpected[:3]}"
+                f" ({len(missing)} missing, {len(unexpected)} unexpected vs {META_NAME})"
+            )
+        for key, info in expected.items():
+            if list(layout[key]["shape"]) != list(info["shape"]):
+                raise AdapterError(
+                    f"{d / WEIGHTS_NAME}: changed shape of {key}: {layout[key]['shape']}, "
+                    f"{META_NAME} records {info['shape']}"
+                )
+            if layout[key]["dtype"] != info["dtype"]:
+                raise AdapterError(
+                    f"{d / WEIGHTS_NAME}: changed dtype of {key}: {layout[key]['dtype']}, "
+                    f"{META_NAME} records {info['dtype']}"
+                )
+    for name in files:
+        problem = size_problem(name)
+        if problem:
+            raise AdapterError(problem)
+    for name, digest in files.items():
+        got = sha256_file(d / name)
+        if got != digest:
+            raise AdapterError(
+                f"{d / name}: checksum mismatch (sha256 {got[:12]}..., {META_NAME} records "
+                f"{digest[:12]}...): the file's bytes changed (e.g. a flipped byte)"
+            )
+    try:
+        json.loads((d / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{d / CONFIG_NAME}: not valid JSON ({e})") from None
+
+    if base_info is not None:
+        check_base(meta, base_info, where=str(d), force=force)
+    return meta
+
+
+def check_base(meta: dict, base_info: dict, *, where: str, force: bool = False) -> None:
+    """Refuse (or warn, with ``force``) when ``meta`` was trained on another base/quantization."""
+    rec = meta.get("base") or {}
+    want, have = rec.get("weights_sha256"), base_info.get("weights_sha256")
+    if want and have and want != have:
+        _mismatch(
+            f"{where}: other base: adapter trained on {rec.get('id')!r} (weights sha256 {want[:12]}...), "
+            f"loaded base is {base_info.get('id')!r} (weights sha256 {have[:12]}...)",
+            force,
+        )
+    elif not (want and have):
+        warnings.warn(f"{where}: base weights hash unknown on one side; base identity not checked", stacklevel=3)
+    q_want = meta.get("quantization", rec.get("quantization"))
+    q_have = base_info.get("quantization")
+    if _norm_quant(q_want) != _norm_quant(q_have):
+        _mismatch(
+            f"{where}: other quantization: adapter trained against {json.dumps(q_want, sort_keys=True)}, "
+            f"loaded base has {json.dumps(q_have, sort_keys=True, default=str)}",
+            force,
+        )
+
+
+def _norm_quant(q: Any) -> Any:
+    # JSON round trip so that tuples/lists and dtype objects/strings compare equal
+    return json.loads(json.dumps(q, sort_keys=True, default=str)) if q is not None else None
+
+
+# --------------------------------------------------------------------------------------------
+# load several adapters on one base, swap, mixed batches
+
+
+def parse_adapter_spec(spec: str | os.PathLike | tuple[str, str]) -> tuple[str, Path]:
+    """``"dir"`` -> (basename, dir); ``"name=dir"`` -> (name, dir); ``(name, dir)`` as is."""
+    if isinstance(spec, tuple):
+        name, path = spec
+        return str(name), Path(path)
+    s = os.fspath(spec)
+    if "=" in s and not Path(s).exists():
+        name, path = s.split("=", 1)
+    else:
+        name, path = Path(s).resolve().name, s
+    if not name:
+        raise AdapterError(f"adapter spec {s!r}: empty name (use NAME=DIR)")
+    return name, Path(path)
+
+
+def attach_adapters(model, adapters: Iterable, *, base_info: dict | None = None, force: bool = False):
+    """Verify and load each adapter onto ``model`` under its name; the first one is active.
+
+    ``model`` is a plain transformers model or a ``PeftModel`` (more adapters are added to it).
+    Returns the ``PeftModel`` (``model`` itself when no adapter is given and it is not one).
+    """
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+
+    specs = [parse_adapter_spec(a) for a in adapters]
+    names = [n for n, _ in specs]
+    if len(set(names)) != len(names):
+        raise AdapterError(f"adapter names must be unique, got {names} (use NAME=DIR to rename)")
+    for name in names:
+        if name in (BASE_NAME, "__base__"):
+            raise AdapterError(f"adapter name {name!r} is reserved (it means: adapters disabled)")
+        if name in "lora_":
+            # peft matches adapter names inside state-dict keys: a name that is part of its
+            # "lora_" prefix can re-initialise weights on load (peft warns; we refuse)
+            raise AdapterError(f"adapter name {name!r} is part of peft's 'lora_' prefix; rename it (NAME=DIR)")
+    for name, path in specs:
+        verify_adapter(path, base_info=base_info, force=force)
+        if isinstance(model, PeftModel):
+            if name in model.peft_config:
+                raise AdapterError(f"{path}: an adapter named {name!r} is already loaded")
+            model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        else:
+            model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=False)
+        # peft only warns when the file's keys do not match the model's modules: refuse instead
+        want = set(load_peft_weights(str(path), device="cpu"))
+        have = set(get_peft_model_state_dict(model, adapter_name=name))
+        if want != have:
+            raise AdapterError(
+                f"{path}: adapter keys do not match the base model's modules: "
+                f"{sorted(want - have)[:3]} not in the model, {sorted(have - want)[:3]} not in the file"
+            )
+    if specs:
+        set_active(model, specs[0][0])
+    return model
+
+
+def load_model(base, adapters: Sequence = (), *, quantize: str | None = "nf4", force: bool = False, **load_kwargs):
+    """Load a base (``qtulu.model.load_base``) and every adapter in ``adapters`` on it.
+
+    ``adapters`` are dirs (named by their basename) or ``"name=dir"`` strings. ``compute_dtype``
+    (a ``load_base`` keyword) defaults to the one recorded with the first adapter. Each is verified
+    against the loaded base (weights hash + quantization, see ``verify_adapter``; ``force=True``
+    loads a mismatched one with a warning). Returns ``(model, tokenizer)``: a ``PeftModel`` with
+    the first adapter active, or the base model itself when ``adapters`` is empty.
+    """
+    from qtulu.model import base_info as get_base_info
+    from qtulu.model import load_base
+
+    if adapters and load_kwargs.get("compute_dtype") is None:
+        # default to what the (first) adapter was trained with: same NF4 weights, same numerics
+        _, first = parse_adapter_spec(adapters[0])
+        meta = read_meta(first) if (Path(first) / META_NAME).is_file() else {}
+        load_kwargs["compute_dtype"] = recorded_compute_dtype(meta) or "bfloat16"
+    load_kwargs = {k: v for k, v in load_kwargs.items() if v is not None}
+    model, tokenizer = load_base(base, quantize=quantize, **load_kwargs)
+    info = get_base_info(model) if adapters else None
+    model = attach_adapters(model, adapters, base_info=info, force=force)
+    model.eval()
+    return model, tokenizer
+
+
+def adapter_names_of(model) -> list[str]:
+    """Names of the adapters loaded in ``model`` (empty for a plain model)."""
+    return list(getattr(model, "peft_config", {}) or {})
+
+
+def set_active(model, name: str) -> None:
+    """Make adapter ``name`` the active one, or ``"base"`` to run the base with adapters disabled.
+
+    Swapping touches no base weight: it only changes which LoRA branch the layers run.
+    """
+    names = adapter_names_of(model)
+    if name == BASE_NAME:
+        if names:
+            model.base_model.disable_adapter_layers()
+        return
+    if name not in names:
+        raise AdapterError(f"no adapter named {name!r}; loaded: {names + [BASE_NAME]}")
+    model.base_model.enable_adapter_layers()
+    try:
+        model.set_adapter(name, inference_mode=True)
+    except TypeError:  # older peft: set_adapter has no inference_mode
+        model.set_adapter(name)
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(False)
+
+
+def _mixed_names(model, adapter_names: Sequence[str], batch: int) -> list[str]:
+    names = adapter_names_of(model)
+    if len(adapter_names) != batch:
+        raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch} rows")
+    out = []
+    for n in adapter_names:
+        if n == BASE_NAME:
+            out.append("__base__")  # peft's name for "no adapter on this row"
+        elif n in names:
+            out.append(n)
+        else:
+            raise AdapterError(f"no adapter named {n!r}; loaded: {names + [BASE_NAME]}")
+    return out
+
+
+def forward_mixed(model, input_ids, attention_mask, adapter_names: Sequence[str]):
+    """Logits of one forward where row ``i`` runs with adapter ``adapter_names[i]`` ("base" = none).
+
+    Uses peft's mixed-batch forward (``adapter_names=``): one pass over the base weights for the
+    whole batch; each LoRA branch runs only on its own rows. Returns ``(B, T, V)`` logits.
+    """
+    import torch
+
+    names = _mixed_names(model, adapter_names, input_ids.shape[0])
+    with _adapters_enabled(model), torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=attention_mask, adapter_names=names).logits  # (B, T, V)
+
+
+def generate_mixed(model, input_ids, attention_mask, adapter_names: Sequence[str], **generate_kwargs):
+    """``model.generate`` where row ``i`` uses adapter ``adapter_names[i]`` ("base" = none)."""
+    names = _mixed_names(model, adapter_names, input_ids.shape[0])
+    with _adapters_enabled(model):
+        return model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, adapter_names=names, **generate_kwargs
+        )
+
+
+def adapters_disabled(model) -> bool:
+    """True when ``set_active(model, "base")`` is in effect (or the model has no adapters)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            return bool(module.disable_adapters)
+    return True
+
+
+class _adapters_enabled:
+    """Enable adapter layers for a mixed batch; restore "base" mode afterwards if it was on."""
+
+    def __init__(self, model):
+        self.model, self.was_disabled = model, adapters_disabled(model)
+
+    def __enter__(self):
+        if self.was_disabled:
+            self.model.base_model.enable_adapter_layers()
+
+    def __exit__(self, *exc):
+        if self.was_disabled:
+            self.model.base_model.disable_adapter_layers()
+        return False

@@ -1,0 +1,151 @@
+"""``qtulu chat``: an interactive prompt over one base with several adapters, swapped live.
+
+    qtulu chat --model BASE --adapter lima=adapters/lima --adapter adapters/code_alpaca
+
+Lines typed are user turns (Tulu chat format, multi-turn history kept); commands:
+``/adapter NAME`` switches adapter (the base stays loaded), ``/base`` disables adapters,
+``/adapters`` lists them, ``/reset`` clears the history, ``/quit`` (or end of input) leaves.
+Works with piped stdin (no tty), which is how it is tested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TextIO
+
+HELP = "commands: /adapter NAME, /base, /adapters, /reset, /quit"
+
+
+def _prompt_ids(tokenizer, messages, chat_format: str):
+    import torch
+
+    if chat_format == "tulu":
+        from qtulu.data.chat import render_tulu
+
+        text = render_tulu(messages, eos_token=tokenizer.eos_token or "</s>", add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if tokenizer.bos_token_id is not None:
+            ids = [tokenizer.bos_token_id] + ids
+    else:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+    return torch.tensor([ids])  # (1, T)
+
+
+def reply(model, tokenizer, messages, *, chat_format: str = "tulu", max_new_tokens: int = 128,
+          temperature: float = 0.0, max_context: int | None = None) -> str:
+    """Generate the assistant's next turn for ``messages`` with the model's active adapter."""
+    import torch
+
+    ids = _prompt_ids(tokenizer, messages, chat_format)
+    if max_context is not None and ids.shape[1] > max_context:
+        ids = ids[:, -max_context:]  # keep the most recent context
+    gen = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+               eos_token_id=tokenizer.eos_token_id)
+    if temperature > 0:
+        gen.update(do_sample=True, temperature=temperature)
+    else:
+        gen.update(do_sample=False)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def run_chat(model, tokenizer, stdin: TextIO, stdout: TextIO, *, chat_format: str = "tulu",
+             max_new_tokens: int = 128, temperature: float = 0.0, max_context: int | None = None) -> int:
+    """The read-eval-print loop; returns the number of replies generated."""
+    from qtulu.adapters import BASE_NAME, AdapterError, adapter_names_of, adapters_disabled, set_active
+
+    names = adapter_names_of(model)
+    interactive = stdin.isatty()
+
+    def active() -> str:
+        return BASE_NAME if not names or adapters_disabled(model) else model.active_adapter
+
+    def say(text: str) -> None:
+        print(text, file=stdout, flush=True)
+
+    say(f"qtulu chat: adapters {names or '(none)'}; active: {active()}. {HELP}")
+    messages: list[dict[str, str]] = []
+    n = 0
+    while True:
+        if interactive:
+            stdout.write(f"[{active()}] > ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, arg = line.partition(" ")
+            arg = arg.strip()
+            if cmd == "/quit" or cmd == "/exit":
+                break
+            if cmd == "/adapter":
+                try:
+                    set_active(model, arg)
+                    say(f"[active: {active()}]")
+                except AdapterError as e:
+                    say(f"error: {e}")
+            elif cmd == "/base":
+                set_active(model, BASE_NAME)
+                say(f"[active: {BASE_NAME}]")
+            elif cmd == "/adapters":
+                say(f"adapters: {names}; active: {active()}")
+            elif cmd == "/reset":
+                messages = []
+                say("[history cleared]")
+            else:
+                say(f"unknown command {cmd!r}; {HELP}")
+            continue
+        messages.append({"role": "user", "content": line})
+        text = reply(model, tokenizer, messages, chat_format=chat_format, max_new_tokens=max_new_tokens,
+                     temperature=temperature, max_context=max_context)
+        messages.append({"role": "assistant", "content": text or "..."})
+        say(f"[{active()}] {text}")
+        n += 1
+    return n
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "chat",
+        help="interactive chat over a base with adapters (/adapter NAME switches, /base, /quit)",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+    )
+    p.add_argument("--model", required=True, help="base model dir or hub id (safetensors)")
+    p.add_argument("--adapter", action="append", default=[], help="adapter dir or NAME=DIR (repeatable)")
+    p.add_argument("--no-quantize", action="store_true", help="load the base unquantized (adapters trained so)")
+    p.add_argument("--compute-dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                   help="default: the one the first adapter was trained with, else bfloat16")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--chat-format", choices=("tulu", "tokenizer"), default="tulu")
+    p.add_argument("--device", default=None)
+    p.add_argument("--force", action="store_true", help="load adapters recorded for another base/quantization")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from qtulu.adapters import AdapterError, load_model
+
+    try:
+        model, tok = load_model(
+            args.model, args.adapter, quantize=None if args.no_quantize else "nf4", force=args.force,
+            compute_dtype=args.compute_dtype, device=args.device,
+        )
+    except (AdapterError, ValueError) as e:
+        print(f"qtulu chat: error: {e}", file=sys.stderr)
+        return 2
+    if tok is None:
+        print("qtulu chat: error: the model has no tokenizer", file=sys.stderr)
+        return 2
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    max_context = max(1, max_pos - args.max_new_tokens) if max_pos else None
+    run_chat(model, tok, sys.stdin, sys.stdout, chat_format=args.chat_format, max_new_tokens=args.max_new_tokens,
+             temperature=args.temperature, max_context=max_context)
+    return 0

@@ -1,0 +1,353 @@
+"""Recipe -> tokenized, label-masked, packed dataset + manifest.
+
+    from qtulu.recipes import load_recipe
+    from qtulu.data.build import build_dataset, load_built
+    built = build_dataset(load_recipe("tests/fixtures/shared_sources.yaml"), None)
+    built.dataset[0].keys()   # input_ids, labels, position_ids, seq_lens
+    built.manifest["packing"] # {"utilization": 0.99.., "sequences": ...}
+    built.save("out/data"); load_built("out/data")
+
+Steps: load each source's rows -> convert (formats) -> validate (chat) -> sample ``count`` with
+the data seed -> tokenize in batches with offsets (labels on assistant replies + EOS) -> split
+long conversations (sources with ``split_long``) -> truncate/drop over-long examples -> pack (BFD).
+Malformed rows are found here, before any training step: ``on_bad_row: error`` stops at the first
+one with its location and reason, ``skip`` counts them by reason in ``manifest["dropped"]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import zlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qtulu.data.chat import (
+    IGNORE_INDEX,
+    encode_batch,
+    message_token_counts,
+    special_tokens_regex,
+    split_conversation,
+    tokenize_batch,
+    validate_messages,
+)
+from qtulu.data.errors import BadRow, DataError
+from qtulu.data.formats import check_options, convert
+from qtulu.data.sources import load_source
+from qtulu.recipes import Recipe, SourceSpec
+
+MANIFEST_VERSION = 1
+TOKENIZE_BATCH = 1000
+
+
+@dataclass
+class BuiltData:
+    """A built dataset: ``dataset`` (packed rows: input_ids, labels, position_ids, seq_lens) and its ``manifest``."""
+
+    dataset: Any
+    manifest: dict[str, Any]
+    recipe: dict[str, Any] | None = None
+    timings: dict[str, float] | None = None  # seconds per stage (load, tokenize, pack); not in the manifest
+    example_lengths: Any = None  # tokens per example in source order, before packing (benchmarks)
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write ``out_dir/{dataset/, manifest.json, recipe.json}`` atomically (staged beside, renamed last).
+
+        An existing build in ``out_dir`` is replaced; a non-empty folder that is not a build is refused.
+        """
+        out = Path(out_dir).resolve()
+        if out.exists() and any(out.iterdir()) and not (out / "manifest.json").exists():
+            raise DataError(f"{out}: exists and is not a qtulu data build (no manifest.json); refusing to overwrite it")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.stage-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        stage.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the build is an ordinary folder
+        try:
+            self.dataset.save_to_disk(str(stage / "dataset"))
+            _write_json(stage / "manifest.json", self.manifest)
+            if self.recipe is not None:
+                _write_json(stage / "recipe.json", self.recipe)
+            old = None
+            if out.exists():
+                old = out.parent / f".{out.name}.old-{os.getpid()}"
+                out.rename(old)
+            stage.rename(out)
+            if old is not None:
+                shutil.rmtree(old)
+        finally:
+            if stage.exists():
+                shutil.rmtree(stage)
+        return out
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def load_built(path: str | os.PathLike) -> BuiltData:
+    """Load what `BuiltData.save` wrote."""
+    import datasets
+
+    p = Path(path)
+    if not (p / "manifest.json").exists():
+        raise DataError(f"{p}: not a qtulu data build (no manifest.json)")
+    manifest = json.loads((p / "manifest.json").read_text(encoding="utf-8"))
+    recipe = json.loads((p / "recipe.json").read_text(encoding="utf-8")) if (p / "recipe.json").exists() else None
+    return BuiltData(datasets.load_from_disk(str(p / "dataset")), manifest, recipe)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class _Tally:
+    """Counts of what was dropped / skipped, and the policy for bad rows."""
+
+    def __init__(self, on_bad_row: str):
+        self.on_bad_row = on_bad_row
+        self.dropped: Counter = Counter()
+        self.dropped_by_source: dict[str, Counter] = defaultdict(Counter)
+
+    def bad(self, source: str, err: BadRow, where: str) -> None:
+        if self.on_bad_row == "error":
+            loc = err.where or where
+            raise DataError(f"source {source!r}: {loc}: bad row ({err.reason}): {err.detail} "
+                            "(set data.on_bad_row=skip to skip and count such rows)")
+        self.drop(source, err.reason)
+
+    def drop(self, source: str, reason: str, n: int = 1) -> None:
+        self.dropped[reason] += n
+        self.dropped_by_source[source][reason] += n
+
+
+def resolve_tokenizer(recipe: Recipe, tokenizer=None):
+    """``tokenizer`` itself, or loaded from a path/id string, or from ``data.tokenizer`` / ``model.base``."""
+    from qtulu.data.tokenizer import check_fast, load_tokenizer
+
+    if tokenizer is None:
+        spec = recipe.data.tokenizer or recipe.model.base
+        if spec is None:
+            raise DataError(f"recipe {recipe.name!r}: no tokenizer (set data.tokenizer or model.base, or pass --tokenizer)")
+        revision = None if recipe.data.tokenizer else recipe.model.revision
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        spec, revision = tokenizer, None
+    else:
+        check_fast(tokenizer)
+        return tokenizer
+    try:
+        return load_tokenizer(spec, revision=revision, trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError) as e:  # not found / not fast / hub unreachable: name what was asked for
+        raise DataError(f"recipe {recipe.name!r}: cannot load tokenizer {str(spec)!r}: {e}") from e
+
+
+def _source_options(spec: SourceSpec, seed: int) -> dict[str, Any]:
+    opts = dict(spec.options)
+    if spec.format == "superni":
+        opts.setdefault("seed", seed)
+    return opts
+
+
+def _sample(n: int, count: int | float | None, rng: np.random.Generator) -> np.ndarray:
+    """Indices for ``count`` of ``n`` examples: all (None), a fraction, or an int (the whole source
+    repeated ``count // n`` times plus a sample without replacement when ``count > n``)."""
+    if count is None or n == 0:
+        return np.arange(n)
+    if isinstance(count, float):
+        k = max(1, int(round(count * n)))
+        return np.sort(rng.choice(n, size=k, replace=False))
+    reps, rest = divmod(count, n)
+    return np.concatenate([np.tile(np.arange(n), reps), np.sort(rng.choice(n, size=rest, replace=False))]).astype(np.int64)
+
+
+def collect_source(spec: SourceSpec, recipe: Recipe, tally: _Tally, special_re, *, sample: bool = True, limit: int | None = None):
+    """Load, convert and validate one source: ``([(where, messages)], inputs, filtered_rows)``."""
+    check_options(spec.format, spec.options, spec.name)
+    loaded = load_source(spec)
+    good: list[tuple[str, list[dict[str, str]]]] = []
+    n_rows = 0
+    for where, item in convert(spec.format, loaded.rows, _source_options(spec, recipe.data.seed)):
+        if isinstance(item, BadRow):
+            tally.bad(spec.name, item, where)
+            continue
+        n_rows += 1
+        try:
+            good.append((where, validate_messages(item, special_re)))
+        except BadRow as e:
+            tally.bad(spec.name, e, where)
+        if limit is not None and len(good) >= limit:
+            break
+    if sample:
+        rng = np.random.default_rng([recipe.data.seed, zlib.crc32(spec.name.encode())])
+        good = [good[i] for i in _sample(len(good), spec.count, rng)]
+    return good, loaded.inputs
+
+
+def _tokenizer_sha256(tokenizer) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)).encode())
+    h.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, getattr(tokenizer, "chat_template", None)]).encode())
+    return h.hexdigest()
+
+
+def build_dataset(recipe: Recipe, tokenizer=None, *, max_seq_len: int | None = None, progress: bool = True) -> BuiltData:
+    """Build the packed training data of ``recipe`` (see the module docstring).
+
+    ``tokenizer``: a fast tokenizer, a path/id for `load_tokenizer`, or None for the recipe's
+    ``data.tokenizer`` (else ``model.base``). ``max_seq_len`` overrides ``data.max_seq_len``.
+    """
+    import datasets
+    import pyarrow as pa
+    import pyarrow.compute  # noqa: F401  (pa.compute)
+    from tqdm.auto import tqdm
+
+    from qtulu.data.packing import pack_examples
+
+    tok = resolve_tokenizer(recipe, tokenizer)
+    L = int(max_seq_len or recipe.data.max_seq_len)
+    cfg = recipe.data
+    tally = _Tally(cfg.on_bad_row)
+    special_re = special_tokens_regex(tok)
+
+    t0 = time.perf_counter()
+    examples: list[tuple[int, str, list[dict[str, str]]]] = []  # (source index, where, messages)
+    inputs: dict[str, Any] = {}
+    for si, spec in enumerate(recipe.sources):
+        good, inputs[spec.name] = collect_source(spec, recipe, tally, special_re)
+        examples.extend((si, w, m) for w, m in good)
+
+    t1 = time.perf_counter()
+    names = [s.name for s in recipe.sources]
+    split_long = [bool(s.options.get("split_long")) for s in recipe.sources]
+    kept_ids: list[np.ndarray] = []  # int32 (T,) each
+    kept_labels: list[np.ndarray] = []
+    kept_src: list[int] = []
+    truncated = 0
+    split_extra = 0
+    bar = tqdm(total=len(examples), desc=f"tokenize {recipe.name}", unit="ex", disable=not progress)
+    queue = examples
+    while queue:
+        again: list[tuple[int, str, list[dict[str, str]]]] = []  # chunks of split conversations
+        for b in range(0, len(queue), TOKENIZE_BATCH):
+            batch = queue[b : b + TOKENIZE_BATCH]
+            try:
+                encoded = encode_batch([m for _, _, m in batch], tok, cfg.chat_format)
+            except BadRow:
+                encoded = None  # a template mismatch in the batch: redo one by one to name the row
+            if encoded is None:
+                encoded = []
+                for si, where, m in batch:
+                    try:
+                        encoded.append(encode_batch([m], tok, cfg.chat_format)[0])
+                    except BadRow as e:
+                        tally.bad(names[si], e, where)
+                        encoded.append(None)
+            for (si, where, msgs), enc in zip(batch, encoded):
+                if enc is None:
+                    continue
+                ids, labels = enc
+                if len(ids) > L and split_long[si] and queue is examples:
+                    chunks = split_conversation(msgs, message_token_counts(msgs, tok, cfg.chat_format), L - 1)
+                    if len(chunks) > 1:
+                        split_extra += len(chunks) - 1
+                        again.extend((si, where, c) for c in chunks)
+                        continue
+                if len(ids) > L:
+                    if cfg.on_overlong == "drop":
+                        tally.drop(names[si], "overlong")
+                        continue
+                    cut = True
+                    ids, labels = ids[:L], labels[:L]
+                else:
+                    cut = False
+                if not (labels != IGNORE_INDEX).any():
+                    tally.drop(names[si], "no_supervised_tokens")
+                    continue
+                truncated += cut
+                kept_ids.append(ids)
+                kept_labels.append(labels)
+                kept_src.append(si)
+            bar.update(len(batch) if queue is examples else 0)
+        queue = again
+    bar.close()
+    t2 = time.perf_counter()
+
+    if not kept_ids:
+        raise DataError(f"recipe {recipe.name!r}: no example left to train on (dropped: {dict(tally.dropped)})")
+    lens = np.asarray([len(x) for x in kept_ids], dtype=np.int64)  # (N,)
+    flat_ids = np.concatenate(kept_ids)  # (total,)
+    flat_labels = np.concatenate(kept_labels)  # (total,)
+    # 32-bit list offsets up to 2^31 tokens, 64-bit beyond (TRL packs both)
+    big = lens.sum() >= 2**31
+    list_cls, off_type = (pa.LargeListArray, pa.int64()) if big else (pa.ListArray, pa.int32())
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lens)]), type=off_type)
+    table = pa.table({
+        "input_ids": list_cls.from_arrays(offsets, pa.array(flat_ids)),
+        "labels": list_cls.from_arrays(offsets, pa.array(flat_labels)),
+    })
+    packed = pack_examples(datasets.Dataset(table), L)
+    t3 = time.perf_counter()
+    n_tokens = int(lens.sum())
+    supervised = int((flat_labels != IGNORE_INDEX).sum())
+    per_source = Counter(names[s] for s in kept_src)
+    manifest = {
+        "format_version": MANIFEST_VERSION,
+        "recipe": recipe.name,
+        "recipe_sha256": hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest(),
+        "examples": len(kept_ids),
+        "tokens": n_tokens,
+        "supervised_tokens": supervised,
+        "dropped": dict(sorted(tally.dropped.items())),
+        "dropped_by_source": {k: dict(sorted(v.items())) for k, v in tally.dropped_by_source.items()},
+        "truncated": truncated,
+        "split_conversations_extra_chunks": split_extra,
+        "sources": {n: per_source.get(n, 0) for n in names},
+        "packing": {
+            "strategy": "bfd",
+            "max_seq_len": L,
+            "sequences": len(packed),
+            "utilization": (n_tokens / (len(packed) * L)) if len(packed) else 0.0,
+        },
+        "max_example_len": int(lens.max()) if len(lens) else 0,
+        "chat_format": cfg.chat_format,
+        "seed": cfg.seed,
+        "tokenizer": {
+            "name_or_path": getattr(tok, "name_or_path", None),
+            "vocab_size": len(tok),
+            "eos_token": tok.eos_token,
+            "bos_token": tok.bos_token,
+            "sha256": _tokenizer_sha256(tok),
+        },
+        "inputs": inputs,
+    }
+    packed_tokens = pa.compute.sum(pa.compute.list_flatten(packed.with_format("arrow")["seq_lens"])).as_py()
+    assert packed_tokens == n_tokens, f"packing lost tokens: {packed_tokens} != {n_tokens}"
+    return BuiltData(packed, manifest, recipe.to_dict(), {"load": t1 - t0, "tokenize": t2 - t1, "pack": t3 - t2}, lens)
+
+
+def preview_examples(recipe: Recipe, tokenizer=None, *, n: int = 3) -> list[dict[str, Any]]:
+    """The first ``n`` valid examples of each source, tokenized: ``[{"source", "where", "input_ids", "labels"}]``.
+
+    Bad rows are skipped (counted in the last item's ``"skipped"``) whatever the policy: a preview
+    should show data, the build is where policy applies.
+    """
+    tok = resolve_tokenizer(recipe, tokenizer)
+    special_re = special_tokens_regex(tok)
+    tally = _Tally("skip")
+    out = []
+    for spec in recipe.sources:
+        good, _ = collect_source(spec, recipe, tally, special_re, sample=False, limit=n)
+        for (where, msgs), (ids, labels) in zip(good, tokenize_batch([m for _, m in good], tok, recipe.data.chat_format)):
+            out.append({"source": spec.name, "where": where, "input_ids": ids, "labels": labels,
+                        "overlong": len(ids) > recipe.data.max_seq_len})
+    if out:
+        out[-1]["skipped"] = dict(tally.dropped)
+    return out

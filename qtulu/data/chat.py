@@ -1,0 +1,353 @@
+"""Render conversations (Tulu format or the tokenizer's own template) and label assistant turns only.
+
+Tulu format (open-instruct)::
+
+    <|system|>\\n{content}\\n          (optional)
+    <|user|>\\n{content}\\n
+    <|assistant|>\\n{content}</s>\\n
+
+Labels are -100 everywhere except on assistant content and the EOS that ends it.
+
+Why offsets and not prefix tokenization: tokenizing ``prompt`` and ``prompt + reply`` separately
+and masking ``len(prompt_ids)`` tokens is the classic bug with SentencePiece tokenizers, because the
+space/newline at the boundary merges differently in the two calls, shifting the mask by a token.
+Here each conversation is rendered once to a string with the character ranges of every assistant
+reply (+ EOS) recorded, tokenized once with ``return_offsets_mapping``, and a token is labelled iff
+its character span lies inside one of those ranges. The ids are therefore exactly those of the
+whole conversation, and the mask cannot drift (tests check this on the real LLaMA tokenizer).
+Contents are stripped, as open-instruct does.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from qtulu.data.errors import BadRow
+
+ROLES = ("system", "user", "assistant")
+TULU_TAGS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+def validate_messages(messages: Any, special_re: re.Pattern | None = None) -> list[dict[str, str]]:
+    """Check a conversation and return it as a clean list of ``{"role", "content"}`` (contents stripped).
+
+    Raises `BadRow` with reason ``no_messages``, ``bad_message``, ``unknown_role``, ``null_content``,
+    ``bad_content_type``, ``invalid_utf8``, ``special_token_in_content``, ``empty_assistant_turn``
+    or ``no_assistant_turn``.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise BadRow("no_messages", f"expected a non-empty list of messages, got {type(messages).__name__}")
+    out = []
+    has_assistant = False
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise BadRow("bad_message", f"message {i} is not a {{role, content}} mapping: {str(m)[:80]!r}")
+        role, content = m["role"], m["content"]
+        if role not in ROLES:
+            raise BadRow("unknown_role", f"message {i} has role {role!r} (expected one of {ROLES})")
+        if content is None:
+            raise BadRow("null_content", f"message {i} ({role}) has null content")
+        if not isinstance(content, str):
+            raise BadRow("bad_content_type", f"message {i} ({role}) content is {type(content).__name__}, not str")
+        check_text(content, f"message {i} ({role})", special_re)
+        content = content.strip()
+        if role == "assistant":
+            if not content:
+                raise BadRow("empty_assistant_turn", f"message {i} is an empty assistant turn")
+            has_assistant = True
+        out.append({"role": role, "content": content})
+    if not has_assistant:
+        raise BadRow("no_assistant_turn", "the conversation has no assistant turn to learn from")
+    return out
+
+
+def check_text(text: str, what: str, special_re: re.Pattern | None = None) -> None:
+    """`BadRow` if ``text`` holds undecodable bytes (lone surrogates from surrogateescape) or a special token."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRow("invalid_utf8", f"{what} contains bytes that are not valid UTF-8 (at char {e.start})") from None
+    if special_re is not None:
+        hit = special_re.search(text)
+        if hit:
+            raise BadRow(
+                "special_token_in_content",
+                f"{what} contains the tokenizer's special token {hit.group(0)!r}, which would be read as a control token",
+            )
+
+
+def special_tokens_regex(tokenizer) -> re.Pattern | None:
+    """A regex matching every added/special token string of ``tokenizer`` (None if it has none)."""
+    toks = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    toks |= set(tokenizer.get_added_vocab().keys()) if hasattr(tokenizer, "get_added_vocab") else set()
+    toks = sorted((t for t in toks if t), key=len, reverse=True)
+    return re.compile("|".join(re.escape(t) for t in toks)) if toks else None
+
+
+# --------------------------------------------------------------------------------------------
+# rendering
+
+
+def render_tulu(messages: Sequence[dict[str, str]], eos_token: str = "</s>", *, add_generation_prompt: bool = False) -> str:
+    """The Tulu-format string of ``messages`` (contents stripped); optionally ending with ``<|assistant|>\\n``."""
+    text, _ = render_tulu_with_spans(messages, eos_token)
+    if add_generation_prompt:
+        text += TULU_TAGS["assistant"]
+    return text
+
+
+def render_tulu_with_spans(messages: Sequence[dict[str, str]], eos_token: str = "</s>") -> tuple[str, list[tuple[int, int]]]:
+    """(text, [(start, end)]) where each range covers one assistant reply and its EOS."""
+    parts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    for m in messages:
+        role, content = m["role"], m["content"].strip()
+        tag = TULU_TAGS[role]
+        parts.append(tag)
+        pos += len(tag)
+        if role == "assistant":
+            parts.append(content + eos_token)
+            spans.append((pos, pos + len(content) + len(eos_token)))
+            pos += len(content) + len(eos_token)
+        else:
+            parts.append(content)
+            pos += len(content)
+        parts.append("\n")
+        pos += 1
+    return "".join(parts), spans
+
+
+def render_template_with_spans(messages: Sequence[dict[str, str]], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """Render with the tokenizer's own chat template and find each assistant reply (+ a following EOS).
+
+    Replies are located in order in the rendered text; a template that rewrites content so that it
+    can no longer be found is reported as `BadRow` ``template_mismatch``.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat_format='tokenizer' but the tokenizer has no chat_template (use chat_format: tulu)")
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False)
+    eos = tokenizer.eos_token or ""
+    spans, cursor = [], 0
+    for i, m in enumerate(messages):
+        content = m["content"].strip()
+        if not content:
+            continue
+        at = text.find(content, cursor)
+        if at < 0:
+            raise BadRow("template_mismatch", f"message {i} ({m['role']}) not found verbatim in the chat template output")
+        end = at + len(content)
+        if m["role"] == "assistant":
+            rest = text[end:]
+            gap = len(rest) - len(rest.lstrip(" "))
+            if eos and rest[gap:].startswith(eos):
+                end += gap + len(eos)
+            spans.append((at, end))
+        cursor = end
+    return text, spans
+
+
+# --------------------------------------------------------------------------------------------
+# tokenization
+
+
+def label_from_offsets(offsets: np.ndarray, spans: Iterable[tuple[int, ...]]) -> np.ndarray:
+    """Boolean mask over the tokens supervised by ``spans``: each span is ``(a, b)`` or ``(lo, a, b)``.
+
+    A non-empty token ``[s, e)`` is supervised iff ``lo <= s``, ``e <= b`` and ``e > a``: it lies in
+    the reply ``[a, b)``, except that it may also take the spaces ``[lo, a)`` just before it (a
+    SentencePiece "\u2581answer" or BPE " answer" token after a template's space is the reply's first
+    token). ``lo`` defaults to ``a``.
+    """
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    mask = np.zeros(len(offsets), dtype=bool)
+    nonempty = ends > starts
+    for span in spans:
+        lo, a, b = span if len(span) == 3 else (span[0], *span)
+        mask |= (starts >= lo) & (ends <= b) & (ends > a) & nonempty
+    return mask
+
+
+def _soft_start(text: str, a: int) -> int:
+    """``a`` moved left over the spaces just before it (see `label_from_offsets`)."""
+    lo = a
+    while lo > 0 and text[lo - 1] == " ":
+        lo -= 1
+    return lo
+
+
+def encode_batch(
+    conversations: Sequence[Sequence[dict[str, str]]],
+    tokenizer,
+    chat_format: str = "tulu",
+    *,
+    add_bos: bool = True,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Like `tokenize_batch` but returns int32 numpy arrays ``(input_ids, labels)`` (the build's fast path).
+
+    Calls the Rust tokenizer directly and locates each supervised range with ``char_to_token``
+    (a few calls per reply) instead of materialising every token's offsets.
+    """
+    texts, all_spans = [], []
+    for msgs in conversations:
+        if chat_format == "tulu":
+            text, spans = render_tulu_with_spans(msgs, tokenizer.eos_token)
+        elif chat_format == "tokenizer":
+            text, spans = render_template_with_spans(msgs, tokenizer)
+        else:
+            raise ValueError(f"unknown chat_format {chat_format!r} (expected 'tulu' or 'tokenizer')")
+        texts.append(text)
+        all_spans.append(spans)
+    if not texts:
+        return []
+    encs = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    bos = tokenizer.bos_token_id if add_bos else None
+    out = []
+    for text, enc, spans in zip(texts, encs, all_spans):
+        ids = np.asarray(enc.ids, dtype=np.int32)  # (T,)
+        labels = np.full_like(ids, IGNORE_INDEX)  # (T,)
+        for a, b in spans:
+            lo = _soft_start(text, a)
+            rng = _token_range(enc, lo, a, b)
+            if rng is None:  # unusual alignment: fall back to every token's offsets
+                offs = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)  # (T, 2)
+                mask = label_from_offsets(offs, [(lo, a, b)])
+                labels[mask] = ids[mask]
+            else:
+                labels[rng[0] : rng[1]] = ids[rng[0] : rng[1]]
+        if bos is not None and (len(ids) == 0 or ids[0] != bos):
+            ids = np.concatenate([np.asarray([bos], dtype=np.int32), ids])
+            labels = np.concatenate([np.asarray([IGNORE_INDEX], dtype=np.int32), labels])
+        out.append((ids, labels))
+    return out
+
+
+def _token_range(enc, lo: int, a: int, b: int) -> tuple[int, int] | None:
+    """Tokens ``[s, e)`` supervised by the span ``(lo, a, b)`` (the rule of `label_from_offsets`), found
+    with a few ``char_to_token`` calls; None when the ends cannot be located (the caller then uses
+    every token's offsets)."""
+    if b <= a:
+        return (0, 0)
+    s = enc.char_to_token(a)
+    e = enc.char_to_token(b - 1)
+    if s is None or e is None:
+        return None
+
+    def inside(i: int) -> bool:
+        st, en = enc.token_to_chars(i)
+        return st >= lo and en <= b and en > a and en > st
+
+    n = len(enc.ids)
+    if not inside(s):  # the first token straddles text before the reply: leave it unlabelled
+        s += 1
+    if not inside(e):
+        e -= 1
+    # byte-fallback tokens of one character share its span: take all of them at both ends
+    while s > 0 and inside(s - 1):
+        s -= 1
+    while e + 1 < n and inside(e + 1):
+        e += 1
+    return (s, e + 1) if e >= s else (s, s)
+
+
+def tokenize_batch(
+    conversations: Sequence[Sequence[dict[str, str]]],
+    tokenizer,
+    chat_format: str = "tulu",
+    *,
+    add_bos: bool = True,
+) -> list[tuple[list[int], list[int]]]:
+    """Tokenize validated conversations in one batched call: ``[(input_ids, labels), ...]``.
+
+    ``add_bos`` prepends the tokenizer's BOS (LLaMA-style) unless the rendered text already starts
+    with it (chat templates usually include it).
+    """
+    return [(i.tolist(), l.tolist()) for i, l in encode_batch(conversations, tokenizer, chat_format, add_bos=add_bos)]
+
+
+def tokenize_messages(messages, tokenizer, chat_format: str = "tulu", *, add_bos: bool = True) -> dict[str, list[int]]:
+    """``{"input_ids", "labels"}`` of one conversation; labels -100 except assistant content + EOS.
+
+    Raises `BadRow` when the conversation is malformed (see `validate_messages`).
+    """
+    msgs = validate_messages(messages, special_tokens_regex(tokenizer))
+    ids, labels = tokenize_batch([msgs], tokenizer, chat_format, add_bos=add_bos)[0]
+    return {"input_ids": ids, "labels": labels}
+
+
+def message_token_counts(messages: Sequence[dict[str, str]], tokenizer, chat_format: str = "tulu") -> list[int]:
+    """Tokens attributable to each message of the rendered conversation (tag + content + EOS/newline)."""
+    if chat_format != "tulu":
+        # template layouts vary; count the messages alone (an estimate, used only to choose split points)
+        enc = tokenizer([m["content"] for m in messages], add_special_tokens=False)["input_ids"]
+        return [len(e) + 4 for e in enc]
+    text, _ = render_tulu_with_spans(messages, tokenizer.eos_token)
+    bounds, pos = [], 0
+    for m in messages:
+        pos += len(TULU_TAGS[m["role"]]) + len(m["content"].strip()) + 1
+        if m["role"] == "assistant":
+            pos += len(tokenizer.eos_token)
+        bounds.append(pos)
+    offs = np.asarray(tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]).reshape(-1, 2)
+    which = np.searchsorted(np.asarray(bounds), offs[:, 0], side="right")  # message index of each token
+    counts = np.bincount(which, minlength=len(messages))[: len(messages)]
+    return counts.tolist()
+
+
+def split_conversation(messages: Sequence[dict[str, str]], counts: Sequence[int], budget: int) -> list[list[dict[str, str]]]:
+    """Split a long conversation into chunks of whole turns that fit ``budget`` tokens (FastChat-style).
+
+    A chunk starts at a user turn (a leading system turn stays with the first chunk) and ends with an
+    assistant turn; a single turn pair over budget becomes its own chunk (truncated or dropped later,
+    by policy).
+    """
+    chunks: list[list[dict[str, str]]] = []
+    cur: list[dict[str, str]] = []
+    cur_len = 0
+    i = 0
+    n = len(messages)
+    while i < n:
+        # a unit: optional system/user turns up to and including the next assistant turn
+        j = i
+        while j < n and messages[j]["role"] != "assistant":
+            j += 1
+        unit = list(messages[i : j + 1])
+        unit_len = sum(counts[i : j + 1])
+        i = j + 1
+        if cur and cur_len + unit_len > budget and unit[0]["role"] != "assistant":
+            chunks.append(cur)
+            cur, cur_len = [], 0
+        cur.extend(unit)
+        cur_len += unit_len
+    if cur:
+        chunks.append(cur)
+    return [c for c in chunks if any(m["role"] == "assistant" for m in c)]
+
+
+def format_supervised(input_ids: Sequence[int], labels: Sequence[int], tokenizer, *, color: bool = False) -> str:
+    """The decoded example with supervised spans made visible: ``⟦...⟧`` (or green when ``color``)."""
+    open_, close = ("\x1b[32m", "\x1b[0m") if color else ("⟦", "⟧")
+    out, run, run_sup = [], [], None
+    for tok, lab in zip(input_ids, labels):
+        sup = lab != IGNORE_INDEX
+        if run and sup != run_sup:
+            out.append(_decode_run(run, run_sup, tokenizer, open_, close))
+            run = []
+        run.append(tok)
+        run_sup = sup
+    if run:
+        out.append(_decode_run(run, run_sup, tokenizer, open_, close))
+    return "".join(out)
+
+
+def _decode_run(ids, sup, tokenizer, open_, close) -> str:
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return f"{open_}{text}{close}" if sup else text

@@ -1,0 +1,147 @@
+"""Load the rows of a source: a local json / jsonl / parquet file (or a folder / glob of them), or a
+Hugging Face hub dataset.
+
+Local JSON is read here rather than with ``datasets.load_dataset("json")`` because the build must
+report malformed rows one by one (``file:line`` and a reason) and, under ``on_bad_row: skip``,
+keep the good ones; the datasets JSON loader fails the whole file on the first broken line or
+invalid byte. Parquet and hub sets are typed columnar data, read by pyarrow / datasets.
+
+Every file is hashed (sha256 of its bytes) for the manifest.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from qtulu.data.errors import BadRow, DataError
+from qtulu.recipes import SourceSpec
+
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+@dataclass
+class LoadedSource:
+    """Rows of one source as ``(where, row | BadRow)`` plus what identifies the input for the manifest."""
+
+    rows: list[tuple[str, Any]]
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def local_files(path: str, source: str = "") -> list[Path]:
+    """The data files a ``path`` names: a file, a folder (its *.json/*.jsonl/*.parquet, sorted) or a glob."""
+    label = f"source {source!r}: " if source else ""
+    if any(c in path for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(path) if p.endswith(LOCAL_SUFFIXES))
+        if not files:
+            raise DataError(f"{label}no .json/.jsonl/.parquet file matches {path}")
+        return files
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(LOCAL_SUFFIXES))
+        if not files:
+            raise DataError(f"{label}no .json/.jsonl/.parquet file in folder {p}")
+        return files
+    if not p.exists():
+        raise DataError(f"{label}file not found: {p} (override the path: -o sources.{source or 'NAME'}.path=...)")
+    if not p.name.endswith(LOCAL_SUFFIXES):
+        raise DataError(f"{label}{p}: unsupported file type (expected {', '.join(LOCAL_SUFFIXES)})")
+    return [p]
+
+
+def read_jsonl(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
+    """``(file:line, row)`` for each non-blank line; broken JSON / invalid UTF-8 lines as `BadRow`."""
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield where, BadRow("invalid_utf8", f"byte {e.start}: {e.reason}", where)
+            continue
+        try:
+            yield where, json.loads(text)
+        except json.JSONDecodeError as e:
+            yield where, BadRow("broken_json", f"column {e.colno}: {e.msg}", where)
+
+
+def read_json(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
+    """A .json file holding a list of rows (``file[index]``) or one object (one row, e.g. a SuperNI task).
+
+    Broken JSON stops the load (no row can be trusted after it); undecodable bytes are kept as
+    lone surrogates so that only the rows holding them are reported (``invalid_utf8``) later.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="surrogateescape")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}:{e.colno}: broken JSON: {e.msg} (a .json file cannot be read past this; "
+                        "fix it or convert it to .jsonl to skip bad lines)") from None
+    if isinstance(obj, list):
+        for i, row in enumerate(obj):
+            yield f"{path}[{i}]", row
+    elif isinstance(obj, dict):
+        yield str(path), obj
+    else:
+        raise DataError(f"{path}: expected a JSON list of rows or one object, got {type(obj).__name__}")
+
+
+def read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    for i, row in enumerate(pq.read_table(path).to_pylist()):
+        yield f"{path}[{i}]", row
+
+
+def load_source(spec: SourceSpec) -> LoadedSource:
+    """Read every row of ``spec`` (local ``path`` wins over ``hub_id``)."""
+    if spec.path:
+        rows: list[tuple[str, Any]] = []
+        hashes = {}
+        for f in local_files(spec.path, spec.name):
+            if f.suffix == ".parquet":
+                hashes[str(f)] = _sha256_bytes(f.read_bytes())
+                rows.extend(read_parquet(f))
+                continue
+            data = f.read_bytes()
+            hashes[str(f)] = _sha256_bytes(data)
+            rows.extend(read_jsonl(f, data) if f.suffix == ".jsonl" else read_json(f, data))
+        return LoadedSource(rows, {"path": spec.path, "files": hashes})
+    if spec.hub_id:
+        return _load_hub(spec)
+    raise DataError(f"source {spec.name!r}: needs a path or a hub_id")
+
+
+def _load_hub(spec: SourceSpec) -> LoadedSource:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(spec.hub_id, spec.hub_config, split=spec.split)
+    except Exception as e:  # surfaced with the source named; the datasets message says why
+        raise DataError(f"source {spec.name!r}: cannot load hub dataset {spec.hub_id!r}"
+                        f"{f' ({spec.hub_config})' if spec.hub_config else ''} split {spec.split!r}: {e}") from e
+    rows = [(f"{spec.hub_id}[{i}]", row) for i, row in enumerate(ds)]
+    return LoadedSource(rows, {"hub_id": spec.hub_id, "config": spec.hub_config, "split": spec.split,
+                               "fingerprint": getattr(ds, "_fingerprint", None)})
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

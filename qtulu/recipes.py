@@ -1,0 +1,620 @@
+"""Recipes: YAML files that say what to train on and how, validated against a typed schema.
+
+A recipe is a frozen dataclass tree (`Recipe`) loaded from ``recipes/<name>.yaml`` (or any path)::
+
+    from qtulu.recipes import load_recipe
+    r = load_recipe("dolly", ["train.learning_rate=2e-4", "sources.dolly.count=1000"])
+    r.train.learning_rate        # 0.0002
+    r.to_dict()                  # JSON-able, fully resolved (references expanded, paths absolute)
+
+The schema is derived from the dataclass fields and their type hints, so adding a field with a
+default to `TrainConfig` / `ModelConfig` is all it takes to make a new key valid. An unknown key or
+a value of the wrong type raises `RecipeError` naming the file and the dotted key.
+
+Sources and mixtures. ``sources`` is a list; each entry is either a `SourceSpec` (``name``, ``hub_id``
+and/or ``path``, ``format``, ``count``, ...) or a reference ``{recipe: NAME_OR_PATH}`` that expands to
+the sources of another recipe (only its sources: the referencing recipe's data/model/lora/train
+apply). A reference to a single-source recipe may also override that source's fields (``count``,
+``name``, ``options`` (merged), ``split``, ``path``, ``hub_id``, ``hub_config``).
+
+Paths. A relative ``path`` (and a path-like ``data.tokenizer`` / ``model.base``, i.e. starting with
+``./``, ``../``, ``~`` or ending in ``.model``/``.json``) written in a YAML file is relative to that
+file's directory; one given as an override is relative to the working directory. ``$VARS`` and
+``~`` are expanded.
+
+Overrides are dotted keys: ``train.learning_rate``, ``data.max_seq_len``, ``sources.NAME.count`` or
+``sources.INDEX.count``; as a dict ``{"train.learning_rate": 2e-4}`` or as strings
+``["train.learning_rate=2e-4"]`` whose values are parsed as YAML (``2e-4`` is a float here, unlike
+PyYAML's YAML 1.1 default).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+REPO_RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+# Converter names understood by qtulu.data.formats (kept here, below data/, so that recipes are
+# validated without importing the data layer; a test checks both lists agree).
+FORMATS = (
+    "alpaca",
+    "dolly",
+    "oasst1",
+    "sharegpt",
+    "self_instruct",
+    "unnatural_instructions",
+    "superni",
+    "flan_v2",
+    "cot",
+    "baize",
+    "messages",
+)
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be loaded: the message names the file and the dotted key."""
+
+
+# --------------------------------------------------------------------------------------------
+# schema
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One data source: where it lives, which converter reads it, and how many examples to take.
+
+    ``count``: an int takes that many examples (sampled with replacement when larger than the
+    source, without replacement when smaller); a float in (0, 1] takes that fraction; None takes all.
+    ``options`` are passed to the converter (e.g. ``{"shots": "few"}`` for cot/flan_v2).
+    """
+
+    name: str
+    format: str
+    hub_id: str | None = None
+    hub_config: str | None = None
+    path: str | None = None
+    split: str = "train"
+    count: int | float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How examples are rendered, checked, tokenized and packed."""
+
+    max_seq_len: int = 2048
+    chat_format: Literal["tulu", "tokenizer"] = "tulu"
+    on_bad_row: Literal["error", "skip"] = "error"
+    on_overlong: Literal["truncate", "drop"] = "truncate"
+    tokenizer: str | None = None  # None = the model's tokenizer
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base model and how it is quantized. Owners of train/model may add fields here."""
+
+    base: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    quantize: Literal["nf4"] | None = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    attn_implementation: str = "qtulu_varlen"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA adapter shape (the QLoRA paper / open-instruct defaults)."""
+
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.1
+    target_modules: str | list[str] = "all-linear"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation hyperparameters (open-instruct's QLoRA Tulu settings by default).
+
+    ``effective_batch_size`` counts examples per optimizer step, as open-instruct does; the
+    trainer converts it to accumulation over packed rows unless ``gradient_accumulation_steps``
+    is given. Owners of train may add fields here.
+    """
+
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = 0.03
+    epochs: float = 2.0
+    max_steps: int = -1
+    micro_batch_size: int = 1
+    effective_batch_size: int = 128
+    gradient_accumulation_steps: int | None = None
+    seed: int = 42
+    optimizer: str = "paged_adamw_8bit"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True
+    logging_steps: int = 10
+    save_steps: int = 200
+    save_total_limit: int = 3
+    max_nonfinite_in_a_row: int = 10
+    report_to: str = "none"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole recipe. ``path`` is the file it came from (None when built from a dict)."""
+
+    name: str
+    sources: list[SourceSpec]
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    path: str | None = field(default=None, compare=False, metadata={"schema": False})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of every schema field (``path`` left out, so it loads back via `recipe_from_dict`)."""
+        out = dataclasses.asdict(self)
+        out.pop("path", None)
+        return out
+
+    def source(self, name: str) -> SourceSpec:
+        """The source called ``name`` (KeyError listing the names otherwise)."""
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise KeyError(f"recipe {self.name!r} has no source {name!r}; sources: {[s.name for s in self.sources]}")
+
+
+# --------------------------------------------------------------------------------------------
+# YAML: YAML-1.2-style floats (1e-4) and duplicate keys as errors
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_FLOAT_RE = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+# copy the resolver table so SafeLoader itself is untouched
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml_value(text: str) -> Any:
+    """Parse one scalar/flow value the way recipe files are parsed (``2e-4`` -> float)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not valid UTF-8 ({e})") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: invalid YAML: {e}") from None
+    if data is None:
+        raise RecipeError(f"{path}: empty recipe")
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# generic validation from type hints
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if tp is Any:
+        return "any"
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any, where: str, err) -> Any:
+    """Check ``value`` against type ``tp`` and return it converted (int -> float, dict -> dataclass)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if origin is Literal:
+        if value in typing.get_args(tp) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if origin in (Union, types.UnionType):
+        # exact-type members first, so int stays int in `int | float`
+        args = typing.get_args(tp)
+        for a in args:
+            if isinstance(a, type) and type(value) is a:
+                return value
+        for a in args:
+            try:
+                return _coerce(value, a, where, err)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if origin is list:
+        if not isinstance(value, list):
+            raise _Mismatch
+        (item_tp,) = typing.get_args(tp)
+        return [_check(v, item_tp, f"{where}.{i}", err) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        _, val_tp = typing.get_args(tp)
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                err(f"{where}.{k}", f"keys must be strings, got {type(k).__name__}")
+            out[k] = _check(v, val_tp, f"{where}.{k}", err)
+        return out
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return _build(tp, value, where, err)
+    raise TypeError(f"recipe schema: unsupported type {tp!r} at {where}")
+
+
+def _check(value: Any, tp: Any, where: str, err) -> Any:
+    try:
+        return _coerce(value, tp, where, err)
+    except _Mismatch:
+        err(where, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _schema_fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("schema", True)]
+
+
+def _build(cls, data: dict[str, Any], where: str, err):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in _schema_fields(cls)}
+    prefix = f"{where}." if where else ""
+    for key in data:
+        if key not in fields:
+            err(f"{prefix}{key}", f"unknown key (valid keys: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _check(data[name], hints[name], f"{prefix}{name}", err)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            err(f"{prefix}{name}", "required key is missing")
+    return cls(**kwargs)
+
+
+def schema_keys(cls=Recipe, prefix: str = "") -> dict[str, str]:
+    """Every valid dotted key of the schema with its type, e.g. ``{"train.learning_rate": "float", ...}``."""
+    out: dict[str, str] = {}
+    hints = typing.get_type_hints(cls)
+    for f in _schema_fields(cls):
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            out.update(schema_keys(tp, key + "."))
+        else:
+            out[key] = _type_name(tp)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# loading: references, paths, overrides
+
+
+_PATH_LIKE_KEYS = (("data", "tokenizer"), ("model", "base"))
+_REF_OVERRIDABLE = ("name", "count", "options", "split", "path", "hub_id", "hub_config")
+
+
+def resolve_recipe_path(path_or_name: str | os.PathLike, base_dir: Path | None = None) -> Path:
+    """``dolly`` -> ``<repo>/recipes/dolly.yaml``; anything path-like is taken relative to ``base_dir`` (or cwd)."""
+    s = str(path_or_name)
+    looks_like_path = s.endswith((".yaml", ".yml")) or "/" in s or os.sep in s
+    if not looks_like_path:
+        candidate = REPO_RECIPES_DIR / f"{s}.yaml"
+        if not candidate.exists():
+            known = sorted(p.stem for p in REPO_RECIPES_DIR.glob("*.yaml"))
+            raise RecipeError(f"no recipe named {s!r} in {REPO_RECIPES_DIR} (known: {', '.join(known)})")
+        return candidate
+    p = Path(os.path.expandvars(os.path.expanduser(s)))
+    if not p.is_absolute():
+        p = (base_dir or Path.cwd()) / p
+    p = p.resolve()
+    if not p.exists():
+        raise RecipeError(f"recipe file not found: {p}")
+    return p
+
+
+def _is_path_like(s: str) -> bool:
+    return s.startswith(("./", "../", "/", "~", "$")) or s.endswith((".model", ".json"))
+
+
+def _resolve_local(s: str, base_dir: Path) -> str:
+    p = Path(os.path.expandvars(os.path.expanduser(s)))
+    if not p.is_absolute():
+        p = base_dir / p
+    return str(p.resolve())
+
+
+def _expand_sources(raw: Any, file: Path, stack: tuple[Path, ...]) -> list[dict[str, Any]]:
+    """Expand ``{recipe: ...}`` references and make local paths absolute (relative to ``file``)."""
+
+    def err(key: str, msg: str):
+        raise RecipeError(f"{file}: {key}: {msg}")
+
+    if raw is None:
+        err("sources", "required key is missing")
+    if not isinstance(raw, list) or not raw:
+        err("sources", f"expected a non-empty list of sources, got {raw!r}")
+    out: list[dict[str, Any]] = []
+    for i, entry in enumerate(raw):
+        where = f"sources.{i}"
+        if not isinstance(entry, dict):
+            err(where, f"expected a mapping, got {type(entry).__name__} {entry!r}")
+        entry = dict(entry)
+        if "recipe" in entry:
+            ref = entry.pop("recipe")
+            if not isinstance(ref, str):
+                err(f"{where}.recipe", f"expected str, got {type(ref).__name__}")
+            for k in entry:
+                if k not in _REF_OVERRIDABLE:
+                    err(f"{where}.{k}", f"unknown key for a recipe reference (valid: recipe, {', '.join(_REF_OVERRIDABLE)})")
+            try:
+                ref_path = resolve_recipe_path(ref, file.parent)
+            except RecipeError as e:
+                err(f"{where}.recipe", str(e))
+            if ref_path in stack or ref_path == file:
+                err(f"{where}.recipe", f"circular reference: {' -> '.join(str(p) for p in (*stack, file, ref_path))}")
+            ref_raw = _read_yaml(ref_path)
+            expanded = _expand_sources(ref_raw.get("sources"), ref_path, (*stack, file))
+            if entry:
+                if len(expanded) != 1:
+                    err(where, f"overrides {sorted(entry)} on a reference to {ref!r} which has {len(expanded)} sources; "
+                        "override each source by name instead (sources.NAME.KEY)")
+                src = expanded[0]
+                for k, v in entry.items():
+                    if k == "options":
+                        if not isinstance(v, dict):
+                            err(f"{where}.options", f"expected mapping, got {type(v).__name__}")
+                        src["options"] = {**(src.get("options") or {}), **v}
+                    elif k == "path" and isinstance(v, str):
+                        src["path"] = _resolve_local(v, file.parent)
+                    else:
+                        src[k] = v
+            out.extend(expanded)
+        else:
+            if isinstance(entry.get("path"), str):
+                entry["path"] = _resolve_local(entry["path"], file.parent)
+            out.append(entry)
+    return out
+
+
+def _normalize_overrides(overrides: dict[str, Any] | list[str] | tuple[str, ...] | None) -> list[tuple[str, Any]]:
+    if overrides is None:
+        return []
+    if isinstance(overrides, dict):
+        return list(overrides.items())
+    pairs = []
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item:
+            raise RecipeError(f"override {item!r}: expected KEY=VALUE (e.g. train.learning_rate=2e-4)")
+        key, _, text = item.partition("=")
+        try:
+            value = parse_yaml_value(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise RecipeError(f"override {key.strip()}: cannot parse value {text!r}: {e}") from None
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def _apply_override(raw: dict[str, Any], key: str, value: Any, file: str) -> None:
+    def err(msg: str):
+        raise RecipeError(f"{file}: override {key}: {msg}")
+
+    parts = key.split(".")
+    if not all(parts):
+        err("empty segment in dotted key")
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = _list_item(node, part, err)
+        elif isinstance(node, dict):
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+        else:
+            err(f"{'.'.join(parts[: depth + 1])} is not a mapping or list")
+    last = parts[-1]
+    if isinstance(node, list):
+        idx = _list_index(node, last, err)
+        node[idx] = value
+    elif isinstance(node, dict):
+        if parts[0] == "sources" and last == "path" and isinstance(value, str):
+            value = _resolve_local(value, Path.cwd())
+        if (parts[0], last) in _PATH_LIKE_KEYS and len(parts) == 2 and isinstance(value, str) and _is_path_like(value):
+            value = _resolve_local(value, Path.cwd())
+        node[last] = value
+    else:
+        err(f"{'.'.join(parts[:-1])} is not a mapping")
+
+
+def _list_index(items: list, part: str, err) -> int:
+    if part.lstrip("-").isdigit():
+        idx = int(part)
+        if not -len(items) <= idx < len(items):
+            err(f"index {idx} out of range ({len(items)} items)")
+        return idx
+    names = [it.get("name") if isinstance(it, dict) else None for it in items]
+    if part not in names:
+        err(f"no source named {part!r} (sources: {', '.join(str(n) for n in names)})")
+    return names.index(part)
+
+
+def _list_item(items: list, part: str, err):
+    return items[_list_index(items, part, err)]
+
+
+def _validate(raw: dict[str, Any], file: str) -> Recipe:
+    def err(key: str, msg: str):
+        raise RecipeError(f"{file}: {key}: {msg}")
+
+    recipe = _build(Recipe, raw, "", err)
+    names = set()
+    for i, s in enumerate(recipe.sources):
+        where = f"sources.{s.name}"
+        if s.name in names:
+            err(where, f"duplicate source name {s.name!r} (give each source its own name)")
+        names.add(s.name)
+        if s.format not in FORMATS:
+            err(f"{where}.format", f"unknown format {s.format!r} (known: {', '.join(FORMATS)})")
+        if not s.hub_id and not s.path:
+            err(where, "needs a hub_id or a path")
+        if isinstance(s.count, bool):
+            err(f"{where}.count", "expected int, float or null")
+        if isinstance(s.count, int) and s.count < 1:
+            err(f"{where}.count", f"an int count must be >= 1, got {s.count}")
+        if isinstance(s.count, float) and not 0.0 < s.count <= 1.0:
+            err(f"{where}.count", f"a float count is a fraction in (0, 1], got {s.count}")
+    d = recipe.data
+    if d.max_seq_len < 8:
+        err("data.max_seq_len", f"must be >= 8, got {d.max_seq_len}")
+    if recipe.lora.r < 1:
+        err("lora.r", f"must be >= 1, got {recipe.lora.r}")
+    if not 0.0 <= recipe.lora.dropout < 1.0:
+        err("lora.dropout", f"must be in [0, 1), got {recipe.lora.dropout}")
+    t = recipe.train
+    if t.learning_rate <= 0:
+        err("train.learning_rate", f"must be > 0, got {t.learning_rate}")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        err("train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
+    if t.micro_batch_size < 1 or t.effective_batch_size < 1:
+        err("train.micro_batch_size", "micro_batch_size and effective_batch_size must be >= 1")
+    if t.gradient_accumulation_steps is not None and t.gradient_accumulation_steps < 1:
+        err("train.gradient_accumulation_steps", f"must be >= 1, got {t.gradient_accumulation_steps}")
+    return recipe
+
+
+def _load_raw(raw: dict[str, Any], file: Path, overrides, label: str | None = None) -> Recipe:
+    label = label or str(file)
+    raw = copy.deepcopy(raw)
+    raw.setdefault("name", file.stem)
+    raw["sources"] = _expand_sources(raw.get("sources"), file, ())
+    for section, key in _PATH_LIKE_KEYS:
+        sec = raw.get(section)
+        if isinstance(sec, dict) and isinstance(sec.get(key), str) and _is_path_like(sec[key]):
+            sec[key] = _resolve_local(sec[key], file.parent)
+    for key, value in _normalize_overrides(overrides):
+        _apply_override(raw, key, value, label)
+    recipe = _validate(raw, label)
+    object.__setattr__(recipe, "path", str(file))
+    return recipe
+
+
+def load_recipe(
+    path_or_name: str | os.PathLike,
+    overrides: dict[str, Any] | list[str] | None = None,
+) -> Recipe:
+    """Load, expand and validate a recipe.
+
+    ``path_or_name``: a YAML path, or a bare name resolved to ``recipes/<name>.yaml`` in the repo.
+    ``overrides``: dotted keys, ``{"train.learning_rate": 2e-4}`` or ``["train.learning_rate=2e-4"]``.
+    Raises `RecipeError` (naming the file and the dotted key) on unknown keys or wrong types.
+    """
+    file = resolve_recipe_path(path_or_name)
+    return _load_raw(_read_yaml(file), file, overrides)
+
+
+def recipe_from_dict(
+    data: dict[str, Any],
+    overrides: dict[str, Any] | list[str] | None = None,
+    *,
+    base_dir: str | os.PathLike | None = None,
+    source: str = "<dict>",
+) -> Recipe:
+    """Validate a recipe given as a dict (e.g. a saved ``Recipe.to_dict()`` or one built in code).
+
+    Relative paths and references resolve against ``base_dir`` (default: cwd); ``source`` names the
+    origin in error messages. The result's ``path`` is None.
+    """
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a mapping, got {type(data).__name__}")
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    pseudo = base / source
+    recipe = _load_raw(dict(data), pseudo, overrides, label=source)
+    object.__setattr__(recipe, "path", None)
+    return recipe
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped in ``recipes/``."""
+    return sorted(p.stem for p in REPO_RECIPES_DIR.glob("*.yaml"))

@@ -1,0 +1,501 @@
+"""`qtulu train RECIPE`: QLoRA/LoRA supervised finetuning on packed rows, with TRL's SFTTrainer.
+
+Flow: recipe -> base (`qtulu.model.load_base`, NF4 unless ``model.quantize: null``) -> LoRA
+(`qtulu.model.attach_lora`) -> packed dataset (`qtulu.data.build.build_dataset`, or one given) ->
+SFTTrainer -> ``OUT/adapter`` (PEFT dir + ``qtulu.json``, `qtulu.adapters.save_adapter`),
+``OUT/loss.png``, ``OUT/steps.jsonl``; checkpoints in ``OUT/checkpoints/checkpoint-N``.
+
+Batches. Rows are already packed (several examples per row, ``seq_lens`` giving the example
+lengths); TRL's padding-free collator concatenates the rows of a micro-batch into one ``(1, total)``
+sequence with ``position_ids`` restarting at 0 per example, so there is no padding and no (T, T)
+mask (the ``qtulu_varlen`` attention reads the boundaries from ``position_ids``).
+
+Loss. HF Trainer counts the supervised tokens of the whole optimizer step (all micro-batches, all
+ranks: ``num_items_in_batch``) and TRL's fused LM head divides each micro-batch's summed token loss
+by that count, so the step loss is the mean over supervised tokens of the step, whatever the
+packing, micro-batch size, accumulation or world size (``tests/test_train.py`` checks it).
+
+Reliability: checkpoints are staged then renamed (`qtulu.checkpoint`); resume picks the newest
+complete one and refuses a changed recipe unless forced; non-finite steps are skipped and counted
+(`qtulu.callbacks`); nothing non-finite is saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("qtulu.train")
+
+ADAPTER_DIRNAME = "adapter"
+CHECKPOINTS_DIRNAME = "checkpoints"
+
+
+class TrainError(RuntimeError):
+    """A training run that cannot start or did not finish (message says why and what to do)."""
+
+
+@dataclass
+class TrainResult:
+    """What `train` produced. ``steps``: one record per optimizer step (loss, lr, skipped)."""
+
+    output_dir: Path
+    adapter_dir: Path | None
+    global_step: int
+    steps: list[dict[str, Any]]
+    skipped_steps: int
+    resumed_from: str | None
+    seconds: float
+    loss_png: Path | None
+    gradient_accumulation_steps: int
+    model: Any = field(default=None, repr=False)
+    tokenizer: Any = field(default=None, repr=False)
+
+    @property
+    def losses(self) -> list[float | None]:
+        return [s["loss"] for s in self.steps]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers (no trainer needed; tested directly)
+
+
+def _say(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[qtulu train] {msg}", flush=True)
+
+
+def resolve_optimizer(name: str, *, cuda: bool | None = None) -> str:
+    """The HF ``optim`` name to use: bitsandbytes' paged 8-bit AdamW needs CUDA; off CUDA -> adamw_torch."""
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if name in ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit", "adamw_8bit") and not cuda:
+        _say(f"optimizer {name} needs CUDA (bitsandbytes paged optimizer); using adamw_torch on this machine")
+        return "adamw_torch"
+    return name
+
+
+def resolve_report_to(report_to: str) -> str:
+    """``none`` | ``tensorboard`` | ``wandb`` (comma-separated); one that is not installed is dropped with a note."""
+    import importlib.util
+
+    wanted = [r.strip() for r in str(report_to or "none").split(",") if r.strip() and r.strip() != "none"]
+    have = []
+    for r in wanted:
+        module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(r, r)
+        if importlib.util.find_spec(module) is None:
+            _say(f"report_to={r}: package {module!r} is not installed; not reporting there (pip install {module})")
+        else:
+            have.append(r)
+    return ",".join(have) if have else "none"
+
+
+def to_train_columns(dataset):
+    """The packed dataset as TRL's padding-free collator reads it: ``input_ids``, ``labels``, ``seq_lengths``.
+
+    Accepts qtulu's packed rows (``seq_lens``) or TRL's (``seq_lengths``); ``position_ids`` are
+    recomputed by the collator from the lengths (identical: they restart at 0 per example).
+    """
+    cols = set(dataset.column_names)
+    missing = {"input_ids", "labels"} - cols
+    if missing:
+        raise TrainError(f"training data lacks column(s) {sorted(missing)} (have {sorted(cols)}): build it with `qtulu data build`")
+    if "seq_lengths" not in cols:
+        if "seq_lens" not in cols:
+            raise TrainError(f"training data lacks 'seq_lens' (example lengths per packed row); have {sorted(cols)}")
+        dataset = dataset.rename_column("seq_lens", "seq_lengths")
+    keep = ["input_ids", "labels", "seq_lengths"]
+    return dataset.select_columns(keep)
+
+
+def data_fingerprint(dataset) -> str:
+    """SHA-256 of the token and label contents of the packed rows (same data -> same value)."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
+    for col in ("input_ids", "labels", "seq_lengths"):
+        if col not in dataset.column_names:
+            continue
+        arr = table.column(col).combine_chunks()
+        h.update(col.encode())
+        h.update(np.asarray(arr.offsets).astype(np.int64).tobytes())
+        h.update(np.asarray(arr.flatten()).astype(np.int64).tobytes())
+    return h.hexdigest()
+
+
+def examples_per_row(dataset) -> float:
+    """Mean number of examples packed in a row (from ``seq_lengths``)."""
+    import numpy as np
+
+    arr = dataset.data.table.column("seq_lengths").combine_chunks() if hasattr(dataset.data, "table") else None
+    if arr is None:
+        lens = [len(x) for x in dataset["seq_lengths"]]
+        return sum(lens) / max(1, len(lens))
+    offsets = np.asarray(arr.offsets)
+    return float(offsets[-1] - offsets[0]) / max(1, len(dataset))
+
+
+def gradient_accumulation(train_cfg, dataset, world_size: int = 1) -> int:
+    """Accumulation steps so that an optimizer step sees ~``effective_batch_size`` examples.
+
+    ``effective_batch_size`` counts examples (as open-instruct), a micro-batch holds
+    ``micro_batch_size`` packed rows of ~``examples_per_row`` examples each, on each of
+    ``world_size`` ranks. An explicit ``gradient_accumulation_steps`` wins.
+    """
+    if train_cfg.gradient_accumulation_steps is not None:
+        return int(train_cfg.gradient_accumulation_steps)
+    per_micro = train_cfg.micro_batch_size * world_size * max(examples_per_row(dataset), 1e-9)
+    return max(1, round(train_cfg.effective_batch_size / per_micro))
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer
+
+
+def _make_trainer_class():
+    """Build the SFTTrainer subclass lazily (keeps `import qtulu.train` free of trl/transformers)."""
+    import torch
+    from trl import SFTTrainer
+
+    from qtulu import checkpoint as ck
+
+    class QTuluTrainer(SFTTrainer):
+        """SFTTrainer with staged checkpoints, a non-finite step guard and per-step loss records."""
+
+        def __init__(self, *args, qtulu_guard, qtulu_identity: dict, qtulu_keep: int | None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.qtulu_guard = qtulu_guard
+            self.qtulu_identity = qtulu_identity
+            self.qtulu_keep = qtulu_keep
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self.qtulu_guard.add_micro_batch(loss)
+            return loss
+
+        def _save_checkpoint(self, model, trial):
+            run_dir = Path(self._get_output_dir(trial=trial))
+            step = self.state.global_step
+            params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            bad = [n for n, p in params if not bool(torch.isfinite(p.detach()).all())]
+            if bad:
+                raise ck.CheckpointError(f"refusing to save checkpoint-{step}: non-finite values in {bad[:3]}")
+            stage_root = ck.stage_dir(run_dir, step)
+            if self.args.should_save:
+                if stage_root.exists():
+                    import shutil
+
+                    shutil.rmtree(stage_root)
+                stage_root.mkdir(parents=True)
+            self.accelerator.wait_for_everyone()
+            # Trainer writes into <output_dir>/checkpoint-N: point output_dir at the staging root while it
+            # does, so that every file lands in the stage and nothing is visible under checkpoint-N yet.
+            original = self.args.output_dir
+            self.args.output_dir = str(stage_root)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = original
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                written = stage_root / f"{ck.CHECKPOINT_PREFIX}-{step}"
+                payload = dict(self.qtulu_identity)
+                payload["global_step"] = step
+                payload["guard"] = self.qtulu_guard.state()
+                ck.write_manifest(written, payload)
+                ck.commit(written, run_dir / written.name)
+                import shutil
+
+                shutil.rmtree(stage_root, ignore_errors=True)
+                ck.rotate(run_dir, self.qtulu_keep)
+            self.accelerator.wait_for_everyone()
+
+    return QTuluTrainer
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+
+
+def load_for_recipe(recipe, model=None, tokenizer=None, device=None):
+    """`qtulu.model.load_base` with the recipe's model settings; ``model`` may be an in-memory model."""
+    from qtulu.model import load_base
+
+    m = recipe.model
+    source = model if model is not None else m.base
+    if source is None:
+        raise TrainError(f"{recipe.path or recipe.name}: model.base: no base model given (set model.base or pass a model)")
+    return load_base(
+        source,
+        quantize=m.quantize,
+        compute_dtype=m.compute_dtype,
+        double_quant=m.double_quant,
+        blocksize=m.blocksize,
+        revision=m.revision,
+        trust_remote_code=m.trust_remote_code,
+        attn_implementation=m.attn_implementation,
+        tokenizer=tokenizer if tokenizer is not None else recipe.data.tokenizer,
+        device=device,
+    )
+
+
+def train(
+    recipe,
+    *,
+    output_dir: str | os.PathLike,
+    overrides=None,
+    model=None,
+    tokenizer=None,
+    data=None,
+    resume: str = "auto",
+    force: bool = False,
+    progress: bool = True,
+    adapter_name: str = "default",
+    callbacks=(),
+) -> TrainResult:
+    """Train one LoRA/QLoRA adapter for ``recipe``; returns a `TrainResult` (adapter in ``OUT/adapter``).
+
+    ``recipe``: a `Recipe`, a path or a name (``overrides`` as in `load_recipe`).
+    ``model`` / ``tokenizer``: an in-memory base (quantized in place per ``recipe.model``) and its
+    tokenizer, instead of ``recipe.model.base``. ``data``: a `BuiltData` or a packed ``Dataset``
+    instead of building from the recipe's sources.
+    ``resume``: ``"auto"`` (newest complete checkpoint in ``OUT/checkpoints`` if any), ``"never"``,
+    or a checkpoint path. A checkpoint from a different recipe/data is refused (`ResumeMismatch`)
+    unless ``force``. Raises `NonFiniteError` when the run stopped on non-finite steps.
+    """
+    import torch
+    from transformers import set_seed
+    from trl import SFTConfig
+
+    from qtulu import checkpoint as ck
+    from qtulu.callbacks import GuardCallback, NonFiniteError, StepGuard, plot_losses
+    from qtulu.model import attach_lora, base_info
+    from qtulu.recipes import Recipe, load_recipe
+
+    t0 = time.time()
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    elif overrides:
+        raise TrainError("pass overrides with a recipe path/name, not with a Recipe object")
+    t = recipe.train
+    out = Path(output_dir)
+    run_dir = out / CHECKPOINTS_DIRNAME
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for p in ck.clean_stale(run_dir):
+            _say(f"removed {p.name} (left by an interrupted checkpoint write)")
+
+    # ---- resume point (decided before anything heavy so that a refusal is quick)
+    resume_from: Path | None = None
+    if resume not in ("auto", "never", None):
+        resume_from = Path(resume)
+        ck.check_complete(resume_from)
+    elif resume == "auto":
+        resume_from = ck.last_complete_checkpoint(run_dir, log=_say)
+
+    # ---- model, LoRA, data
+    set_seed(t.seed)
+    base, tok = load_for_recipe(recipe, model=model, tokenizer=tokenizer)
+    if tok is None:
+        raise TrainError("no tokenizer: pass tokenizer= or set data.tokenizer in the recipe")
+    info = base_info(base)
+    manifest = None
+    if data is None:
+        from qtulu.data.build import build_dataset
+
+        data = build_dataset(recipe, tok, progress=progress)
+    if hasattr(data, "dataset"):
+        manifest = getattr(data, "manifest", None)
+        data = data.dataset
+    dataset = to_train_columns(data)
+    if len(dataset) == 0:
+        raise TrainError("the packed training dataset is empty")
+    world = _world_size()
+    ga = gradient_accumulation(t, dataset, world)
+    identity = {
+        "recipe": recipe.to_dict(),
+        "data_fingerprint": data_fingerprint(dataset),
+        "world_size": world,
+        "gradient_accumulation_steps": ga,
+        "base": {"weights_sha256": info.get("weights_sha256"), "quantization": info.get("quantization")},
+    }
+    resumed_guard = None
+    if resume_from is not None:
+        saved = ck.read_manifest(resume_from)
+        ck.check_resume(saved, identity, where=resume_from, force=force, warn=_say)
+        resumed_guard = saved.get("guard")
+        _say(f"resuming from {resume_from}")
+
+    set_seed(t.seed)  # LoRA init depends only on the seed
+    peft_model = attach_lora(base, recipe.lora, adapter_name=adapter_name)
+
+    cuda = torch.cuda.is_available()
+    dtype = recipe.model.compute_dtype
+    args = SFTConfig(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=ga,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=float(t.warmup_ratio),
+        num_train_epochs=float(t.epochs),
+        max_steps=int(t.max_steps),
+        seed=t.seed,
+        data_seed=t.seed,
+        optim=resolve_optimizer(t.optimizer, cuda=cuda),
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps > 0 else "no",
+        save_steps=max(1, t.save_steps),
+        save_total_limit=None,  # rotated by qtulu.checkpoint.rotate, after the staged rename
+        report_to=resolve_report_to(t.report_to),
+        disable_tqdm=not progress,
+        # the rows are tokenized, masked and packed already: TRL only collates them, padding-free
+        packing=True,
+        padding_free=True,
+        max_length=None,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        bf16=bool(cuda and dtype == "bfloat16"),
+        fp16=bool(cuda and dtype == "float16"),
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        ddp_backend="gloo" if (world > 1 and not cuda) else None,
+        save_only_model=False,
+    )
+    guard = StepGuard(t.max_nonfinite_in_a_row)
+    guard.load_state(resumed_guard)
+    Trainer = _make_trainer_class()
+    trainer = Trainer(
+        model=peft_model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+        qtulu_guard=guard,
+        qtulu_identity=identity,
+        qtulu_keep=t.save_total_limit,
+    )
+    trainer.add_callback(GuardCallback(trainer, guard))
+    for cb in callbacks:
+        trainer.add_callback(cb)
+    _say(
+        f"{len(dataset)} packed rows ({examples_per_row(dataset):.2f} examples/row), micro-batch {t.micro_batch_size} row(s), "
+        f"accumulation {ga}, world size {world}, optimizer {args.optim}, "
+        f"base {'NF4' if info.get('quantization') else dtype}"
+    )
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    steps = guard.steps
+    if is_main:
+        ck.atomic_write_text(out / "steps.jsonl", "".join(json.dumps(s) + "\n" for s in steps))
+    if guard.stopped:
+        raise NonFiniteError(
+            f"training stopped at step {trainer.state.global_step}: {guard.in_a_row} optimizer steps in a row had a "
+            f"NaN/inf loss or gradient (train.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row}); "
+            f"{guard.skipped_total} skipped in all. No adapter was saved; the last checkpoint holds finite weights. "
+            "Lower train.learning_rate or check the data."
+        )
+    adapter_dir = None
+    png = None
+    if is_main:
+        from qtulu.adapters import save_adapter
+
+        adapter_dir = save_adapter(
+            peft_model,
+            out / ADAPTER_DIRNAME,
+            adapter_name=adapter_name,
+            base_info=info,
+            recipe=recipe.to_dict(),
+            manifest=manifest,
+            extra={
+                "train": {
+                    "global_step": trainer.state.global_step,
+                    "skipped_steps": guard.skipped_total,
+                    "gradient_accumulation_steps": ga,
+                    "world_size": world,
+                    "optimizer": args.optim,
+                    "final_loss": next((s["loss"] for s in reversed(steps) if s["loss"] is not None), None),
+                    "resumed_from": str(resume_from) if resume_from else None,
+                },
+            },
+        )
+        png = plot_losses(steps, out / "loss.png", title=f"{recipe.name}: training loss")
+        _say(f"adapter saved to {adapter_dir}" + (f"; loss curve {png}" if png else ""))
+    trainer.accelerator.wait_for_everyone()
+    return TrainResult(
+        output_dir=out,
+        adapter_dir=adapter_dir,
+        global_step=trainer.state.global_step,
+        steps=steps,
+        skipped_steps=guard.skipped_total,
+        resumed_from=str(resume_from) if resume_from else None,
+        seconds=time.time() - t0,
+        loss_png=png,
+        gradient_accumulation_steps=ga,
+        model=peft_model,
+        tokenizer=tok,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a QLoRA/LoRA adapter for a recipe",
+        description="Train one adapter for RECIPE (a recipes/ name or a YAML path) on its packed data.",
+    )
+    p.add_argument("recipe", help="recipe name (recipes/<name>.yaml) or path")
+    p.add_argument("--set", "-o", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set train.learning_rate=2e-4 (repeatable)")
+    p.add_argument("--output-dir", "--out", dest="output_dir", default=None,
+                   help="run directory (default: runs/<recipe name>); the adapter goes to OUT/adapter")
+    p.add_argument("--resume", default="auto",
+                   help="auto (newest complete checkpoint in OUT/checkpoints), never, or a checkpoint path")
+    p.add_argument("--force", action="store_true", help="resume even if the recipe/data changed since the checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    import sys
+
+    from qtulu.callbacks import NonFiniteError
+    from qtulu.checkpoint import CheckpointError
+    from qtulu.model import ModelLoadError
+    from qtulu.recipes import RecipeError, load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        out = args.output_dir or os.path.join("runs", recipe.name)
+        result = train(recipe, output_dir=out, resume=args.resume, force=args.force, progress=not args.no_progress)
+    except (RecipeError, CheckpointError, TrainError, NonFiniteError, ModelLoadError) as e:
+        print(f"qtulu train: error: {e}", file=sys.stderr)
+        return 2
+    if result.adapter_dir is not None:
+        last = next((s["loss"] for s in reversed(result.steps) if s["loss"] is not None), float("nan"))
+        print(
+            f"done: {result.global_step} steps ({result.skipped_steps} skipped), final loss {last:.4f}, "
+            f"{result.seconds:.0f}s; adapter: {result.adapter_dir}"
+        )
+    return 0

@@ -1,0 +1,156 @@
+"""The build: policies for bad rows and over-long examples, sampling, manifest, save/load, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qtulu.data.build import build_dataset, load_built
+from qtulu.data.chat import IGNORE_INDEX
+from qtulu.data.errors import DataError
+from qtulu.recipes import load_recipe
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "shared_sources.yaml"
+
+
+def _alpaca(i, n_out=1):
+    return {"instruction": f"Echo {i}", "input": "", "output": "x" * n_out + str(i)}
+
+
+def _write_sources(tmp_path: Path, bad: bool = False) -> Path:
+    rows = [json.dumps(_alpaca(i, 1 + i % 7)) for i in range(40)]
+    if bad:
+        rows.insert(3, "{not json")
+        rows.insert(10, json.dumps({"instruction": "no output"}))
+        rows.insert(20, json.dumps({"instruction": "q", "output": None}))
+        rows.insert(25, json.dumps({"instruction": "q", "output": "  "}))
+    (tmp_path / "a.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "b.json").write_text(json.dumps([
+        {"id": str(i), "conversations": [{"from": "human", "value": f"turn {k}"} if k % 2 == 0 else {"from": "gpt", "value": f"reply {i}.{k}"}
+                                         for k in range(2 + 2 * (i % 3))]} for i in range(12)]))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "# Run: qtulu data build r.yaml --out out\n"
+        "name: tiny\n"
+        "sources:\n"
+        "  - {name: a, format: alpaca, path: a.jsonl}\n"
+        "  - {name: b, format: sharegpt, path: b.json, options: {split_long: true}}\n"
+        "data:\n  max_seq_len: 128\n")
+    return recipe
+
+
+def test_build_with_char_tokenizer_manifest_and_invariants(tmp_path, char_tokenizer):
+    recipe = load_recipe(_write_sources(tmp_path))
+    built = build_dataset(recipe, char_tokenizer, progress=False)
+    m = built.manifest
+    assert m["sources"] == {"a": 40, "b": 12} and m["examples"] == 52 and m["dropped"] == {}
+    assert m["packing"]["sequences"] == len(built.dataset) and 0 < m["packing"]["utilization"] <= 1
+    assert set(m["inputs"]["a"]["files"]) == {str(tmp_path / "a.jsonl")}
+    assert m["tokens"] == sum(sum(r) for r in built.dataset["seq_lens"])
+    for row in built.dataset:
+        assert len(row["input_ids"]) <= 128 and len(row["input_ids"]) == sum(row["seq_lens"])
+        pos = np.asarray(row["position_ids"])
+        assert (np.flatnonzero(pos == 0) == np.cumsum([0] + row["seq_lens"][:-1])).all()
+        labelled = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE_INDEX]
+        text = char_tokenizer.decode(labelled)
+        assert "<|user|>" not in text and "Echo" not in text and "turn" not in text
+    # deterministic
+    again = build_dataset(recipe, char_tokenizer, progress=False)
+    assert again.dataset["input_ids"] == built.dataset["input_ids"] and again.manifest == m
+
+
+def test_bad_rows_error_names_file_line_and_reason(tmp_path, char_tokenizer):
+    recipe = load_recipe(_write_sources(tmp_path, bad=True))
+    with pytest.raises(DataError) as e:
+        build_dataset(recipe, char_tokenizer, progress=False)
+    assert f"{tmp_path / 'a.jsonl'}:4" in str(e.value) and "broken_json" in str(e.value) and "on_bad_row=skip" in str(e.value)
+
+
+def test_bad_rows_skip_counts_by_reason(tmp_path, char_tokenizer):
+    recipe = load_recipe(_write_sources(tmp_path, bad=True), ["data.on_bad_row=skip"])
+    m = build_dataset(recipe, char_tokenizer, progress=False).manifest
+    assert m["dropped"] == {"broken_json": 1, "missing_field": 1, "null_content": 1, "empty_assistant_turn": 1}
+    assert m["dropped_by_source"] == {"a": m["dropped"]} and m["sources"]["a"] == 40
+
+
+def test_overlong_truncate_drop_and_split(tmp_path, char_tokenizer):
+    long_rows = [{"instruction": "q" * 100, "output": "a" * 10},  # prompt eats the budget: no label left
+                 {"instruction": "q", "output": "a" * 200}]  # reply truncated
+    (tmp_path / "long.json").write_text(json.dumps(long_rows))
+    (tmp_path / "conv.json").write_text(json.dumps([{"conversations": [
+        {"from": "human" if k % 2 == 0 else "gpt", "value": str(k) * 30} for k in range(8)]}]))
+    (tmp_path / "r.yaml").write_text(
+        "sources:\n  - {name: long, format: alpaca, path: long.json}\n"
+        "  - {name: conv, format: sharegpt, path: conv.json, options: {split_long: true}}\n"
+        "data:\n  max_seq_len: 80\n")
+    r = load_recipe(tmp_path / "r.yaml")
+    m = build_dataset(r, char_tokenizer, progress=False).manifest
+    assert m["dropped"] == {"no_supervised_tokens": 1} and m["truncated"] == 1
+    assert m["sources"] == {"long": 1, "conv": 4} and m["split_conversations_extra_chunks"] == 3
+    m = build_dataset(load_recipe(tmp_path / "r.yaml", ["data.on_overlong=drop"]), char_tokenizer, progress=False).manifest
+    assert m["dropped"] == {"overlong": 2} and m["truncated"] == 0
+    m = build_dataset(load_recipe(tmp_path / "r.yaml", ["sources.conv.options={split_long: false}"]), char_tokenizer,
+                      progress=False).manifest
+    assert m["sources"]["conv"] == 1 and m["truncated"] == 2
+
+
+def test_counts_fraction_and_resampling_are_seeded(tmp_path, char_tokenizer):
+    recipe_path = _write_sources(tmp_path)
+    m = build_dataset(load_recipe(recipe_path, ["sources.a.count=100", "sources.b.count=0.5"]), char_tokenizer,
+                      progress=False).manifest
+    assert m["sources"] == {"a": 100, "b": 6}
+    d1 = build_dataset(load_recipe(recipe_path, ["sources.a.count=10"]), char_tokenizer, progress=False).dataset
+    d2 = build_dataset(load_recipe(recipe_path, ["sources.a.count=10", "data.seed=7"]), char_tokenizer, progress=False).dataset
+    d3 = build_dataset(load_recipe(recipe_path, ["sources.a.count=10"]), char_tokenizer, progress=False).dataset
+    assert d1["input_ids"] == d3["input_ids"] and d1["input_ids"] != d2["input_ids"]
+
+
+def test_save_load_round_trip_and_refuse_foreign_dir(tmp_path, char_tokenizer):
+    built = build_dataset(load_recipe(_write_sources(tmp_path)), char_tokenizer, progress=False)
+    out = built.save(tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == ["dataset", "manifest.json", "recipe.json"]
+    back = load_built(out)
+    assert back.manifest == json.loads(json.dumps(built.manifest)) and back.dataset["input_ids"] == built.dataset["input_ids"]
+    assert back.recipe["name"] == "tiny"
+    built.save(out)  # replacing an earlier build is fine, and leaves no staging folders behind
+    assert sorted(p.name for p in (tmp_path).iterdir() if p.name.startswith(".")) == []
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("x")
+    with pytest.raises(DataError, match="not a qtulu data build"):
+        built.save(foreign)
+
+
+def test_shared_sources_build_utilization(shared_data, llama_tokenizer_path):
+    """The acceptance check of issue 2: the real sources, LLaMA tokenizer, 2048 tokens, >= 0.98."""
+    shared_data("sources")
+    recipe = load_recipe(FIXTURE)
+    built = build_dataset(recipe, llama_tokenizer_path, progress=False)
+    m = built.manifest
+    assert m["packing"]["utilization"] >= 0.98, m["packing"]
+    assert m["sources"]["lima"] == 1029 and m["sources"]["sharegpt_sample"] == 500
+    assert m["dropped"] == {"empty_assistant_turn": 2}  # the two code-alpaca rows with an empty output
+    assert max(len(r) for r in built.dataset["input_ids"]) <= 2048
+    row = built.dataset[0]
+    assert row["input_ids"][0] == 1 and row["position_ids"][0] == 0  # starts with BOS at position 0
+
+
+def test_cli_build_and_preview(tmp_path, capsys, shared_data, llama_tokenizer_path):
+    from qtulu.cli import main
+
+    recipe = _write_sources(tmp_path)
+    tok = str(llama_tokenizer_path)
+    assert main(["data", "build", str(recipe), "--out", str(tmp_path / "out"), "--tokenizer", tok, "--no-progress",
+                 "-o", "sources.a.count=5"]) == 0
+    printed = capsys.readouterr().out
+    assert '"utilization"' in printed and (tmp_path / "out" / "manifest.json").exists()
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["sources"]["a"] == 5 and m["tokenizer"]["vocab_size"] == 32000
+    assert main(["data", "preview", str(recipe), "-n", "1", "--tokenizer", tok]) == 0
+    out = capsys.readouterr().out
+    assert "── a ·" in out and "⟦x0</s>⟧" in out and "── b ·" in out
+    assert main(["data", "build", str(recipe), "--out", str(tmp_path / "o2"), "--tokenizer", tok, "-o", "train.nope=1"]) == 1
+    assert "train.nope: unknown key" in capsys.readouterr().err

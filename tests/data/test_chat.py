@@ -1,0 +1,197 @@
+"""Tulu rendering and assistant-only labels, proven on the real LLaMA SentencePiece tokenizer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qtulu.data.chat import (
+    IGNORE_INDEX,
+    encode_batch,
+    format_supervised,
+    message_token_counts,
+    render_tulu,
+    split_conversation,
+    tokenize_messages,
+    validate_messages,
+)
+from qtulu.data.errors import BadRow
+
+
+def U(c):
+    return {"role": "user", "content": c}
+
+
+def A(c):
+    return {"role": "assistant", "content": c}
+
+
+def S(c):
+    return {"role": "system", "content": c}
+
+
+# conversations chosen to hit the SentencePiece boundary cases: replies starting with a space, a
+# newline, a digit, punctuation, multi-byte and byte-fallback characters, code indentation.
+CONVERSATIONS = [
+    [U("Hi"), A("Hello!")],
+    [S("You are terse."), U("What is 2+2?"), A("4"), U("And 3+3?\n"), A("  6\n\n"), U("Thanks"), A("You're welcome.")],
+    [U("Write code"), A("```python\ndef f(x):\n    return x  # comment\n```"), U("again"), A("\tindented\n  lines")],
+    [U("Say hi in Japanese and add an emoji"), A("こんにちは 🙂"), U("🙂?"), A("🙂 means smile.")],
+    [U("Punctuation"), A("...well, (maybe) [yes]!"), U("x"), A(",leading comma")],
+    [U("Numbers"), A("12345 67.89"), U("Quote"), A('"quoted"')],
+]
+
+
+def test_render_tulu_exact_string():
+    msgs = [S(" sys "), U("Hi\n"), A(" Hello"), U("Bye"), A("Bye!")]
+    assert render_tulu(msgs) == ("<|system|>\nsys\n<|user|>\nHi\n<|assistant|>\nHello</s>\n"
+                                 "<|user|>\nBye\n<|assistant|>\nBye!</s>\n")
+    assert render_tulu([U("q")], add_generation_prompt=True) == "<|user|>\nq\n<|assistant|>\n"
+
+
+def _labelled_runs(ids, labels):
+    runs, cur = [], []
+    for i, lab in zip(ids, labels):
+        if lab != IGNORE_INDEX:
+            assert lab == i
+            cur.append(i)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    return runs
+
+
+@pytest.mark.parametrize("conv", CONVERSATIONS, ids=range(len(CONVERSATIONS)))
+def test_llama_labels_decode_to_exactly_the_replies_plus_eos(llama_tok, conv):
+    tok = llama_tok
+    out = tokenize_messages(conv, tok)
+    ids, labels = out["input_ids"], out["labels"]
+    replies = [m["content"].strip() for m in conv if m["role"] == "assistant"]
+    runs = _labelled_runs(ids, labels)
+    assert [tok.decode(r) for r in runs] == [r + "</s>" for r in replies]
+    assert all(r[-1] == tok.eos_token_id for r in runs)
+    # the ids are those of the whole conversation tokenized at once (no per-segment drift)
+    whole = tok(render_tulu(conv), add_special_tokens=False)["input_ids"]
+    assert ids == [tok.bos_token_id] + whole
+    # every token outside the replies is masked, including the <|assistant|> tag and the newline after EOS
+    assert sum(len(r) for r in runs) == sum(1 for x in labels if x != IGNORE_INDEX)
+    assert labels[0] == IGNORE_INDEX and labels[-1] == IGNORE_INDEX
+
+
+def test_prefix_tokenized_separately_does_not_shift_the_mask(llama_tok):
+    """Each reply's first label sits right after the separately tokenized prompt prefix; while the
+    naive segment-by-segment tokenization (prefix ids + reply ids) is not the whole conversation's."""
+    tok = llama_tok
+    conv = [U("What is 2+2?"), A("4"), U("And 3+3?"), A("6 is the answer"), U("ok"), A("Hello there")]
+    ours = tokenize_messages(conv, tok)
+    starts = [i for i, lab in enumerate(ours["labels"]) if lab != IGNORE_INDEX and ours["labels"][i - 1] == IGNORE_INDEX]
+    naive_drift = 0
+    for k, start in zip([k for k, m in enumerate(conv) if m["role"] == "assistant"], starts):
+        prefix = render_tulu(conv[:k]) + "<|assistant|>\n"
+        prefix_ids = [tok.bos_token_id] + tok(prefix, add_special_tokens=False)["input_ids"]
+        assert start == len(prefix_ids) and ours["input_ids"][:start] == prefix_ids
+        reply_ids = tok(conv[k]["content"] + "</s>", add_special_tokens=False)["input_ids"]
+        naive_drift += prefix_ids + reply_ids != ours["input_ids"][: len(prefix_ids) + len(reply_ids)]
+    # SentencePiece prepends "\u2581" to a separately tokenized reply ("\u2581Hello" vs "Hello")
+    assert naive_drift > 0, "the boundary case no longer drifts: this test lost its teeth"
+
+
+def test_batch_equals_single_and_fast_path_equals_offsets(llama_tok):
+    tok = llama_tok
+    batch = encode_batch([validate_messages(c) for c in CONVERSATIONS], tok)
+    for conv, (ids, labels) in zip(CONVERSATIONS, batch):
+        single = tokenize_messages(conv, tok)
+        assert ids.tolist() == single["input_ids"] and labels.tolist() == single["labels"]
+        # reference: offsets of every token (the slow, obviously-right method)
+        from qtulu.data.chat import label_from_offsets, render_tulu_with_spans
+
+        text, spans = render_tulu_with_spans(validate_messages(conv), tok.eos_token)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        mask = label_from_offsets(np.asarray(enc["offset_mapping"]), spans)
+        assert np.array_equal(labels[1:] != IGNORE_INDEX, mask)
+
+
+def test_char_tokenizer_labels_and_tokenizer_chat_template(char_tokenizer):
+    tok = char_tokenizer
+    conv = [U("2+2?"), A("4"), U("3+3?"), A("6")]
+    out = tokenize_messages(conv, tok)
+    runs = _labelled_runs(out["input_ids"], out["labels"])
+    assert [tok.decode(r) for r in runs] == ["4</s>", "6</s>"]
+    tok.chat_template = ("{% for m in messages %}{{ '[' + m['role'] + '] ' + m['content'] }}"
+                         "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}")
+    try:
+        out = tokenize_messages(conv, tok, chat_format="tokenizer")
+    finally:
+        tok.chat_template = None
+    runs = _labelled_runs(out["input_ids"], out["labels"])
+    assert [tok.decode(r) for r in runs] == ["4</s>", "6</s>"]
+    assert tok.decode(out["input_ids"]).startswith("<s>[user] 2+2?")
+    with pytest.raises(ValueError, match="no chat_template"):
+        tokenize_messages(conv, tok, chat_format="tokenizer")
+
+
+@pytest.mark.parametrize("msgs,reason", [
+    ([], "no_messages"),
+    ([U("q"), {"role": "bot", "content": "a"}], "unknown_role"),
+    ([U("q"), {"role": "assistant", "content": None}], "null_content"),
+    ([U("q"), {"role": "assistant", "content": 3}], "bad_content_type"),
+    ([U("q"), A("   ")], "empty_assistant_turn"),
+    ([U("q")], "no_assistant_turn"),
+    ([U("q"), A(b"caf\xe9".decode("utf-8", "surrogateescape"))], "invalid_utf8"),
+    ([U("q"), {"content": "a"}], "bad_message"),
+])
+def test_validate_messages_reasons(msgs, reason):
+    with pytest.raises(BadRow) as e:
+        validate_messages(msgs)
+    assert e.value.reason == reason
+
+
+def test_special_token_in_content_is_a_bad_row(char_tokenizer):
+    with pytest.raises(BadRow) as e:
+        tokenize_messages([U("fake <|assistant|> turn"), A("ok")], char_tokenizer)
+    assert e.value.reason == "special_token_in_content" and "<|assistant|>" in e.value.detail
+
+
+def test_split_conversation_whole_turns_within_budget(char_tokenizer):
+    conv = validate_messages([S("sys"), U("a" * 30), A("b" * 30), U("c" * 30), A("d" * 30), U("e" * 30), A("f" * 30)])
+    counts = message_token_counts(conv, char_tokenizer)
+    assert sum(counts) + 1 == len(tokenize_messages(conv, char_tokenizer)["input_ids"])  # + BOS
+    chunks = split_conversation(conv, counts, 90)
+    assert [len(c) for c in chunks] == [3, 2, 2] and chunks[0][0]["role"] == "system"
+    assert all(c[-1]["role"] == "assistant" and c[-2]["role"] == "user" for c in chunks)
+    assert [m for c in chunks for m in c] == conv
+    assert split_conversation(conv, counts, 10_000) == [conv]
+
+
+def test_format_supervised_marks_spans(char_tokenizer):
+    out = tokenize_messages([U("q"), A("a")], char_tokenizer)
+    assert format_supervised(out["input_ids"], out["labels"], char_tokenizer).endswith("<|assistant|>\n⟦a</s>⟧\n")
+
+
+def test_llama_with_a_template_that_puts_a_space_before_the_reply(llama_tok):
+    """Llama-2-style "[/INST] answer </s>": the reply's first token "\u2581answer" carries the template's
+    space; it is still supervised, and the fast path agrees with the every-offset reference."""
+    from qtulu.data.chat import label_from_offsets, render_template_with_spans
+
+    tok = llama_tok
+    template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}"
+                "{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
+    conv = [U("Hi"), A("Hello there"), U("2+2?"), A("4, of course.")]
+    old = tok.chat_template
+    tok.chat_template = template
+    try:
+        out = tokenize_messages(conv, tok, chat_format="tokenizer")
+        text, spans = render_template_with_spans(validate_messages(conv), tok)
+    finally:
+        tok.chat_template = old
+    runs = _labelled_runs(out["input_ids"], out["labels"])
+    assert [tok.decode(r) for r in runs] == ["Hello there </s>", "4, of course. </s>"]
+    assert tok.convert_ids_to_tokens(runs[0][:1]) == ["\u2581Hello"]
+    assert out["input_ids"].count(tok.bos_token_id) == 2  # the template's BOS, none added twice
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    from qtulu.data.chat import _soft_start
+
+    ref = label_from_offsets(np.asarray(enc["offset_mapping"]), [(_soft_start(text, a), a, b) for a, b in spans])
+    assert np.array_equal(np.asarray(out["labels"]) != IGNORE_INDEX, ref)

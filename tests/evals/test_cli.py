@@ -1,0 +1,110 @@
+"""`qtulu eval` end to end: a base and two adapters on disk, loaded by qtulu.adapters.load_model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def disk_model(tmp_path_factory, make_lora):
+    """A tiny base saved as safetensors + two qtulu adapters trained against it (random B)."""
+    from qtulu.adapters import save_adapter
+    from qtulu.model import base_info, load_base
+    from qtulu.tiny import build_char_tokenizer, build_tiny_llama
+
+    root = tmp_path_factory.mktemp("cli")
+    base_dir = root / "base"
+    build_tiny_llama(seed=0, dtype=torch.float32).save_pretrained(base_dir)
+    build_char_tokenizer().save_pretrained(base_dir)
+    model, _ = load_base(str(base_dir), quantize=None, compute_dtype=torch.float32, device="cpu")
+    peft_model = make_lora(model)
+    info = base_info(peft_model)
+    dirs = [save_adapter(peft_model, root / n, adapter_name=n, base_info=info) for n in ("alpha", "beta")]
+    return base_dir, dirs
+
+
+def test_eval_cli_end_to_end(disk_model, eval_data, tydiqa_dir, tmp_path, fake_judge, capsys):
+    from qtulu.cli import main
+
+    base_dir, (a, b) = disk_model
+    for name in ("mmlu", "truthfulqa"):
+        (tydiqa_dir / name).symlink_to(eval_data / name)
+    fake_judge["reply"] = lambda m: "yes"
+    preds = {}
+    for bs in (1, 8):
+        out = tmp_path / f"bs{bs}"
+        judged = ["--tasks", "mmlu,tydiqa_nocontext,truthfulqa_gen", "--judge-url", fake_judge["url"],
+                  "--judge-model", "j"] if bs == 8 else ["--tasks", "mmlu,tydiqa_nocontext"]
+        rc = main(["eval", "--model", str(base_dir), "--adapter", str(a), "--adapter", f"other={b}",
+                   "--include-base", "--quantize", "none", "--dtype", "float32", *judged,
+                   "--data-dir", str(tydiqa_dir), "--out", str(out), "--batch-size", str(bs), "--limit", "2",
+                   "--task-option", "mmlu.subjects=[world_religions, global_facts]",
+                   "--task-option", "tydiqa_nocontext.max_new_tokens=6",
+                   "--task-option", "truthfulqa_gen.max_new_tokens=4"])
+        assert rc == 0
+        res = json.loads((out / "results.json").read_text())
+        assert list(res["results"]) == ["base", "alpha", "other"]
+        preds[bs] = {(lab, t): [json.loads(line)["prediction"] for line in (out / lab / t / "predictions.jsonl").open()]
+                     for lab in res["results"] for t in ("mmlu", "tydiqa_nocontext")}
+    assert res["results"]["other"]["truthfulqa_gen"]["pct_true"] == 1.0
+    # the loaded model's default attention (qtulu_varlen) on left-padded batches: batch size does not matter
+    assert preds[1] == preds[8]
+    assert "| task | base | alpha | other |" in capsys.readouterr().out
+
+
+def test_eval_cli_errors_are_one_line(eval_data, tmp_path, capsys):
+    from qtulu.cli import main
+
+    assert main(["eval", "--model", "x", "--tasks", "codex_humaneval", "--data-dir", str(eval_data),
+                 "--out", str(tmp_path)]) == 2
+    assert "--allow-code-execution" in capsys.readouterr().err
+    assert main(["eval", "--model", "x", "--tasks", "nope", "--data-dir", str(eval_data), "--out", str(tmp_path)]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    assert main(["eval", "--list-tasks"]) == 0
+    assert "codex_humaneval_t08\tv1.0" in capsys.readouterr().out
+
+
+def test_merge_search_cli(disk_model, eval_data, tmp_path, capsys):
+    from qtulu.adapters import verify_adapter
+    from qtulu.cli import main
+
+    base_dir, (a, b) = disk_model
+    rc = main(["eval", "merge-search", "--model", str(base_dir), "--adapter", str(a), "--adapter", str(b),
+               "--quantize", "none", "--dtype", "float32", "--tasks", "mmlu", "--data-dir", str(eval_data),
+               "--out", str(tmp_path), "--methods", "linear,dare_linear", "--weights", "0.5,0.5",
+               "--weights", "0.9,0.1", "--limit", "2", "--task-option", "mmlu.subjects=[world_religions]",
+               "--task-option", "mmlu.split=dev"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = json.loads((tmp_path / "merge_search.json").read_text())["candidates"]
+    assert len(rows) == 2 + 4
+    verify_adapter(out["best_dir"])
+
+
+def test_lm_eval_model_type(disk_model):
+    """lm-eval's registry builds base + qtulu adapter; its log-likelihoods are the adapted model's."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (optional extra: pip install 'qtulu[lmeval]')")
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    import qtulu.evals.lm_eval_adapter  # noqa: F401  (registers the model type)
+
+    base_dir, (a, _b) = disk_model
+    cls = get_model("qtulu")
+    lms = {name: cls(pretrained=str(base_dir), adapter=adapter, quantize="none", compute_dtype="float32",
+                     batch_size=2) for name, adapter in (("adapted", str(a)), ("plain", None))}
+    reqs = [("The cat", " sat"), ("Q: 2+2?\nA:", " 4")]
+    got = {name: [ll for ll, _ in lm.loglikelihood(
+        [Instance("loglikelihood", {}, r, i) for i, r in enumerate(reqs)], disable_tqdm=True)] for name, lm in lms.items()}
+    model, tok = lms["adapted"].model, lms["adapted"].tokenizer
+    for (ctx, cont), value in zip(reqs, got["adapted"]):
+        ids = torch.tensor([tok(ctx + cont, add_special_tokens=False)["input_ids"]])
+        n = len(tok(cont, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            logp = model(input_ids=ids).logits.double().log_softmax(-1)[0]
+        want = sum(float(logp[t - 1, ids[0, t]]) for t in range(ids.shape[1] - n, ids.shape[1]))
+        assert value == pytest.approx(want, abs=1e-3)
+    assert got["adapted"] != pytest.approx(got["plain"], abs=1e-3)  # the adapter is really applied
