@@ -147,8 +147,6 @@ class LM:
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
         """For each (context, continuation): (sum of log p(continuation tokens | context), is_greedy)."""
-        import torch
-
         pairs = [self._split(c, x) for c, x in requests]
         for (ctx, cont), (c, x) in zip(pairs, requests):
             if not cont:

@@ -244,8 +244,13 @@ def check_resume(manifest: dict, current: dict, *, where: Path, force: bool = Fa
     ``current`` holds ``recipe`` (``Recipe.to_dict()``) plus run facts that must also match
     (``data_fingerprint``, ``world_size``, ``gradient_accumulation_steps``).
     """
-    saved = {k: manifest.get(k) for k in current}
-    diffs = diff_keys(saved, current)
+    def view(d: dict) -> dict:
+        # recipe keys at the top (train.seed, lora.r, ...), run facts beside them
+        out = dict(d.get("recipe") or {})
+        out.update({k: d.get(k) for k in current if k != "recipe"})
+        return out
+
+    diffs = diff_keys(view(manifest), view(current))
     keys = [k for k, _, _ in diffs]
     if diffs:
         lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in diffs)

@@ -29,7 +29,7 @@ DEMO_SETTINGS = dict(
     warmup_batch=64,
     warmup_lr=3e-3,
     train_examples=3000,
-    test_examples=100,
+    test_examples=200,
     adapter_steps=None,  # None: the recipe's train.max_steps
     recipe_overrides=(),  # extra `KEY=VALUE` overrides of recipes/demo.yaml for every adapter
     model={},  # overrides of DEMO_MODEL

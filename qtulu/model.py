@@ -174,8 +174,9 @@ def _load_tokenizer(tokenizer, directory: Path | None, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     if tokenizer is None:
-        if directory is None:
-            return None
+        names = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+        if directory is None or not any((directory / n).is_file() for n in names):
+            return None  # no tokenizer shipped: callers that need one say so (train: data.tokenizer)
         try:
             return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
         except Exception as e:  # noqa: BLE001 - re-raised with the directory and a hint

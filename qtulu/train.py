@@ -114,7 +114,10 @@ def to_train_columns(dataset):
             raise TrainError(f"training data lacks 'seq_lens' (example lengths per packed row); have {sorted(cols)}")
         dataset = dataset.rename_column("seq_lens", "seq_lengths")
     keep = ["input_ids", "labels", "seq_lengths"]
-    return dataset.select_columns(keep)
+    dataset = dataset.select_columns(keep)
+    if getattr(dataset, "_indices", None) is not None:
+        dataset = dataset.flatten_indices()  # fingerprints and counts read the Arrow table directly
+    return dataset
 
 
 def data_fingerprint(dataset) -> str:
@@ -307,6 +310,10 @@ def train(
         ck.check_complete(resume_from)
     elif resume == "auto":
         resume_from = ck.last_complete_checkpoint(run_dir, log=_say)
+    elif is_main:
+        for old in ck.list_checkpoints(run_dir):  # a fresh run: older checkpoints must not be resumed later
+            ck.remove_checkpoint(old)
+            _say(f"resume=never: removed {old}")
 
     # ---- model, LoRA, data
     set_seed(t.seed)
@@ -398,10 +405,21 @@ def train(
         trainer.add_callback(cb)
     _say(
         f"{len(dataset)} packed rows ({examples_per_row(dataset):.2f} examples/row), micro-batch {t.micro_batch_size} row(s), "
-        f"accumulation {ga}, world size {world}, optimizer {args.optim}, "
+        f"accumulation {ga}, world size {world}, optimizer {getattr(args.optim, 'value', args.optim)}, "
         f"base {'NF4' if info.get('quantization') else dtype}"
     )
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    done = int(ck.read_manifest(resume_from).get("global_step", 0)) if resume_from else 0
+    if resume_from is not None and 0 < t.max_steps <= done:
+        # HF Trainer would run one more step when resumed at max_steps: load the weights instead
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(peft_model, load_file(str(resume_from / "adapter_model.safetensors")),
+                                  adapter_name=adapter_name)
+        trainer.state.global_step = done
+        _say(f"{resume_from.name} already reached train.max_steps={t.max_steps}: nothing left to train")
+    else:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     steps = guard.steps
     if is_main:
@@ -431,7 +449,7 @@ def train(
                     "skipped_steps": guard.skipped_total,
                     "gradient_accumulation_steps": ga,
                     "world_size": world,
-                    "optimizer": args.optim,
+                    "optimizer": getattr(args.optim, "value", str(args.optim)),
                     "final_loss": next((s["loss"] for s in reversed(steps) if s["loss"] is not None), None),
                     "resumed_from": str(resume_from) if resume_from else None,
                 },

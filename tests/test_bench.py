@@ -238,3 +238,16 @@ def test_e2e_tiny_all_configs(tmp_path, bench_server):
     text = docs.read_text()
     assert "## End-to-end QLoRA training" in text and "| tiny | baseline |" in text and "no speed claim" in text
     assert list((tmp_path / "docs" / "img").glob("bench_e2e_*.png"))
+
+
+def test_make_optimizer_steps_lora_params():
+    from qtulu.bench.build import make_optimizer
+
+    for name in ("adamw", "adamw_8bit"):
+        p = torch.nn.Parameter(torch.zeros(64, 80, dtype=torch.bfloat16))  # >= 4096: 8-bit state
+        opt = make_optimizer([p], name, lr=1e-2)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        assert (p < 0).all(), name  # moved against the gradient
+    with pytest.raises(ValueError, match="adamw_8bit"):
+        make_optimizer([p], "sgd")

@@ -179,3 +179,19 @@ def attach_lora(model, *, r: int = 64, alpha: int = 16, dropout: float = 0.1, dt
     peft_model.enable_input_require_grads()
     peft_model.train()
     return peft_model
+
+
+OPTIMIZERS = ("adamw", "adamw_8bit")
+
+
+def make_optimizer(params, name: str = "adamw", lr: float = 1e-4):
+    """The same optimizer for every stack: torch AdamW, or bitsandbytes' 8-bit AdamW (its states
+    take a quarter of the memory; the non-paged one, so torch's memory statistics count them)."""
+    params = list(params)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if name == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
+    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")

@@ -54,6 +54,10 @@ def register(subparsers) -> None:
     e.add_argument("--timeout", type=float, default=None, help="seconds per configuration before it is killed")
     e.add_argument("--progress", action="store_true", help="progress bar while quantizing layers")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads per configuration (default: torch's)")
+    e.add_argument(
+        "--optimizer", default="adamw", choices=("adamw", "adamw_8bit"),
+        help="for every stack: torch AdamW (default) or bitsandbytes 8-bit AdamW (non-paged, so its memory is counted)",
+    )
     e.add_argument("--build-only", action="store_true", help="only build each model (4-bit, layer by layer) and report its memory")
     e.set_defaults(func=run_e2e_command)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -91,6 +95,7 @@ def run_e2e_command(args) -> int:
         progress=args.progress,
         threads=args.threads,
         build_only=args.build_only,
+        optimizer=args.optimizer,
     )
     return emit(summary)
 

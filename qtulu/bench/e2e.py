@@ -9,7 +9,8 @@ the same steps, each in a fresh process so that its peak memory is its own (see 
   block-diagonal mask from ``position_ids``) instead of the varlen kernel;
 - ``baseline``: transformers + peft + bitsandbytes NF4 (double quant, bf16 compute), SDPA,
   padded micro-batches (see ``lengths.py``).
-All use LoRA r=64 on every linear, gradient checkpointing and the same AdamW. On a CPU both qtulu
+All use LoRA r=64 on every linear, gradient checkpointing and the same optimizer (torch AdamW,
+or bitsandbytes' 8-bit AdamW with ``--optimizer adamw_8bit``). On a CPU both qtulu
 kernels resolve to their torch references (backend "auto"), so the A/B rows only mean something
 on a GPU; CPU runs exercise the code path and make no speed claim.
 """
@@ -32,6 +33,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
+from qtulu.bench.build import OPTIMIZERS
 from qtulu.bench.lengths import pack_bfd, read_lengths_file, select_rows, token_lengths
 from qtulu.bench.report import append_record, atomic_write_text, ratios, write_chart
 from qtulu.bench.shapes import get_shape
@@ -181,6 +183,7 @@ def run_e2e(
     progress: bool = False,
     threads: int | None = None,
     build_only: bool = False,
+    optimizer: str = "adamw",
     server: ForkServer | None = None,
     log=print,
 ) -> dict[str, Any]:
@@ -189,6 +192,8 @@ def run_e2e(
     Each configuration runs in a fresh child of ``server`` (a new `ForkServer` when None)."""
     import torch
 
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
     for name in configs:
         if name not in CONFIGS:
             raise ValueError(f"unknown configuration {name!r}; known: {', '.join(CONFIGS)}")
@@ -237,6 +242,7 @@ def run_e2e(
                 "progress": progress,
                 "threads": threads,
                 "build_only": build_only,
+                "optimizer": optimizer,
             }
             log(f"[bench e2e] {shape.name} / {name} ...", flush=True)
             res = server.run(spec, work, timeout=timeout)
@@ -262,6 +268,7 @@ def run_e2e(
         "steps": steps,
         "warmup": warmup,
         "build_only": build_only,
+        "optimizer": optimizer,
         "lora": lora,
         "peak_tflops": peak,
         "lengths": {

@@ -131,7 +131,8 @@ def append_record(docs_path: str | Path, summary: dict[str, Any], results: list[
         f"`{summary['command']}`",
         "",
         f"seq_len {summary['seq_len']}, {summary['steps']} timed steps after {summary['warmup']} warmup, "
-        f"LoRA r={summary['lora']['r']} on all linear layers, {summary['dtype']}, data: {summary['lengths']['source']} "
+        f"LoRA r={summary['lora']['r']} on all linear layers, {summary['dtype']}, optimizer {summary.get('optimizer', 'adamw')}, "
+        f"data: {summary['lengths']['source']} "
         f"({summary['lengths']['docs']} documents, mean {summary['lengths']['mean']:.0f} tokens). "
         f"Versions: {', '.join(f'{k} {v}' for k, v in summary['versions'].items())}.",
         "",

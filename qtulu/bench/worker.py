@@ -31,7 +31,7 @@ import qtulu.attention  # noqa: F401
 import qtulu.kernels.varlen_attention  # noqa: F401
 import qtulu.quant  # noqa: F401
 
-from qtulu.bench.build import attach_lora, build_bnb_model, build_qtulu_model
+from qtulu.bench.build import attach_lora, build_bnb_model, build_qtulu_model, make_optimizer
 from qtulu.bench.flops import mfu, peak_tflops, step_flops
 from qtulu.bench.lengths import padded_microbatches
 from qtulu.bench.shapes import shape_from_dict
@@ -142,7 +142,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     ``spec`` keys: name, stack ("qtulu" | "baseline"), nf4_backend, attention, batching ("packed" |
     "padded"), shape (``ShapeSpec.to_dict()``), seq_len, device, dtype (torch dtype name), rows
     (each step's document lengths, warmup steps first), warmup, lora {r, alpha, dropout}, seed;
-    optional: peak_tflops, threads, build_only, progress, lr."""
+    optional: optimizer, peak_tflops, threads, build_only, progress, lr."""
     result: dict[str, Any] = {"name": spec["name"], "status": "ok", "error": None}
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
@@ -181,7 +181,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
         if spec.get("build_only"):
             return _finish(result, device, rss0)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=spec.get("lr", 1e-4), weight_decay=0.0)
+        opt = make_optimizer(params, spec.get("optimizer", "adamw"), lr=spec.get("lr", 1e-4))
         autocast = torch.autocast(device.type, dtype=dtype, enabled=cuda and dtype != torch.float32)
 
         timer = _Timer(device)

@@ -53,9 +53,9 @@ def pack_examples(dataset, max_seq_len: int):
     # position_ids for all rows at once: a running index that restarts at each example start
     flat_lens = np.asarray(seq_lens.flatten(), dtype=np.int64)  # (n_examples,)
     total = int(flat_lens.sum())
-    pos = np.arange(total, dtype=np.int32) - np.repeat((np.cumsum(flat_lens) - flat_lens).astype(np.int32), flat_lens)
+    pos = (np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(flat_lens) - flat_lens, flat_lens)).astype(np.int32)
     offsets = np.asarray(ids.offsets) - ids.offsets[0].as_py()
-    position_ids = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), pa.array(pos, type=pa.int32()))
+    position_ids = type(ids).from_arrays(pa.array(offsets, type=ids.offsets.type), pa.array(pos, type=pa.int32()))
     out = pa.table({
         "input_ids": ids,
         "labels": table.column("labels").combine_chunks(),

@@ -74,7 +74,7 @@ def test_merge_search_cli(disk_model, eval_data, tmp_path, capsys):
     base_dir, (a, b) = disk_model
     rc = main(["eval", "merge-search", "--model", str(base_dir), "--adapter", str(a), "--adapter", str(b),
                "--quantize", "none", "--dtype", "float32", "--tasks", "mmlu", "--data-dir", str(eval_data),
-               "--out", str(tmp_path), "--methods", "linear,dare_linear", "--weights", "0.5,0.5",
+               "--out", str(tmp_path), "--methods", "linear,cat", "--weights", "0.5,0.5",
                "--weights", "0.9,0.1", "--limit", "2", "--task-option", "mmlu.subjects=[world_religions]",
                "--task-option", "mmlu.split=dev"])
     assert rc == 0

@@ -159,3 +159,26 @@ def test_toxigen_groups_and_classifier(eval_data):
              for e in examples]
     metrics = toxigen.score(preds, classifier=lambda texts: [t == "bad" for t in texts])
     assert metrics["per_group"]["women"] == 1.0 and metrics["pct_toxic"] == pytest.approx(1 / 16)
+
+
+def test_toxigen_classifier_from_a_saved_model(tmp_path):
+    """A transformers sequence classifier given by path: its argmax decides 'toxic' (label 1 here)."""
+    from transformers import LlamaForSequenceClassification
+
+    from qtulu.evals.tasks import toxigen
+    from qtulu.tiny import build_char_tokenizer, tiny_llama_config
+
+    torch_mod = pytest.importorskip("torch")
+    torch_mod.manual_seed(0)
+    clf = LlamaForSequenceClassification(tiny_llama_config(num_labels=2, id2label={0: "benign", 1: "toxic"})).eval()
+    clf.save_pretrained(tmp_path / "clf")
+    tok = build_char_tokenizer()
+    tok.save_pretrained(tmp_path / "clf")
+    texts = ["you are all", "a nice day", "x", "some longer statement about a group"]
+    got = toxigen.classify(texts, str(tmp_path / "clf"), batch_size=3)
+    want = []
+    for t in texts:
+        ids = tok(t, return_tensors="pt")
+        with torch_mod.no_grad():
+            want.append(int(clf(**ids).logits.argmax(-1)) == 1)
+    assert got == want
