@@ -14,13 +14,13 @@ import sys
 
 # (command, module): order is the order of `qtulu --help`.
 COMMANDS: list[tuple[str, str]] = [
+    ("demo", "qtulu.demo"),
+    ("data", "qtulu.data.cli"),
+    ("train", "qtulu.train"),
     ("eval", "qtulu.evals.cli"),
     ("merge", "qtulu.merge"),
     ("chat", "qtulu.chat"),
-    ("data", "qtulu.data.cli"),
     ("bench", "qtulu.bench.cli"),
-    ("train", "qtulu.train"),
-    ("demo", "qtulu.demo"),
     # COMMANDS-END (keep this marker: one line per command above it)
 ]
 

@@ -171,26 +171,24 @@ def _safetensor_files(directory: Path) -> list[Path]:
 
 
 def _load_tokenizer(tokenizer, directory: Path | None, trust_remote_code: bool):
-    from transformers import AutoTokenizer
+    # One loader for every tokenizer qtulu reads (qtulu.data.tokenizer): it converts a bare
+    # SentencePiece .model correctly (transformers' own conversion of the LLaMA model orders the
+    # merges wrongly, and LlamaTokenizer(vocab_file=...) yields an empty vocabulary on 5.x).
+    from qtulu.data.tokenizer import load_tokenizer
 
     if tokenizer is None:
         names = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
         if directory is None or not any((directory / n).is_file() for n in names):
             return None  # no tokenizer shipped: callers that need one say so (train: data.tokenizer)
         try:
-            return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+            return load_tokenizer(directory, trust_remote_code=trust_remote_code)
         except Exception as e:  # noqa: BLE001 - re-raised with the directory and a hint
             raise ModelLoadError(
                 f"{directory}: cannot load its tokenizer ({type(e).__name__}: {e}); pass tokenizer= "
                 "(recipe: data.tokenizer)"
             ) from e
     if isinstance(tokenizer, (str, os.PathLike)):
-        path = Path(os.path.expanduser(str(tokenizer)))
-        if path.suffix == ".model":  # a bare SentencePiece model (the LLaMA tokenizer)
-            from transformers import LlamaTokenizer
-
-            return LlamaTokenizer(vocab_file=str(path), legacy=True)
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        return load_tokenizer(os.path.expanduser(str(tokenizer)), trust_remote_code=trust_remote_code)
     return tokenizer
 
 
