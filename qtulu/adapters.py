@@ -116,6 +116,7 @@ def save_adapter(
     recipe: dict | None = None,
     manifest: dict | None = None,
     extra: dict | None = None,
+    state_dict: dict | None = None,
 ) -> Path:
     """Save one adapter of ``peft_model`` as a PEFT adapter dir plus ``qtulu.json``; return its path.
 
@@ -123,6 +124,8 @@ def save_adapter(
     last, so a crash never leaves a half-written adapter under ``out_dir`` (an existing
     ``out_dir`` is replaced). Refuses (``AdapterError``) to save NaN/inf weights.
     ``base_info`` is ``qtulu.model.base_info(model)``: it binds the adapter to its base.
+    ``state_dict``: the model's state dict to save from, when ``peft_model.state_dict()`` would not
+    give full tensors (FSDP2 serves local shards: `qtulu.train` passes the gathered ones).
     """
     from safetensors.torch import load_file
 
@@ -139,7 +142,9 @@ def save_adapter(
     stage = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         stage.mkdir()
-        peft_model.save_pretrained(str(stage), selected_adapters=[adapter_name], safe_serialization=True)
+        peft_model.save_pretrained(
+            str(stage), selected_adapters=[adapter_name], safe_serialization=True, state_dict=state_dict
+        )
         if adapter_name != "default":
             # peft nests non-default adapters in a sub-folder; an adapter dir holds one adapter
             sub = stage / adapter_name

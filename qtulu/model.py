@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from qtulu.quant import Linear4bit, is_quantized
+
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -211,22 +213,9 @@ def set_attention(model, attn_implementation: str | None) -> str | None:
     return attn_implementation
 
 
-def is_quantized(model: nn.Module) -> bool:
-    """True when ``model`` holds qtulu NF4 layers (``qtulu.quant.Linear4bit``)."""
-    try:
-        from qtulu.quant import Linear4bit
-    except ImportError:
-        return False
-    return any(isinstance(m, Linear4bit) for m in model.modules())
-
-
 def _cast_floating_(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast the floating parameters/buffers that are not NF4 storage (norms, embeddings, head)."""
-    try:
-        from qtulu.quant import Linear4bit
-    except ImportError:
-        Linear4bit = ()
-    quantized = [m for m in model.modules() if Linear4bit and isinstance(m, Linear4bit)]
+    quantized = [m for m in model.modules() if isinstance(m, Linear4bit)]
     skip = {id(sub) for q in quantized for sub in q.modules()}  # absmax/code tables keep their dtype
     for module in model.modules():
         if id(module) in skip:
@@ -382,10 +371,6 @@ def _stream_load(directory: Path, config, weight_files: list[Path], *, quant, dt
     if missing:
         raise ModelLoadError(f"{directory}: weights missing from the safetensors files: {missing[:5]} ({len(missing)} in all)")
 
-    Linear4bit = None
-    if quant is not None:
-        from qtulu.quant import Linear4bit
-
     from tqdm.auto import tqdm
 
     done: set[str] = set()
@@ -439,8 +424,6 @@ def _stream_load(directory: Path, config, weight_files: list[Path], *, quant, dt
 
 
 def _bnb_blocksize(model) -> int:
-    from qtulu.quant import Linear4bit
-
     for m in model.modules():
         if isinstance(m, Linear4bit):
             state = getattr(m, "quant_state", None) or getattr(m, "state", None)
@@ -454,8 +437,6 @@ def _load_bnb_4bit(directory: Path, config, qcfg: dict, *, dtype, device, trust_
     """A checkpoint quantized by bitsandbytes: load it through transformers, convert its layers."""
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
-
-    from qtulu.quant import Linear4bit
 
     model = AutoModelForCausalLM.from_pretrained(
         str(directory), dtype=dtype, device_map={"": str(device)}, trust_remote_code=trust_remote_code

@@ -151,6 +151,9 @@ class TrainConfig:
     save_total_limit: int = 3
     max_nonfinite_in_a_row: int = 10
     report_to: str = "none"
+    # FSDP2 (fully_shard) across the ranks of a torchrun/accelerate launch; None = DDP. full_shard
+    # re-shards parameters after each forward, shard_grad_op keeps them gathered until backward.
+    fsdp: Literal["full_shard", "shard_grad_op"] | None = None
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,9 @@ packing, micro-batch size, accumulation or world size (``tests/test_train.py`` c
 Reliability: checkpoints are staged then renamed (`qtulu.checkpoint`); resume picks the newest
 complete one and refuses a changed recipe unless forced; non-finite steps are skipped and counted
 (`qtulu.callbacks`); nothing non-finite is saved.
+
+Scale-out: DDP under torchrun/accelerate; FSDP2 with ``train.fsdp`` (or ``accelerate launch
+--use_fsdp --fsdp_version 2``) for LoRA and QLoRA, without checkpoints (`check_fsdp` says why).
 """
 
 from __future__ import annotations
@@ -161,8 +164,70 @@ def gradient_accumulation(train_cfg, dataset, world_size: int = 1) -> int:
     return max(1, round(train_cfg.effective_batch_size / per_micro))
 
 
+def _checkpointing_args(config_cls, enabled: bool) -> dict:
+    """Activation-checkpointing arguments under the names this transformers knows.
+
+    transformers 5.2x renamed ``gradient_checkpointing*`` to ``activation_checkpointing*`` (the old
+    names warn); the GPU image's older release only has the old ones.
+    """
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def fsdp_settings(train_cfg, world_size: int) -> tuple[bool, dict | None]:
+    """``(fsdp, fsdp_config)`` for HF ``TrainingArguments``: FSDP2 (``fully_shard``) or off.
+
+    On when ``train.fsdp`` is set and the run has several ranks; a single process has nothing to
+    shard and trains as usual. ``accelerate launch --use_fsdp --fsdp_version 2`` needs nothing here:
+    accelerate builds its plugin from the environment (on CPU, see the trainer's
+    ``create_accelerator_and_postprocess``).
+    """
+    if not train_cfg.fsdp:
+        return False, None
+    if world_size <= 1:
+        _say(f"train.fsdp={train_cfg.fsdp} with one process: nothing to shard, training without FSDP")
+        return False, None
+    # version 2: per-parameter sharding (DTensor), frozen and trainable parameters may share a unit
+    return True, {"version": 2, "reshard_after_forward": train_cfg.fsdp == "full_shard"}
+
+
+def _fsdp_from_env() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # `accelerate launch --use_fsdp`
+
+
+def check_fsdp(train_cfg, world_size: int) -> None:
+    """Refuse (`TrainError`) the FSDP set-ups qtulu does not support, before anything is loaded.
+
+    Supported: FSDP2 (``train.fsdp``, or ``accelerate launch --use_fsdp --fsdp_version 2``), with
+    ``train.save_steps: 0``. FSDP1 flattens every parameter of a unit into one buffer of one
+    dtype, which NF4's uint8 codes cannot join (and it needs an accelerator device).
+    """
+    if world_size <= 1 or not (train_cfg.fsdp or _fsdp_from_env()):
+        return
+    how = f"train.fsdp={train_cfg.fsdp}" if train_cfg.fsdp else "accelerate launch --use_fsdp"
+    if not train_cfg.fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise TrainError(
+            f"{how} asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}: qtulu supports FSDP2 only (FSDP1 "
+            "flattens each unit into one buffer of one dtype, which the NF4 uint8 codes cannot join). Launch with "
+            "`accelerate launch --use_fsdp --fsdp_version 2 ...`, or set train.fsdp=full_shard under torchrun."
+        )
+    if train_cfg.save_steps > 0:
+        # HF Trainer saves FSDP checkpoints through torch.distributed.checkpoint, which walks every
+        # state-dict key as an attribute path: NF4's quant-state keys (``weight.absmax``) are not
+        # attributes (AttributeError: 'DTensor' object has no attribute 'absmax'); and in CPU/gloo
+        # runs the "full" model state dict it hands to peft still holds DTensor shards.
+        raise TrainError(
+            f"{how} with train.save_steps={train_cfg.save_steps}: qtulu does not write checkpoints (so cannot "
+            "resume) under FSDP yet. Set train.save_steps=0 (the final adapter is still saved), or drop FSDP "
+            "and use DDP (plain torchrun), which checkpoints and resumes exactly."
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,6 +249,20 @@ def _make_trainer_class():
             self.qtulu_guard = qtulu_guard
             self.qtulu_identity = qtulu_identity
             self.qtulu_keep = qtulu_keep
+
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+            state = self.accelerator.state
+            plugin_args = self.args.fsdp_plugin_args
+            if state.distributed_type == DistributedType.MULTI_CPU and (plugin_args or _fsdp_from_env()):
+                # accelerate enables FSDP on accelerator devices only (its multi-CPU branch drops the plugin),
+                # but torch's fully_shard runs on CPU over gloo: switch the state to FSDP so that
+                # accelerate's own FSDP2 preparation (fsdp2_prepare_model) wraps the model, as on GPUs.
+                state.distributed_type = DistributedType.FSDP
+                state.fsdp_plugin = FullyShardedDataParallelPlugin(**(plugin_args or {}))
+                self.is_fsdp_enabled = True
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -228,6 +307,23 @@ def _make_trainer_class():
             self.accelerator.wait_for_everyone()
 
     return QTuluTrainer
+
+
+def _full_trainable_state(model) -> dict:
+    """``model.state_dict()`` with the trainable (LoRA) tensors of an FSDP2 model gathered in full.
+
+    Collective: every rank must call it. Frozen base tensors stay local shards (peft's adapter
+    state dict leaves them out), so no rank ever holds the whole base.
+    """
+    from torch.distributed.tensor import DTensor
+
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    out = {}
+    for name, t in model.state_dict().items():
+        if isinstance(t, DTensor) and name in trainable:
+            t = t.full_tensor().cpu()
+        out[name] = t
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,6 +391,7 @@ def train(
     elif overrides:
         raise TrainError("pass overrides with a recipe path/name, not with a Recipe object")
     t = recipe.train
+    check_fsdp(t, _world_size())
     out = Path(output_dir)
     run_dir = out / CHECKPOINTS_DIRNAME
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -353,6 +450,7 @@ def train(
 
     cuda = torch.cuda.is_available()
     dtype = recipe.model.compute_dtype
+    fsdp_on, fsdp_config = fsdp_settings(t, world)
     args = SFTConfig(
         output_dir=str(run_dir),
         per_device_train_batch_size=t.micro_batch_size,
@@ -367,8 +465,7 @@ def train(
         optim=resolve_optimizer(t.optimizer, cuda=cuda),
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **_checkpointing_args(SFTConfig, t.gradient_checkpointing),
         logging_steps=t.logging_steps,
         save_strategy="steps" if t.save_steps > 0 else "no",
         save_steps=max(1, t.save_steps),
@@ -385,6 +482,8 @@ def train(
         use_cpu=not cuda,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
+        fsdp=True if fsdp_on else None,
+        fsdp_config=fsdp_config,
         ddp_backend="gloo" if (world > 1 and not cuda) else None,
         save_only_model=False,
     )
@@ -433,6 +532,7 @@ def train(
         )
     adapter_dir = None
     png = None
+    gathered = _full_trainable_state(peft_model) if trainer.is_fsdp_enabled else None  # collective
     if is_main:
         from qtulu.adapters import save_adapter
 
@@ -454,6 +554,8 @@ def train(
                     "resumed_from": str(resume_from) if resume_from else None,
                 },
             },
+            # FSDP2 serves peft_model.state_dict() as local shards: save from the gathered tensors
+            state_dict=gathered,
         )
         png = plot_losses(steps, out / "loss.png", title=f"{recipe.name}: training loss")
         _say(f"adapter saved to {adapter_dir}" + (f"; loss curve {png}" if png else ""))
