@@ -190,12 +190,18 @@ def encode_batch(
     chat_format: str = "tulu",
     *,
     add_bos: bool = True,
+    word_cache: dict | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Like `tokenize_batch` but returns int32 numpy arrays ``(input_ids, labels)`` (the build's fast path).
 
-    Calls the Rust tokenizer directly and locates each supervised range with ``char_to_token``
-    (a few calls per reply) instead of materialising every token's offsets.
+    Tulu texts of a tokenizer converted from a SentencePiece model go through its exact, word-cached
+    `qtulu.data.tokenizer.WordEncoder` (labels from each token's byte offsets, all texts at once in
+    numpy); ``word_cache`` (an empty dict at first) keeps its distinct words across calls. Other texts
+    call the Rust tokenizer directly and locate each supervised range with ``char_to_token`` (a few
+    calls per reply) instead of materialising every token's offsets. Both follow `label_from_offsets`.
     """
+    from qtulu.data.tokenizer import word_encoder
+
     texts, all_spans = [], []
     for msgs in conversations:
         if chat_format == "tulu":
@@ -208,8 +214,69 @@ def encode_batch(
         all_spans.append(spans)
     if not texts:
         return []
-    encs = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     bos = tokenizer.bos_token_id if add_bos else None
+    out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(texts)
+    words = word_encoder(tokenizer) if chat_format == "tulu" else None
+    if words is not None:
+        mine = [k for k, t in enumerate(texts) if words.accepts(t)]
+        if mine:
+            encoded = _encode_words(words, [texts[k] for k in mine], [all_spans[k] for k in mine], bos, word_cache)
+            for k, pair in zip(mine, encoded):
+                out[k] = pair
+    rest = [k for k, pair in enumerate(out) if pair is None]
+    if rest:
+        for k, pair in zip(rest, _encode_rust(tokenizer, [texts[k] for k in rest], [all_spans[k] for k in rest], bos)):
+            out[k] = pair
+    return out
+
+
+def _encode_words(words, texts: list[str], all_spans: list, bos: int | None, cache: dict | None) -> list:
+    """`encode_batch` through a `WordEncoder`: ``[(ids, labels) or None]`` (None: let the Rust tokenizer
+    do that text; only if a token's byte length disagrees with the text, which the preconditions exclude)."""
+    ids, nbytes, counts = words.encode(texts, cache)  # (T,), (T,), (N,)
+    n = len(texts)
+    text_bytes = np.empty(n, dtype=np.int64)  # (N,)
+    rows = []  # (text, lo, a, b) in bytes from the text's start
+    for k, (text, spans) in enumerate(zip(texts, all_spans)):
+        ascii_ = text.isascii()
+        text_bytes[k] = len(text) if ascii_ else len(text.encode("utf-8"))
+        for a, b in spans:
+            lo = _soft_start(text, a)
+            if ascii_:
+                rows.append((k, lo, a, b))
+            else:
+                rows.append((k, *(len(text[:x].encode("utf-8")) for x in (lo, a, b))))
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # (N,) first token of each text
+    ends = np.cumsum(nbytes)  # (T,) global byte offsets: texts laid end to end
+    starts = ends - nbytes
+    per_text = np.add.reduceat(nbytes, first)  # (N,)
+    base = np.cumsum(per_text) - per_text  # (N,)
+    labels = np.full_like(ids, IGNORE_INDEX)  # (T,)
+    if rows:
+        r = np.asarray(rows, dtype=np.int64).reshape(-1, 4)  # (S, 4)
+        off = base[r[:, 0]]
+        lo, a, b = r[:, 1] + off, r[:, 2] + off, r[:, 3] + off
+        # the rule of label_from_offsets on sorted offsets: starts >= lo, ends > a, ends <= b
+        s = np.maximum(np.searchsorted(starts, lo, "left"), np.searchsorted(ends, a, "right"))
+        e = np.searchsorted(ends, b, "right")
+        keep = e > s
+        inside = np.zeros(len(ids) + 1, dtype=np.int32)
+        np.add.at(inside, s[keep], 1)
+        np.add.at(inside, e[keep], -1)
+        mask = (np.cumsum(inside[:-1]) > 0) & (nbytes > 0)  # (T,)
+        labels[mask] = ids[mask]
+    if bos is not None:
+        ids = np.insert(ids, first, bos)
+        labels = np.insert(labels, first, IGNORE_INDEX)
+        counts = counts + 1
+    ends_ = np.cumsum(counts).tolist()
+    good = (per_text == text_bytes).tolist()
+    return [(ids[a:b], labels[a:b]) if g else None for a, b, g in zip([0] + ends_[:-1], ends_, good)]
+
+
+def _encode_rust(tokenizer, texts: list[str], all_spans: list, bos: int | None) -> list:
+    """`encode_batch` through the Rust tokenizer."""
+    encs = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     out = []
     for text, enc, spans in zip(texts, encs, all_spans):
         ids = np.asarray(enc.ids, dtype=np.int32)  # (T,)

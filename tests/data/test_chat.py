@@ -195,3 +195,108 @@ def test_llama_with_a_template_that_puts_a_space_before_the_reply(llama_tok):
 
     ref = label_from_offsets(np.asarray(enc["offset_mapping"]), [(_soft_start(text, a), a, b) for a, b in spans])
     assert np.array_equal(np.asarray(out["labels"]) != IGNORE_INDEX, ref)
+
+
+# --------------------------------------------------------------------------------------------
+# the word-cached SentencePiece path (qtulu.data.tokenizer.WordEncoder) against the Rust tokenizer
+
+
+def test_word_path_equals_rust_tokenizer_on_every_shared_example(llama_tok, shared_data):
+    """Every example of the real shared sources: ids and labels of the word path are exactly the
+    Rust tokenizer's (and every text takes the word path, in two batches sharing one word cache)."""
+    from pathlib import Path
+
+    from qtulu.data.build import _Tally, collect_source
+    from qtulu.data.chat import _encode_rust, _encode_words, render_tulu_with_spans, special_tokens_regex
+    from qtulu.data.tokenizer import word_encoder
+    from qtulu.recipes import load_recipe
+
+    shared_data("sources")
+    tok = llama_tok
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "fixtures" / "shared_sources.yaml")
+    convs = [m for spec in recipe.sources
+             for _, m in collect_source(spec, recipe, _Tally("skip"), special_tokens_regex(tok), sample=False)[0]]
+    assert len(convs) > 3900
+    words = word_encoder(tok)
+    assert words is not None
+    rendered = [render_tulu_with_spans(m, tok.eos_token) for m in convs]
+    assert all(words.accepts(t) for t, _ in rendered)
+    texts, spans = [t for t, _ in rendered], [s for _, s in rendered]
+    cache: dict = {}
+    half = len(convs) // 2
+    ours = (_encode_words(words, texts[:half], spans[:half], tok.bos_token_id, cache)
+            + _encode_words(words, texts[half:], spans[half:], tok.bos_token_id, cache))
+    assert all(pair is not None for pair in ours)  # none handed back to the Rust path
+    ref = _encode_rust(tok, texts, spans, tok.bos_token_id)
+    bad = [k for k, ((i, l), (ri, rl)) in enumerate(zip(ours, ref)) if not (np.array_equal(i, ri) and np.array_equal(l, rl))]
+    assert not bad, f"{len(bad)} of {len(convs)} examples differ, e.g. {rendered[bad[0]][0][:80]!r}"
+    assert all(i.dtype == np.int32 and l.dtype == np.int32 for i, l in ours[:10])
+    assert sum(int((l != IGNORE_INDEX).sum()) for _, l in ours) > 100_000
+    for (i, l), (ri, rl) in zip(encode_batch(convs[:50], tok), ours[:50]):  # the public entry takes this path
+        assert np.array_equal(i, ri) and np.array_equal(l, rl)
+
+
+EDGE_TEXTS = [
+    "a  b", "x \n  y", "tail   ", "code:\n\tif x:\n        return  1\n", "naïve café 日本語 🙂", "a</s> b</s>",
+    "a </s>\n", "x</s></s>y", "<</s>", "</ s> </s", "1234.5678", "\n lead newline", "trailing\n\n", "\x00\x01\x7f",
+    "\r\nwin", "é", "<|user|>\nHi\n<|assistant|>\n  spaced</s>\n",
+]
+
+
+@pytest.mark.parametrize("text", EDGE_TEXTS, ids=range(len(EDGE_TEXTS)))
+def test_word_encoder_ids_and_byte_lengths_on_edge_texts(llama_tok, text):
+    from qtulu.data.tokenizer import word_encoder
+
+    words = word_encoder(llama_tok)
+    assert words.accepts(text)
+    ids, nbytes, counts = words.encode([text, text])
+    ref = llama_tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    assert ids.tolist() == ref + ref and counts.tolist() == [len(ref), len(ref)]
+    assert int(nbytes[: len(ref)].sum()) == len(text.encode("utf-8"))  # token byte lengths tile the text
+
+
+@pytest.mark.parametrize("text", ["", " lead space", "</s>first", "has <s> inside", "an <unk>", "lit\u2581eral"])
+def test_word_encoder_refuses_what_it_cannot_do_exactly(llama_tok, text):
+    from qtulu.data.tokenizer import word_encoder
+
+    assert not word_encoder(llama_tok).accepts(text)
+
+
+def test_texts_the_word_path_refuses_still_match_the_rust_path(llama_tok):
+    from qtulu.data.chat import _encode_rust, render_tulu_with_spans
+
+    convs = [[U("a \u2581 literal"), A("ok \u2581")], [U("Hi"), A("Hello!")]]  # the first goes the Rust way
+    rendered = [render_tulu_with_spans(c, "</s>") for c in convs]
+    ref = _encode_rust(llama_tok, [t for t, _ in rendered], [s for _, s in rendered], llama_tok.bos_token_id)
+    for (i, l), (ri, rl) in zip(encode_batch(convs, llama_tok), ref):
+        assert np.array_equal(i, ri) and np.array_equal(l, rl)
+
+
+def test_word_encoder_only_where_exact(llama_tokenizer_path, char_tokenizer, tmp_path):
+    """None for tokenizers without a known SentencePiece model, and again once a token is added."""
+    import os
+
+    from tokenizers import Tokenizer
+
+    from qtulu.data.tokenizer import load_tokenizer, word_encoder
+
+    assert word_encoder(char_tokenizer) is None
+    only_model = tmp_path / "spdir"
+    only_model.mkdir()
+    os.symlink(llama_tokenizer_path, only_model / "tokenizer.model")
+    tok = load_tokenizer(only_model)  # a fresh object (the cache is per path): safe to modify
+    assert word_encoder(tok) is not None
+    tok.save_pretrained(tmp_path / "saved")
+    assert word_encoder(load_tokenizer(tmp_path / "saved")) is None  # tokenizer.json: model file unknown
+    tok.add_tokens(["<|extra|>"])
+    assert word_encoder(tok) is None
+    other = tmp_path / "spdir2"
+    other.mkdir()
+    os.symlink(llama_tokenizer_path, other / "tokenizer.model")
+    replaced = load_tokenizer(other)
+    replaced._tokenizer = Tokenizer.from_str(replaced.backend_tokenizer.to_str())  # same rules, not ours
+    assert word_encoder(replaced) is None
+    conv = [U("use <|extra|> here"), A("done <|extra|>")]
+    ids, labels = encode_batch([conv], tok)[0]
+    assert tok.convert_tokens_to_ids("<|extra|>") in ids.tolist()
+    assert tok.decode(ids[labels != IGNORE_INDEX]) == "done <|extra|></s>"
