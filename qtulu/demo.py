@@ -140,7 +140,6 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", *, seed: int = 0, progress
     import torch
 
     from qtulu.adapters import attach_adapters, set_active
-    from qtulu.callbacks import plot_losses
     from qtulu.model import base_info, load_base
     from qtulu.recipes import load_recipe
     from qtulu.synthetic import DEMO_SKILLS, TASKS, make_examples, write_jsonl

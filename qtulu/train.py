@@ -29,12 +29,20 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from qtulu.distributed import (
+    fsdp_from_env,
+    fsdp_refusal,
+    fsdp_settings,
+    full_trainable_state,
+    say,
+    world_size,
+)
 
 log = logging.getLogger("qtulu.train")
 
@@ -71,9 +79,11 @@ class TrainResult:
 # helpers (no trainer needed; tested directly)
 
 
-def _say(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"[qtulu train] {msg}", flush=True)
+def check_fsdp(train_cfg, world_size: int) -> None:
+    """Raise `TrainError` for an FSDP set-up qtulu does not support (`qtulu.distributed.fsdp_refusal`)."""
+    reason = fsdp_refusal(train_cfg, world_size)
+    if reason:
+        raise TrainError(reason)
 
 
 def resolve_optimizer(name: str, *, cuda: bool | None = None) -> str:
@@ -82,7 +92,7 @@ def resolve_optimizer(name: str, *, cuda: bool | None = None) -> str:
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if name in ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit", "adamw_8bit") and not cuda:
-        _say(f"optimizer {name} needs CUDA (bitsandbytes paged optimizer); using adamw_torch on this machine")
+        say(f"optimizer {name} needs CUDA (bitsandbytes paged optimizer); using adamw_torch on this machine")
         return "adamw_torch"
     return name
 
@@ -96,7 +106,7 @@ def resolve_report_to(report_to: str) -> str:
     for r in wanted:
         module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(r, r)
         if importlib.util.find_spec(module) is None:
-            _say(f"report_to={r}: package {module!r} is not installed; not reporting there (pip install {module})")
+            say(f"report_to={r}: package {module!r} is not installed; not reporting there (pip install {module})")
         else:
             have.append(r)
     return ",".join(have) if have else "none"
@@ -177,59 +187,6 @@ def _checkpointing_args(config_cls, enabled: bool) -> dict:
     return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def fsdp_settings(train_cfg, world_size: int) -> tuple[bool, dict | None]:
-    """``(fsdp, fsdp_config)`` for HF ``TrainingArguments``: FSDP2 (``fully_shard``) or off.
-
-    On when ``train.fsdp`` is set and the run has several ranks; a single process has nothing to
-    shard and trains as usual. ``accelerate launch --use_fsdp --fsdp_version 2`` needs nothing here:
-    accelerate builds its plugin from the environment (on CPU, see the trainer's
-    ``create_accelerator_and_postprocess``).
-    """
-    if not train_cfg.fsdp:
-        return False, None
-    if world_size <= 1:
-        _say(f"train.fsdp={train_cfg.fsdp} with one process: nothing to shard, training without FSDP")
-        return False, None
-    # version 2: per-parameter sharding (DTensor), frozen and trainable parameters may share a unit
-    return True, {"version": 2, "reshard_after_forward": train_cfg.fsdp == "full_shard"}
-
-
-def _fsdp_from_env() -> bool:
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # `accelerate launch --use_fsdp`
-
-
-def check_fsdp(train_cfg, world_size: int) -> None:
-    """Refuse (`TrainError`) the FSDP set-ups qtulu does not support, before anything is loaded.
-
-    Supported: FSDP2 (``train.fsdp``, or ``accelerate launch --use_fsdp --fsdp_version 2``), with
-    ``train.save_steps: 0``. FSDP1 flattens every parameter of a unit into one buffer of one
-    dtype, which NF4's uint8 codes cannot join (and it needs an accelerator device).
-    """
-    if world_size <= 1 or not (train_cfg.fsdp or _fsdp_from_env()):
-        return
-    how = f"train.fsdp={train_cfg.fsdp}" if train_cfg.fsdp else "accelerate launch --use_fsdp"
-    if not train_cfg.fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
-        raise TrainError(
-            f"{how} asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}: qtulu supports FSDP2 only (FSDP1 "
-            "flattens each unit into one buffer of one dtype, which the NF4 uint8 codes cannot join). Launch with "
-            "`accelerate launch --use_fsdp --fsdp_version 2 ...`, or set train.fsdp=full_shard under torchrun."
-        )
-    if train_cfg.save_steps > 0:
-        # HF Trainer saves FSDP checkpoints through torch.distributed.checkpoint, which walks every
-        # state-dict key as an attribute path: NF4's quant-state keys (``weight.absmax``) are not
-        # attributes (AttributeError: 'DTensor' object has no attribute 'absmax'); and in CPU/gloo
-        # runs the "full" model state dict it hands to peft still holds DTensor shards.
-        raise TrainError(
-            f"{how} with train.save_steps={train_cfg.save_steps}: qtulu does not write checkpoints (so cannot "
-            "resume) under FSDP yet. Set train.save_steps=0 (the final adapter is still saved), or drop FSDP "
-            "and use DDP (plain torchrun), which checkpoints and resumes exactly."
-        )
-
-
 # --------------------------------------------------------------------------------------------
 # the trainer
 
@@ -256,7 +213,7 @@ def _make_trainer_class():
 
             state = self.accelerator.state
             plugin_args = self.args.fsdp_plugin_args
-            if state.distributed_type == DistributedType.MULTI_CPU and (plugin_args or _fsdp_from_env()):
+            if state.distributed_type == DistributedType.MULTI_CPU and (plugin_args or fsdp_from_env()):
                 # accelerate enables FSDP on accelerator devices only (its multi-CPU branch drops the plugin),
                 # but torch's fully_shard runs on CPU over gloo: switch the state to FSDP so that
                 # accelerate's own FSDP2 preparation (fsdp2_prepare_model) wraps the model, as on GPUs.
@@ -307,23 +264,6 @@ def _make_trainer_class():
             self.accelerator.wait_for_everyone()
 
     return QTuluTrainer
-
-
-def _full_trainable_state(model) -> dict:
-    """``model.state_dict()`` with the trainable (LoRA) tensors of an FSDP2 model gathered in full.
-
-    Collective: every rank must call it. Frozen base tensors stay local shards (peft's adapter
-    state dict leaves them out), so no rank ever holds the whole base.
-    """
-    from torch.distributed.tensor import DTensor
-
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    out = {}
-    for name, t in model.state_dict().items():
-        if isinstance(t, DTensor) and name in trainable:
-            t = t.full_tensor().cpu()
-        out[name] = t
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,14 +331,14 @@ def train(
     elif overrides:
         raise TrainError("pass overrides with a recipe path/name, not with a Recipe object")
     t = recipe.train
-    check_fsdp(t, _world_size())
+    check_fsdp(t, world_size())
     out = Path(output_dir)
     run_dir = out / CHECKPOINTS_DIRNAME
     is_main = int(os.environ.get("RANK", "0")) == 0
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         for p in ck.clean_stale(run_dir):
-            _say(f"removed {p.name} (left by an interrupted checkpoint write)")
+            say(f"removed {p.name} (left by an interrupted checkpoint write)")
 
     # ---- resume point (decided before anything heavy so that a refusal is quick)
     resume_from: Path | None = None
@@ -406,11 +346,11 @@ def train(
         resume_from = Path(resume)
         ck.check_complete(resume_from)
     elif resume == "auto":
-        resume_from = ck.last_complete_checkpoint(run_dir, log=_say)
+        resume_from = ck.last_complete_checkpoint(run_dir, log=say)
     elif is_main:
         for old in ck.list_checkpoints(run_dir):  # a fresh run: older checkpoints must not be resumed later
             ck.remove_checkpoint(old)
-            _say(f"resume=never: removed {old}")
+            say(f"resume=never: removed {old}")
 
     # ---- model, LoRA, data
     set_seed(t.seed)
@@ -429,7 +369,7 @@ def train(
     dataset = to_train_columns(data)
     if len(dataset) == 0:
         raise TrainError("the packed training dataset is empty")
-    world = _world_size()
+    world = world_size()
     ga = gradient_accumulation(t, dataset, world)
     identity = {
         "recipe": recipe.to_dict(),
@@ -441,9 +381,9 @@ def train(
     resumed_guard = None
     if resume_from is not None:
         saved = ck.read_manifest(resume_from)
-        ck.check_resume(saved, identity, where=resume_from, force=force, warn=_say)
+        ck.check_resume(saved, identity, where=resume_from, force=force, warn=say)
         resumed_guard = saved.get("guard")
-        _say(f"resuming from {resume_from}")
+        say(f"resuming from {resume_from}")
 
     set_seed(t.seed)  # LoRA init depends only on the seed
     peft_model = attach_lora(base, recipe.lora, adapter_name=adapter_name)
@@ -502,7 +442,7 @@ def train(
     trainer.add_callback(GuardCallback(trainer, guard))
     for cb in callbacks:
         trainer.add_callback(cb)
-    _say(
+    say(
         f"{len(dataset)} packed rows ({examples_per_row(dataset):.2f} examples/row), micro-batch {t.micro_batch_size} row(s), "
         f"accumulation {ga}, world size {world}, optimizer {getattr(args.optim, 'value', args.optim)}, "
         f"base {'NF4' if info.get('quantization') else dtype}"
@@ -516,7 +456,7 @@ def train(
         set_peft_model_state_dict(peft_model, load_file(str(resume_from / "adapter_model.safetensors")),
                                   adapter_name=adapter_name)
         trainer.state.global_step = done
-        _say(f"{resume_from.name} already reached train.max_steps={t.max_steps}: nothing left to train")
+        say(f"{resume_from.name} already reached train.max_steps={t.max_steps}: nothing left to train")
     else:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
@@ -532,7 +472,7 @@ def train(
         )
     adapter_dir = None
     png = None
-    gathered = _full_trainable_state(peft_model) if trainer.is_fsdp_enabled else None  # collective
+    gathered = full_trainable_state(peft_model) if trainer.is_fsdp_enabled else None  # collective
     if is_main:
         from qtulu.adapters import save_adapter
 
@@ -558,7 +498,7 @@ def train(
             state_dict=gathered,
         )
         png = plot_losses(steps, out / "loss.png", title=f"{recipe.name}: training loss")
-        _say(f"adapter saved to {adapter_dir}" + (f"; loss curve {png}" if png else ""))
+        say(f"adapter saved to {adapter_dir}" + (f"; loss curve {png}" if png else ""))
     trainer.accelerator.wait_for_everyone()
     return TrainResult(
         output_dir=out,
