@@ -96,16 +96,15 @@ def _nf4_matmul_op(
 ) -> torch.Tensor:
     # x is 2-D (M, K) here: returning a reshaped (view) output from inside the op would forbid
     # in-place updates of it later (peft's mixed-batch forward adds into the base output)
-    x2 = x
     if backend == "triton":
         y = _triton_nf4_gemm(
-            x2, packed, absmax, code, offset, absmax2, code2, bias,
+            x, packed, absmax, code, offset, absmax2, code2, bias,
             n_out=out_features, k_in=in_features, blocksize=blocksize, blocksize2=blocksize2,
             transpose_w=True,
         )
     else:
         st = _rebuild_state(absmax, code, offset, absmax2, code2, out_features, in_features, blocksize, blocksize2)
-        y = nf4_matmul_reference(x2, packed, st, bias)
+        y = nf4_matmul_reference(x, packed, st, bias)
     return y
 
 
@@ -130,16 +129,15 @@ def _nf4_matmul_dx_op(
     backend: str,
 ) -> torch.Tensor:
     """dX = dY @ dequant(W): ``grad (M, N) -> (M, K)``."""
-    g2 = grad
     if backend == "triton":
         dx = _triton_nf4_gemm(
-            g2, packed, absmax, code, offset, absmax2, code2, None,
+            grad, packed, absmax, code, offset, absmax2, code2, None,
             n_out=out_features, k_in=in_features, blocksize=blocksize, blocksize2=blocksize2,
             transpose_w=False,
         )
     else:
         st = _rebuild_state(absmax, code, offset, absmax2, code2, out_features, in_features, blocksize, blocksize2)
-        dx = g2 @ dequantize_nf4(packed, st, dtype=grad.dtype)  # (M, K)
+        dx = grad @ dequantize_nf4(packed, st, dtype=grad.dtype)  # (M, K)
     return dx
 
 

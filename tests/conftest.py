@@ -42,3 +42,35 @@ def char_tokenizer():
     from qtulu.tiny import build_char_tokenizer
 
     return build_char_tokenizer()
+
+
+class _Launcher:
+    """Run a training script in one process, or in several under torchrun (gloo on the CPU)."""
+
+    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
+
+    def _run(self, cmd: list[str]) -> None:
+        import subprocess
+
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **self.env}, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    def python(self, script, *args: str) -> None:
+        import sys
+
+        self._run([sys.executable, str(script), *map(str, args)])
+
+    def torchrun(self, script, *args: str, nproc: int = 2) -> None:
+        import socket
+        import sys
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self._run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                   "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), *map(str, args)])
+
+
+@pytest.fixture(scope="session")
+def launch() -> _Launcher:
+    return _Launcher()

@@ -4,10 +4,6 @@ with the same global batch (2 packed rows per step: 1 row per rank vs 2 rows in 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -38,25 +34,12 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(cmd, env):
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-
-
 @pytest.mark.slow
-def test_two_process_gloo_ddp_matches_one_process(tmp_path):
+def test_two_process_gloo_ddp_matches_one_process(tmp_path, launch):
     script = tmp_path / "ddp_train.py"
     script.write_text(_SCRIPT.format(steps=STEPS))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
-    _run([sys.executable, str(script), str(tmp_path / "one"), "2"], env)
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-          "--master_port", str(_free_port()), str(script), str(tmp_path / "two"), "1"], env)
+    launch.python(script, tmp_path / "one", "2")
+    launch.torchrun(script, tmp_path / "two", "1")
 
     one = json.loads((tmp_path / "one" / "losses.json").read_text())
     two = json.loads((tmp_path / "two" / "losses.json").read_text())

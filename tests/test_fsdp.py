@@ -6,10 +6,6 @@ while their quant state stays replicated); plus the refusals (FSDP with checkpoi
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -64,26 +60,13 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(cmd, env):
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, launch):
     tmp = tmp_path_factory.mktemp("fsdp")
     script = tmp / "fsdp_train.py"
     script.write_text(_SCRIPT.format(steps=STEPS, kinds=KINDS))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
-    _run([sys.executable, str(script), str(tmp / "one"), "2", "none"], env)
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-          "--master_port", str(_free_port()), str(script), str(tmp / "two"), "1", "full_shard"], env)
+    launch.python(script, tmp / "one", "2", "none")
+    launch.torchrun(script, tmp / "two", "1", "full_shard")
     return tmp
 
 
