@@ -18,6 +18,7 @@ Prints a table (medians), the qtulu/peer ratios, and a final JSON line.
     python benchmarks/bench_varlen_attention.py                 # GPU, full
     python benchmarks/bench_varlen_attention.py --smoke         # CPU: tiny, proves it runs
     python benchmarks/bench_varlen_attention.py --compile-only 90   # CPU: compile for H100
+                                                  # (= benchmarks/compile_kernels.py --kernels varlen)
 
 The GPU machine may not see ../shared/data: write the real lengths here with
 ``--dump-lengths lengths.json`` and pass ``--lengths-file lengths.json`` there.
@@ -247,72 +248,6 @@ def causal_fwd_flops(docs, heads, head_dim):
     return sum(4 * n * n * heads * head_dim // 2 for n in docs)
 
 
-# ------------------------------------------------------------------- compile-only check
-
-
-def compile_only(arch: int, head_dim: int, dtype: str) -> int:
-    """Compile every autotune config of the three kernels for ``sm_<arch>`` (no GPU needed).
-
-    Catches compile errors and shows each config's shared memory; configs over the device
-    limit are skipped by the autotuner at run time.
-    """
-    os.environ.pop("TRITON_INTERPRET", None)
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    import qtulu.kernels.varlen_attention as va
-
-    tt = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
-    kernels = {
-        "fwd": (va._varlen_fwd_kernel, ["Q", "K", "V", "O"], va._fwd_configs()),
-        "dq": (va._varlen_bwd_dq_kernel, ["Q", "K", "V", "DO", "DQ"], va._bwd_configs("dq")),
-        "dkdv": (va._varlen_bwd_dkdv_kernel, ["Q", "K", "V", "DO", "DK", "DV"],
-                 va._bwd_configs("dkdv")),
-    }
-    failures = 0
-    rows = []
-    for name, (fn, tensors, configs) in kernels.items():
-        for cfg in configs:
-            consts = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-                          IS_CAUSAL=True, PRECISION="ieee" if tt == "fp32" else None,
-                          UPCAST=False, **cfg.kwargs)
-            sig = {}
-            for arg in fn.arg_names:
-                if arg in consts:
-                    sig[arg] = "constexpr"
-                elif arg in tensors:
-                    sig[arg] = f"*{tt}"
-                elif arg in ("LSE", "DELTA"):
-                    sig[arg] = "*fp32"
-                elif arg == "CU":
-                    sig[arg] = "*i32"
-                elif arg in ("qk_scale", "sm_scale"):
-                    sig[arg] = "fp32"
-                else:
-                    sig[arg] = "i32"
-            t0 = time.perf_counter()
-            try:
-                compiled = triton.compile(
-                    ASTSource(fn=fn, signature=sig, constexprs=consts),
-                    target=GPUTarget("cuda", arch, 32),
-                    options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-                )
-                status = f"ok, shared {compiled.metadata.shared // 1024} KiB"
-            except Exception as exc:  # report every failing config, not only the first
-                failures += 1
-                status = f"FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-            rows.append({"kernel": name, "config": str(cfg.kwargs), "warps": cfg.num_warps,
-                         "stages": cfg.num_stages, "seconds": time.perf_counter() - t0,
-                         "status": status})
-            print(f"{name:>5} {str(cfg.kwargs):>32} w{cfg.num_warps} s{cfg.num_stages} "
-                  f"{rows[-1]['seconds']:6.1f}s  {status}", flush=True)
-    print(json.dumps({"bench": "varlen_attention_compile", "arch": arch, "head_dim": head_dim,
-                      "dtype": dtype, "triton": triton.__version__, "failures": failures,
-                      "rows": rows}))
-    return 1 if failures else 0
-
-
 # ----------------------------------------------------------------------------------- main
 
 
@@ -334,8 +269,12 @@ def main(argv=None) -> int:
                    help="compile every kernel config for sm_SM (e.g. 90) without a GPU, and exit")
     args = p.parse_args(argv)
 
-    if args.compile_only:
-        return compile_only(args.compile_only, args.head_dim or 128, args.dtype)
+    if args.compile_only:  # one implementation, shared with the NF4 kernel's check
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from compile_kernels import main as compile_main
+
+        return compile_main(["--arch", str(args.compile_only), "--kernels", "varlen",
+                             "--head-dim", str(args.head_dim or 128), "--dtype", args.dtype])
 
     if args.dump_lengths:
         lengths = real_lengths(args.data_dir)

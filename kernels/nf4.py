@@ -245,7 +245,7 @@ if triton is not None:
         BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, IEEE: tl.constexpr, ATOMIC: tl.constexpr,
         INTERPRET_BF16: tl.constexpr, INDEX64: tl.constexpr, ALIGNED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+        SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, LUT_SELECT: tl.constexpr,
     ):
         # C (M, N) = A (M, K) @ B (K, N), B[k, n] = W[n, k] (TRANSPOSE_W, forward) or W[k, n] (dX).
         # W (rows, W_COLS) is never materialized: each (BLOCK_K, BLOCK_N) tile is dequantized in
@@ -276,6 +276,23 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if NESTED:
             offset = tl.load(offset_ptr)
+        if LUT_SELECT:  # the 16 code values as scalars in registers (see the select tree below)
+            c0 = tl.load(code_ptr + 0)
+            c1 = tl.load(code_ptr + 1)
+            c2 = tl.load(code_ptr + 2)
+            c3 = tl.load(code_ptr + 3)
+            c4 = tl.load(code_ptr + 4)
+            c5 = tl.load(code_ptr + 5)
+            c6 = tl.load(code_ptr + 6)
+            c7 = tl.load(code_ptr + 7)
+            c8 = tl.load(code_ptr + 8)
+            c9 = tl.load(code_ptr + 9)
+            c10 = tl.load(code_ptr + 10)
+            c11 = tl.load(code_ptr + 11)
+            c12 = tl.load(code_ptr + 12)
+            c13 = tl.load(code_ptr + 13)
+            c14 = tl.load(code_ptr + 14)
+            c15 = tl.load(code_ptr + 15)
         k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
         k_start = pid_k * k_per_split
         for k0 in range(0, k_per_split, BLOCK_K):
@@ -292,7 +309,23 @@ if triton is not None:
             # interpreter). bnb keeps the even flat index in the high nibble.
             byte = tl.load(packed_ptr + (flat >> 1), mask=wmask, other=0).to(tl.int32)
             nib = tl.where((flat & 1) == 0, byte >> 4, byte & 15)
-            val = tl.load(code_ptr + nib, mask=wmask, other=0.0)  # 16-entry table, stays in L1
+            if LUT_SELECT:
+                # a binary select tree on the nibble's bits (what bnb's CUDA dequantizer does):
+                # ALU work instead of a dependent gather, which the software pipeliner stages
+                # through shared memory (sm_90: 130 vs 66 KiB at 128x128x64). Which is faster
+                # is a measurement: the autotune lists carry configs of both kinds.
+                b0 = (nib & 1) != 0
+                b1 = (nib & 2) != 0
+                b2 = (nib & 4) != 0
+                v03 = tl.where(b1, tl.where(b0, c3, c2), tl.where(b0, c1, c0))
+                v47 = tl.where(b1, tl.where(b0, c7, c6), tl.where(b0, c5, c4))
+                v8b = tl.where(b1, tl.where(b0, c11, c10), tl.where(b0, c9, c8))
+                vcf = tl.where(b1, tl.where(b0, c15, c14), tl.where(b0, c13, c12))
+                val = tl.where((nib & 8) != 0, tl.where(b2, vcf, v8b), tl.where(b2, v47, v03))
+            else:
+                val = tl.load(code_ptr + nib, mask=wmask, other=0.0)  # 16-entry table, in L1
+            # (the select tree gives code[0] rather than 0 where the tile is masked: harmless, as
+            # A is zero past K and columns past N are never stored)
             # the absmax: with aligned quant blocks a tile needs one scale per column (forward)
             # or per row (dX) instead of one gather per element
             if SCALE_MODE == 1:
@@ -340,26 +373,36 @@ if triton is not None:
     if _interpreting():
         # the interpreter runs every candidate: one small config per path keeps CPU tests fast
         # (chosen so that the tests reach every branch: split-K, per-column, per-row and per-element
-        # absmax, N and K tails)
-        small_cfgs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 2, "GROUP_M": 1})]
-        tiled_cfgs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 2})]
+        # absmax, N and K tails, both code lookups: gather on the small path, select tree tiled)
+        small_cfgs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 2, "GROUP_M": 1,
+                                     "LUT_SELECT": False})]
+        tiled_cfgs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 2,
+                                     "LUT_SELECT": True})]
     else:
+        # (LUT_SELECT: code values by select tree instead of a gather; see the kernel.) Each
+        # config compiles for sm_90 within the shared-memory limit and without spilling in at
+        # least one direction (forward or dX; both share these lists, the autotuner skips a
+        # config over the limit): `python benchmarks/compile_kernels.py --kernels nf4`.
         small_cfgs = [
-            triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "GROUP_M": 1},
-                          num_warps=nw, num_stages=ns)
-            for bn, bk, sk, nw, ns in [
-                (32, 128, 1, 4, 4), (64, 128, 1, 4, 4), (32, 256, 2, 4, 3), (64, 128, 2, 4, 4),
-                (64, 256, 4, 4, 3), (128, 128, 4, 8, 3), (32, 128, 4, 4, 4), (128, 64, 8, 4, 4),
-                (64, 64, 8, 4, 4), (16, 256, 1, 2, 4), (16, 128, 2, 2, 4),
+            triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "GROUP_M": 1,
+                           "LUT_SELECT": sel}, num_warps=nw, num_stages=ns)
+            for bn, bk, sk, nw, ns, sel in [
+                (32, 128, 1, 4, 4, False), (64, 128, 1, 4, 4, False), (32, 256, 2, 4, 3, False),
+                (64, 128, 2, 4, 4, False), (32, 128, 4, 4, 4, False), (128, 64, 8, 4, 4, False),
+                (64, 64, 8, 4, 4, False), (16, 256, 1, 2, 4, False), (16, 128, 2, 2, 4, False),
+                (128, 64, 8, 4, 4, True), (64, 64, 8, 4, 4, True), (32, 128, 1, 4, 4, True),
+                (64, 128, 2, 4, 4, True), (16, 128, 2, 2, 4, True),
             ]
         ]
         tiled_cfgs = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "GROUP_M": 8},
-                          num_warps=nw, num_stages=ns)
-            for bm, bn, bk, nw, ns in [
-                (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4),
-                (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 64, 4, 4),
-                (64, 256, 32, 8, 4), (128, 128, 128, 8, 2),
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "GROUP_M": 8,
+                           "LUT_SELECT": sel}, num_warps=nw, num_stages=ns)
+            for bm, bn, bk, nw, ns, sel in [
+                (128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False), (256, 128, 64, 8, 3, False),
+                (64, 128, 64, 4, 4, False), (128, 64, 64, 4, 4, False), (64, 64, 64, 4, 4, False),
+                (32, 64, 64, 4, 4, False), (64, 256, 32, 8, 4, False),
+                (128, 128, 64, 8, 3, True), (128, 256, 64, 8, 3, True), (256, 128, 64, 8, 3, True),
+                (128, 128, 128, 8, 2, True), (64, 128, 64, 4, 4, True), (64, 64, 64, 4, 4, True),
             ]
         ]
     small = triton.autotune(configs=small_cfgs, key=key, reset_to_zero=["c_ptr"])(_nf4_gemm_kernel)

@@ -100,21 +100,24 @@ if triton is not None:
         if _interpreting():
             return [_cfg(*INTERPRET_BLOCKS["fwd"], 4, 1)]
         # BLOCK_N must divide BLOCK_M (the causal split of the key loop relies on it); a short
-        # list, since every config is one more compile when a run starts
+        # list, since every config is one more compile when a run starts. Each one compiles for
+        # sm_90 at head dim 128 (bf16) without spilling registers; the 4-warp 128-row tiles and
+        # others that did spill were dropped (`python benchmarks/compile_kernels.py` shows it)
         return [
-            _cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 128, 8, 3),
-            _cfg(64, 64, 4, 3), _cfg(64, 64, 4, 4), _cfg(128, 32, 4, 3), _cfg(64, 32, 4, 2),
+            _cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(128, 128, 8, 2), _cfg(128, 128, 8, 3),
+            _cfg(64, 64, 4, 3), _cfg(64, 64, 8, 3), _cfg(64, 32, 4, 2),
         ]
 
     def _bwd_configs(kind: str):
         if _interpreting():
             return [_cfg(*INTERPRET_BLOCKS[kind], 4, 1)]
+        # as for the forward: none of these spills at head dim 128 on sm_90
         if kind == "dkdv":  # loops over query blocks: BLOCK_M must divide BLOCK_N
-            return [_cfg(32, 128, 4, 2), _cfg(32, 128, 4, 3), _cfg(64, 128, 8, 2),
-                    _cfg(32, 64, 4, 3), _cfg(64, 64, 4, 3), _cfg(16, 64, 4, 2)]
+            return [_cfg(32, 64, 8, 2), _cfg(32, 64, 8, 3), _cfg(32, 128, 8, 2),
+                    _cfg(16, 128, 8, 2), _cfg(16, 64, 4, 2), _cfg(32, 64, 4, 2)]
         # dq loops over key blocks: BLOCK_N must divide BLOCK_M
-        return [_cfg(128, 32, 4, 2), _cfg(128, 32, 4, 3), _cfg(128, 64, 8, 2),
-                _cfg(64, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(64, 16, 4, 2)]
+        return [_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 2),
+                _cfg(64, 64, 8, 2), _cfg(64, 32, 8, 2), _cfg(64, 32, 4, 3), _cfg(64, 16, 4, 2)]
 
     @triton.jit
     def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -131,13 +134,15 @@ if triton is not None:
         acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
         offs_m, offs_n, offs_d, mask_d, seqlen, lo, hi, qk_scale,
         BLOCK_N: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, INDEX64: tl.constexpr,
     ):
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n  # (BN,)
+            if INDEX64:  # offsets inside one sequence fit in int32 unless it is huge (see host)
+                cols = cols.to(tl.int64)
             col_ok = cols < seqlen
             kt = tl.load(
-                k_base + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None],
+                k_base + cols[None, :] * stride_kt + offs_d[:, None],
                 mask=col_ok[None, :] & mask_d[:, None], other=0.0,
             )  # (BD, BN)
             qk = _dot(q, kt, PRECISION, UPCAST) * qk_scale  # (BM, BN), log2 units
@@ -152,7 +157,7 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             v = tl.load(
-                v_base + cols[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
+                v_base + cols[:, None] * stride_vt + offs_d[None, :],
                 mask=col_ok[:, None] & mask_d[None, :], other=0.0,
             )  # (BN, BD)
             acc += _dot(p.to(v.dtype), v, PRECISION, UPCAST)
@@ -166,7 +171,7 @@ if triton is not None:
         stride_ot, stride_oh, stride_lh, SEQ_BUCKET,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        INDEX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # causal: the last query blocks have the most keys; launch them first (less tail idle)
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -200,11 +205,11 @@ if triton is not None:
                 hi = seqlen
             acc, l_i, m_i = _fwd_inner(
                 acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d,
-                mask_d, seqlen, 0, n_full, qk_scale, BLOCK_N, False, IS_CAUSAL, PRECISION, UPCAST,
+                mask_d, seqlen, 0, n_full, qk_scale, BLOCK_N, False, IS_CAUSAL, PRECISION, UPCAST, INDEX64,
             )
             acc, l_i, m_i = _fwd_inner(
                 acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d,
-                mask_d, seqlen, n_full, hi, qk_scale, BLOCK_N, True, IS_CAUSAL, PRECISION, UPCAST,
+                mask_d, seqlen, n_full, hi, qk_scale, BLOCK_N, True, IS_CAUSAL, PRECISION, UPCAST, INDEX64,
             )
             out = acc / l_i[:, None]
             lse = m_i + tl.math.log2(l_i)  # log2 units (saves a rounding in the backward)
@@ -219,17 +224,19 @@ if triton is not None:
         dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt,
         offs_m, offs_n, offs_d, mask_d, seqlen, lo, hi, qk_scale,
         BLOCK_N: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, INDEX64: tl.constexpr,
     ):
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
+            if INDEX64:
+                cols = cols.to(tl.int64)
             col_ok = cols < seqlen
             kt = tl.load(
-                k_base + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None],
+                k_base + cols[None, :] * stride_kt + offs_d[:, None],
                 mask=col_ok[None, :] & mask_d[:, None], other=0.0,
             )  # (BD, BN)
             vt = tl.load(
-                v_base + cols[None, :].to(tl.int64) * stride_vt + offs_d[:, None],
+                v_base + cols[None, :] * stride_vt + offs_d[:, None],
                 mask=col_ok[None, :] & mask_d[:, None], other=0.0,
             )  # (BD, BN)
             qk = _dot(q, kt, PRECISION, UPCAST) * qk_scale
@@ -251,7 +258,7 @@ if triton is not None:
         stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lh, SEQ_BUCKET,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        INDEX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # causal: the last query blocks have the most keys; launch them first (less tail idle)
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -286,10 +293,10 @@ if triton is not None:
                 hi = seqlen
             dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
                            offs_n, offs_d, mask_d, seqlen, 0, n_full, qk_scale, BLOCK_N, False,
-                           IS_CAUSAL, PRECISION, UPCAST)
+                           IS_CAUSAL, PRECISION, UPCAST, INDEX64)
             dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
                            offs_n, offs_d, mask_d, seqlen, n_full, hi, qk_scale, BLOCK_N, True,
-                           IS_CAUSAL, PRECISION, UPCAST)
+                           IS_CAUSAL, PRECISION, UPCAST, INDEX64)
             dq = dq * sm_scale
             tl.store(DQ + rows[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
                      dq.to(DQ.dtype.element_ty), mask=tile_ok)
@@ -298,27 +305,27 @@ if triton is not None:
     def _dkdv_inner(
         dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
         offs_n, offs_m0, offs_d, mask_d, seqlen, lo, hi, qk_scale,
-        BLOCK_M: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, INDEX64: tl.constexpr,
     ):
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m0  # (BM,)
+            if INDEX64:
+                rows = rows.to(tl.int64)
             row_ok = rows < seqlen
-            rows64 = rows.to(tl.int64)
             tile_ok = row_ok[:, None] & mask_d[None, :]
-            q = tl.load(q_base + rows64[:, None] * stride_qt + offs_d[None, :], mask=tile_ok,
+            q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=tile_ok,
                         other=0.0)  # (BM, BD)
-            do = tl.load(do_base + rows64[:, None] * stride_dot + offs_d[None, :], mask=tile_ok,
+            do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=tile_ok,
                          other=0.0)  # (BM, BD)
-            lse2 = tl.load(lse_base + rows64, mask=row_ok, other=0.0)
-            delta = tl.load(delta_base + rows64, mask=row_ok, other=0.0)
+            lse2 = tl.load(lse_base + rows, mask=row_ok, other=0.0)
+            delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
             qkt = _dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale  # (BN, BM)
             pt = tl.math.exp2(qkt - lse2[None, :])  # (BN, BM)
-            if MASK:
-                valid = row_ok[None, :] & (offs_n[:, None] < seqlen)
-                if IS_CAUSAL:
-                    valid = valid & (rows[None, :] >= offs_n[:, None])
-                pt = tl.where(valid, pt, 0.0)
+            valid = row_ok[None, :] & (offs_n[:, None] < seqlen)
+            if IS_CAUSAL:
+                valid = valid & (rows[None, :] >= offs_n[:, None])
+            pt = tl.where(valid, pt, 0.0)
             dv += _dot(pt.to(do.dtype), do, PRECISION, UPCAST)  # (BN, BD)
             dpt = _dot(v, tl.trans(do), PRECISION, UPCAST)  # (BN, BM)
             dst = pt * (dpt - delta[None, :])
@@ -333,7 +340,7 @@ if triton is not None:
         SEQ_BUCKET,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        INDEX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -355,18 +362,11 @@ if triton is not None:
                         mask=tile_ok, other=0.0)  # (BN, BD)
             dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-            # query blocks: [m_lo, diag_end) straddle the diagonal (masked), [diag_end, full_end)
-            # are fully visible, the last partial block [tail, seqlen) is masked for bounds
-            seq_ceil = tl.cdiv(seqlen, BLOCK_M) * BLOCK_M
-            full_end = (seqlen // BLOCK_M) * BLOCK_M
-            if IS_CAUSAL:
-                m_lo = start_n
-                diag_end = tl.minimum(start_n + BLOCK_N, seq_ceil)
-                tail = tl.maximum(diag_end, full_end)
-            else:
-                m_lo = 0
-                diag_end = 0
-                tail = full_end
+            # one masked loop over the query blocks from the diagonal on. Splitting it into
+            # masked and unmasked loops (as the forward does) made every config spill registers
+            # on sm_90: each loop copy keeps its own pipelined tiles alive (measured with
+            # benchmarks/compile_kernels.py); the mask is one compare and select per tile.
+            m_lo = start_n if IS_CAUSAL else 0
             for g in range(GROUP):
                 head = kv_head * GROUP + g
                 q_base = Q + start * stride_qt + head * stride_qh
@@ -375,16 +375,8 @@ if triton is not None:
                 delta_base = DELTA + head * stride_lh + start
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                      stride_qt, stride_dot, offs_n, offs_m0, offs_d, mask_d,
-                                     seqlen, m_lo, diag_end, qk_scale, BLOCK_M, True, IS_CAUSAL,
-                                     PRECISION, UPCAST)
-                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                     stride_qt, stride_dot, offs_n, offs_m0, offs_d, mask_d,
-                                     seqlen, diag_end, full_end, qk_scale, BLOCK_M, False,
-                                     IS_CAUSAL, PRECISION, UPCAST)
-                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                     stride_qt, stride_dot, offs_n, offs_m0, offs_d, mask_d,
-                                     seqlen, tail, seqlen, qk_scale, BLOCK_M, True, IS_CAUSAL,
-                                     PRECISION, UPCAST)
+                                     seqlen, m_lo, seqlen, qk_scale, BLOCK_M, IS_CAUSAL,
+                                     PRECISION, UPCAST, INDEX64)
             dk = dk * sm_scale
             tl.store(DK + cols[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
                      dk.to(DK.dtype.element_ty), mask=tile_ok)
@@ -399,6 +391,7 @@ def _interpreting() -> bool:
 
 
 _TUNED: dict[str, object] = {}
+_INDEX32_LIMIT = 2**31  # tests lower it to cover the int64 path
 
 
 def _kernel(name: str):
@@ -427,6 +420,13 @@ def _upcast(q: torch.Tensor) -> bool:
     return q.dtype == torch.bfloat16 and not q.is_cuda
 
 
+def _index64(max_seqlen: int, *tensors: torch.Tensor) -> bool:
+    # the inner loops index tokens relative to their sequence's start in int32 (64-bit index
+    # math costs registers, and the backward kernels spilled with it); switch to int64 only for
+    # a sequence long enough to overflow (e.g. 262k tokens at 64 heads x 128)
+    return max_seqlen * max(t.stride(0) for t in tensors) >= _INDEX32_LIMIT
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs get exact fp32 products (tf32 would be 10x less accurate than torch's fp32)
     return "ieee" if dtype == torch.float32 else None
@@ -450,6 +450,7 @@ def _triton_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
         GROUP=heads // k.shape[1], HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         IS_CAUSAL=causal, PRECISION=_precision(q.dtype), UPCAST=_upcast(q),
+        INDEX64=_index64(max_seqlen, q, k, v, out),
     )
     return out, lse
 
@@ -470,6 +471,7 @@ def _triton_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, soft
         GROUP=heads // kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         IS_CAUSAL=causal, PRECISION=_precision(q.dtype), UPCAST=_upcast(q),
+        INDEX64=_index64(max_seqlen, q, k, v, do, dq, dk, dv),
     )
     bucket = _seq_bucket(max_seqlen)
     _kernel("dq")[lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), heads, num_seqs)](

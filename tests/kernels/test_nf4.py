@@ -213,13 +213,13 @@ from triton.compiler import ASTSource
 import qtulu.kernels.nf4 as m
 
 fn = m._nf4_gemm_kernel
-for transpose, atomic, bm, bn, bk, sk in [(True, False, 128, 128, 64, 1), (False, True, 16, 64, 64, 2)]:
+for transpose, atomic, bm, bn, bk, sk, sel in [(True, False, 128, 128, 64, 1, True), (False, True, 16, 64, 64, 2, False)]:
     ptrs = {"a_ptr": "*bf16", "packed_ptr": "*u8", "absmax_ptr": "*u8", "code_ptr": "*fp32",
             "offset_ptr": "*fp32", "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "bias_ptr": "*bf16",
             "c_ptr": "*fp32" if atomic else "*bf16"}
     consts = dict(TRANSPOSE_W=transpose, HAS_BIAS=True, NESTED=True, BLOCKSIZE=64, BLOCKSIZE2=256,
                   IEEE=False, ATOMIC=atomic, INTERPRET_BF16=False, INDEX64=False, ALIGNED=True,
-                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8)
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8, LUT_SELECT=sel)
     sig = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),

@@ -118,6 +118,19 @@ def test_uneven_tilings(monkeypatch, causal):
     _check([1, 17, 100, 129], 4, 2, 32, torch.float32, causal=causal, seed=6)
 
 
+def test_int64_offsets_path(monkeypatch):
+    """Offsets inside a sequence are int32 unless ``max_seqlen x stride`` could overflow; force
+    the int64 path (normally only for sequences of ~262k+ tokens) and check it gives the same."""
+    from qtulu.kernels import varlen_attention as va
+
+    monkeypatch.setattr(va, "_INDEX32_LIMIT", 1)
+    calls = []
+    real = va._index64
+    monkeypatch.setattr(va, "_index64", lambda *a: calls.append(real(*a)) or calls[-1])
+    _check([1, 17, 100, 129], 4, 2, 32, torch.bfloat16, seed=3)
+    assert calls and all(calls), "the int64 path was not taken"
+
+
 def test_single_long_sequence_head_dim_64():
     _check([300], 2, 1, 64, torch.bfloat16, seed=1)
 
