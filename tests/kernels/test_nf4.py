@@ -205,26 +205,18 @@ def test_custom_op_opcheck_and_compile():
 
 
 _COMPILE_SCRIPT = r"""
-import os, sys
-os.environ.pop("TRITON_INTERPRET", None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import qtulu.kernels.nf4 as m
+import sys
+sys.path.insert(0, sys.argv[1])
+import compile_kernels as ck  # sets TRITON_INTERPRET aside before triton is imported
 
-fn = m._nf4_gemm_kernel
-for transpose, atomic, bm, bn, bk, sk, sel in [(True, False, 128, 128, 64, 1, True), (False, True, 16, 64, 64, 2, False)]:
-    ptrs = {"a_ptr": "*bf16", "packed_ptr": "*u8", "absmax_ptr": "*u8", "code_ptr": "*fp32",
-            "offset_ptr": "*fp32", "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "bias_ptr": "*bf16",
-            "c_ptr": "*fp32" if atomic else "*bf16"}
-    consts = dict(TRANSPOSE_W=transpose, HAS_BIAS=True, NESTED=True, BLOCKSIZE=64, BLOCKSIZE2=256,
-                  IEEE=False, ATOMIC=atomic, INTERPRET_BF16=False, INDEX64=False, ALIGNED=True,
-                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8, LUT_SELECT=sel)
-    sig = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4, "num_stages": 3, "enable_fp_fusion": False})
-    assert "mma" in k.asm["ptx"], "no tensor-core instruction in the PTX"
+seen = set()
+for label, fn, sig, consts, cfg, extra, aligned in ck.nf4_cases("bfloat16"):
+    if label in seen:  # the first GPU config of each path (small, tiled) and direction (fwd, dX)
+        continue
+    seen.add(label)
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **extra}
+    k = ck._compile(fn, sig, consts, 90, options, aligned)
+    assert "mma" in k.asm["ptx"], f"{label}: no tensor-core instruction in the PTX"
 print("compiled")
 """
 
@@ -243,5 +235,7 @@ def test_triton_kernel_compiles_for_sm90():
         pytest.skip("triton's bundled ptxas is absent: cannot compile for CUDA on this machine")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(Path(os.environ.get("TMPDIR", "/tmp")) / "qtulu-triton-cache-test")
-    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    bench_dir = str(Path(__file__).resolve().parents[2] / "benchmarks")
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, bench_dir], env=env, capture_output=True, text=True,
+                         timeout=300)
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
