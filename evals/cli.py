@@ -94,6 +94,8 @@ def _clean_errors(fn):
         try:
             return fn(args)
         except known as e:
+            if getattr(args, "debug", False):
+                raise
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
             print(f"qtulu eval: error: {msg}", file=sys.stderr)
             return 2

@@ -14,6 +14,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
+from qtulu.errors import QtuluError
+
 HOW_TO_CONFIGURE = (
     "give a judge: --judge-url URL --judge-model NAME (any OpenAI-compatible chat endpoint, e.g. a local "
     "vLLM server `--judge-url http://localhost:8000/v1 --judge-model Qwen/Qwen2.5-72B-Instruct`, or "
@@ -22,14 +24,14 @@ HOW_TO_CONFIGURE = (
 )
 
 
-class JudgeNotConfigured(RuntimeError):
+class JudgeNotConfigured(QtuluError, RuntimeError):
     """A task needs a judge and none was given."""
 
     def __init__(self, task: str):
         super().__init__(f"task {task!r} needs a judge model; {HOW_TO_CONFIGURE}")
 
 
-class JudgeError(RuntimeError):
+class JudgeError(QtuluError, RuntimeError):
     """The judge endpoint failed or answered something unusable."""
 
 

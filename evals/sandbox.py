@@ -44,8 +44,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from qtulu.errors import QtuluError
 
-class CodeExecutionRefused(PermissionError):
+
+class CodeExecutionRefused(QtuluError, PermissionError):
     """Raised when model-written code would run without the explicit opt-in."""
 
 

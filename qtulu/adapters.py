@@ -37,6 +37,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from qtulu.errors import QtuluError
+
 FORMAT_VERSION = 1
 META_NAME = "qtulu.json"
 CONFIG_NAME = "adapter_config.json"
@@ -44,7 +46,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 BASE_NAME = "base"  # in adapter_names: this row runs with adapters disabled (peft's "__base__")
 
 
-class AdapterError(ValueError):
+class AdapterError(QtuluError, ValueError):
     """An adapter directory is corrupt, incomplete or bound to another base/quantization."""
 
 

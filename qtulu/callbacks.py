@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from qtulu.errors import QtuluError
 
-class NonFiniteError(RuntimeError):
+
+class NonFiniteError(QtuluError, RuntimeError):
     """Training stopped: too many consecutive steps had a NaN/inf loss or gradient."""
 
 

@@ -131,14 +131,16 @@ def register(subparsers) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from qtulu.adapters import AdapterError, load_model
+    from qtulu.adapters import load_model
 
     try:
         model, tok = load_model(
             args.model, args.adapter, quantize=None if args.no_quantize else "nf4", force=args.force,
             compute_dtype=args.compute_dtype, device=args.device,
         )
-    except (AdapterError, ValueError) as e:
+    except ValueError as e:  # AdapterError, and transformers' ValueErrors on a bad model id
+        if getattr(args, "debug", False):
+            raise
         print(f"qtulu chat: error: {e}", file=sys.stderr)
         return 2
     if tok is None:

@@ -22,6 +22,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from qtulu.errors import QtuluError
+
 CHECKPOINT_PREFIX = "checkpoint"
 STAGE_PREFIX = ".stage-"
 TRASH_PREFIX = ".trash-"
@@ -40,7 +42,7 @@ RESUME_IGNORED_KEYS = (
 )
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(QtuluError, RuntimeError):
     """A checkpoint that cannot be written or used."""
 
 

@@ -29,20 +29,60 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qtulu",
         description="Instruction-tune LLaMA-style models the Tulu way, with QLoRA on one GPU.",
+        epilog="Errors are printed as one line (exit status 2); --debug (anywhere on the line) shows "
+               "the traceback instead.",
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for _name, module in COMMANDS:
         importlib.import_module(module).register(sub)
     return parser
 
 
+def _command_name(argv: list[str]) -> str:
+    """``qtulu data build`` for the error prefix: the command words before the first option."""
+    words = []
+    for a in argv:
+        if a.startswith("-") or len(words) == 2:
+            break
+        words.append(a)
+    return " ".join(["qtulu", *words[:1 if not words or words[0] not in _NESTED else 2]])
+
+
+# commands whose second word is a sub-command (for the error prefix)
+_NESTED = {"data", "eval", "bench"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. qtulu's own errors (`QtuluError`), missing/unreadable files and a full disk
+    are printed as one line on stderr with exit status 2; Ctrl-C as one line with status 130.
+    ``--debug`` (accepted anywhere on the command line) lets the exception through instead."""
+    from qtulu.errors import QtuluError, one_line
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.debug = debug
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    rc = args.func(args)
+    prefix = _command_name(argv)
+    try:
+        rc = args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except (QtuluError, OSError) as e:
+        # OSError: a missing or unreadable file, a directory where a file was expected, a full disk;
+        # its message names the path (and "No space left on device" for ENOSPC).
+        if debug:
+            raise
+        print(f"{prefix}: error: {one_line(e)}", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

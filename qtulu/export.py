@@ -30,6 +30,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from qtulu.errors import QtuluError
+
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -45,7 +47,7 @@ _TOKENIZER_FILES = (
 MERGE_META = "qtulu_merge.json"
 
 
-class ExportError(ValueError):
+class ExportError(QtuluError, ValueError):
     """An adapter/base pair that cannot be merged (unsupported adapter kind, keys not matching)."""
 
 

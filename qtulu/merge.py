@@ -35,6 +35,8 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from qtulu.errors import QtuluError
+
 METHODS = ("linear", "ties", "dare_linear", "dare_ties", "cat")
 _PEFT_TYPE = {
     "linear": "cat",
@@ -47,7 +49,7 @@ _NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties")
 EXACT_METHODS = ("linear", "cat")
 
 
-class MergeError(ValueError):
+class MergeError(QtuluError, ValueError):
     """Bad merge request: unknown method/adapter, wrong number of weights, missing density."""
 
 
@@ -202,61 +204,57 @@ def _main(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from qtulu.adapters import AdapterError, load_model, parse_adapter_spec, save_adapter
+    from qtulu.adapters import load_model, parse_adapter_spec, save_adapter
 
     specs = [parse_adapter_spec(a) for a in args.adapter]
     quantize = None if args.no_quantize_base else "nf4"
-    try:
-        if args.full and len(specs) == 1:
-            from qtulu.export import export_merged
-
-            result = export_merged(
-                args.model, specs[0][1], args.out, dtype=args.dtype, quantize=args.quantize,
-                max_shard_size=args.max_shard_size, force=args.force, compute_dtype=args.compute_dtype,
-                measure=not args.no_measure,
-            )
-            print(json.dumps(result, default=str))
-            return 0
-        if len(specs) == 1:
-            raise MergeError("combining needs at least two --adapter (one adapter: use --full to export it)")
-        model, _tok = load_model(
-            args.model, [(n, str(p)) for n, p in specs], quantize=quantize, force=args.force,
-            compute_dtype=args.compute_dtype, device="cpu", attn_implementation=None,
-        )
-        names = [n for n, _ in specs]
-        new = combine_adapters(
-            model, names, args.method, args.weights, args.density, new_name="merged", rank=args.rank, seed=args.seed
-        )
-        report = merge_report(model, names, args.method, args.weights, args.density, new)
-        from qtulu.model import base_info
-
-        extra = {
-            "merge": {
-                "method": args.method,
-                "weights": args.weights or default_weights(args.method, len(names)),
-                "density": args.density,
-                "seed": args.seed,
-                "sources": {n: str(p) for n, p in specs},
-                "report": report,
-            }
-        }
-        info = base_info(model.get_base_model())
-        if not args.full:
-            out = save_adapter(model, args.out, adapter_name=new, base_info=info, extra=extra)
-            print(json.dumps({"adapter": str(out), **report}))
-            return 0
+    if args.full and len(specs) == 1:
         from qtulu.export import export_merged
 
-        with tempfile.TemporaryDirectory(dir=Path(args.out).resolve().parent) as tmp:
-            adir = save_adapter(model, Path(tmp) / "merged", adapter_name=new, base_info=info, extra=extra)
-            del model
-            result = export_merged(
-                args.model, adir, args.out, dtype=args.dtype, quantize=args.quantize,
-                max_shard_size=args.max_shard_size, force=args.force, compute_dtype=args.compute_dtype,
-                measure=not args.no_measure,
-            )
-        print(json.dumps({**result, "combine": report}, default=str))
+        result = export_merged(
+            args.model, specs[0][1], args.out, dtype=args.dtype, quantize=args.quantize,
+            max_shard_size=args.max_shard_size, force=args.force, compute_dtype=args.compute_dtype,
+            measure=not args.no_measure,
+        )
+        print(json.dumps(result, default=str))
         return 0
-    except (AdapterError, MergeError) as e:
-        print(f"qtulu merge: error: {e}")
-        return 2
+    if len(specs) == 1:
+        raise MergeError("combining needs at least two --adapter (one adapter: use --full to export it)")
+    model, _tok = load_model(
+        args.model, [(n, str(p)) for n, p in specs], quantize=quantize, force=args.force,
+        compute_dtype=args.compute_dtype, device="cpu", attn_implementation=None,
+    )
+    names = [n for n, _ in specs]
+    new = combine_adapters(
+        model, names, args.method, args.weights, args.density, new_name="merged", rank=args.rank, seed=args.seed
+    )
+    report = merge_report(model, names, args.method, args.weights, args.density, new)
+    from qtulu.model import base_info
+
+    extra = {
+        "merge": {
+            "method": args.method,
+            "weights": args.weights or default_weights(args.method, len(names)),
+            "density": args.density,
+            "seed": args.seed,
+            "sources": {n: str(p) for n, p in specs},
+            "report": report,
+        }
+    }
+    info = base_info(model.get_base_model())
+    if not args.full:
+        out = save_adapter(model, args.out, adapter_name=new, base_info=info, extra=extra)
+        print(json.dumps({"adapter": str(out), **report}))
+        return 0
+    from qtulu.export import export_merged
+
+    with tempfile.TemporaryDirectory(dir=Path(args.out).resolve().parent) as tmp:
+        adir = save_adapter(model, Path(tmp) / "merged", adapter_name=new, base_info=info, extra=extra)
+        del model
+        result = export_merged(
+            args.model, adir, args.out, dtype=args.dtype, quantize=args.quantize,
+            max_shard_size=args.max_shard_size, force=args.force, compute_dtype=args.compute_dtype,
+            measure=not args.no_measure,
+        )
+    print(json.dumps({**result, "combine": report}, default=str))
+    return 0

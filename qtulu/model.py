@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qtulu.errors import QtuluError
 from qtulu.quant import Linear4bit, is_quantized
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 _HF_FILE_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(QtuluError, ValueError):
     """A base model that qtulu will not load (pickle checkpoint, missing weights, bad config)."""
 
 

@@ -24,12 +24,13 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from qtulu.errors import QtuluError
 from qtulu.kernels.nf4 import NF4State, dequantize_nf4, nf4_matmul, quantize_nf4
 
 __all__ = ["Linear4bit", "quantize_model_", "is_quantized", "MergeNotSupportedError"]
 
 
-class MergeNotSupportedError(RuntimeError):
+class MergeNotSupportedError(QtuluError, RuntimeError):
     """peft's in-place merge into an NF4 weight was attempted."""
 
 

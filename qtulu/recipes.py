@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 import yaml
 
+from qtulu.errors import QtuluError
 from qtulu.schema import build, schema_fields, type_name
 
 REPO_RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -62,7 +63,7 @@ FORMATS = (
 )
 
 
-class RecipeError(ValueError):
+class RecipeError(QtuluError, ValueError):
     """A recipe that cannot be loaded: the message names the file and the dotted key."""
 
 

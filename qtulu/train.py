@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qtulu.errors import QtuluError
 from qtulu.distributed import (
     fsdp_from_env,
     fsdp_refusal,
@@ -50,7 +51,7 @@ ADAPTER_DIRNAME = "adapter"
 CHECKPOINTS_DIRNAME = "checkpoints"
 
 
-class TrainError(RuntimeError):
+class TrainError(QtuluError, RuntimeError):
     """A training run that cannot start or did not finish (message says why and what to do)."""
 
 
@@ -538,20 +539,13 @@ def register(subparsers) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    import sys
+    from qtulu.recipes import load_recipe
 
-    from qtulu.callbacks import NonFiniteError
-    from qtulu.checkpoint import CheckpointError
-    from qtulu.model import ModelLoadError
-    from qtulu.recipes import RecipeError, load_recipe
-
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        out = args.output_dir or os.path.join("runs", recipe.name)
-        result = train(recipe, output_dir=out, resume=args.resume, force=args.force, progress=not args.no_progress)
-    except (RecipeError, CheckpointError, TrainError, NonFiniteError, ModelLoadError) as e:
-        print(f"qtulu train: error: {e}", file=sys.stderr)
-        return 2
+    # errors (RecipeError, CheckpointError, TrainError, NonFiniteError, ModelLoadError, ...) are
+    # qtulu errors: qtulu.cli prints them as one line, exit 2
+    recipe = load_recipe(args.recipe, args.overrides)
+    out = args.output_dir or os.path.join("runs", recipe.name)
+    result = train(recipe, output_dir=out, resume=args.resume, force=args.force, progress=not args.no_progress)
     if result.adapter_dir is not None:
         last = next((s["loss"] for s in reversed(result.steps) if s["loss"] is not None), float("nan"))
         print(

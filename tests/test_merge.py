@@ -143,7 +143,7 @@ def test_merge_cli_errors(base_and_adapters, tmp_path, capsys):
     base_dir, dirs = base_and_adapters
     args = ["merge", "--model", str(base_dir), "--adapter", str(dirs["first"]), "--adapter", str(dirs["second"])]
     assert main(args + ["--method", "ties", "--out", str(tmp_path / "t")]) == 2
-    assert "needs a density" in capsys.readouterr().out
+    assert "needs a density" in capsys.readouterr().err
     assert main(["merge", "--model", str(base_dir), "--adapter", str(dirs["first"]), "--out", str(tmp_path / "o")]) == 2
-    assert "at least two" in capsys.readouterr().out
+    assert "at least two" in capsys.readouterr().err
     assert not (tmp_path / "t").exists() and not (tmp_path / "o").exists()

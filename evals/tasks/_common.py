@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qtulu.errors import QtuluError
 
-class TaskDataError(FileNotFoundError):
+
+class TaskDataError(QtuluError, FileNotFoundError):
     """Missing or malformed benchmark data; the message names the file."""
 
 

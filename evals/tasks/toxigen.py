@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from qtulu.errors import QtuluError
+
 from ._common import TaskDataError, head, require
 
 NAME = "toxigen"
@@ -19,7 +21,7 @@ HOW_TO_CONFIGURE = ("toxigen needs a toxicity classifier: --toxigen-classifier P
                     "is named in its config or is index 1)")
 
 
-class ClassifierNotConfigured(RuntimeError):
+class ClassifierNotConfigured(QtuluError, RuntimeError):
     pass
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 
 def register(subparsers) -> None:
@@ -45,16 +44,10 @@ def _load(args):
 
 def _build(args) -> int:
     from qtulu.data.build import build_dataset
-    from qtulu.data.errors import DataError
-    from qtulu.recipes import RecipeError
 
-    try:
-        recipe = _load(args)
-        built = build_dataset(recipe, args.tokenizer, progress=not args.no_progress)
-        out = built.save(args.out)
-    except (RecipeError, DataError) as e:
-        print(f"qtulu data build: error: {e}", file=sys.stderr)
-        return 1
+    recipe = _load(args)  # RecipeError / DataError: one line, exit 2 (qtulu.cli)
+    built = build_dataset(recipe, args.tokenizer, progress=not args.no_progress)
+    out = built.save(args.out)
     m = built.manifest
     summary = {k: m[k] for k in ("examples", "tokens", "supervised_tokens", "dropped", "truncated", "sources", "packing")}
     print(json.dumps(summary, indent=2))
@@ -65,16 +58,10 @@ def _build(args) -> int:
 def _preview(args) -> int:
     from qtulu.data.build import preview_examples, resolve_tokenizer
     from qtulu.data.chat import IGNORE_INDEX, format_supervised
-    from qtulu.data.errors import BadRow, DataError
-    from qtulu.recipes import RecipeError
 
-    try:
-        recipe = _load(args)
-        tok = resolve_tokenizer(recipe, args.tokenizer)
-        items = preview_examples(recipe, tok, n=args.n)
-    except (RecipeError, DataError, BadRow) as e:
-        print(f"qtulu data preview: error: {e}", file=sys.stderr)
-        return 1
+    recipe = _load(args)  # RecipeError / DataError / BadRow: one line, exit 2 (qtulu.cli)
+    tok = resolve_tokenizer(recipe, args.tokenizer)
+    items = preview_examples(recipe, tok, n=args.n)
     for it in items:
         sup = sum(1 for x in it["labels"] if x != IGNORE_INDEX)
         flag = f"  (over max_seq_len {recipe.data.max_seq_len}: truncated or dropped in the build)" if it["overlong"] else ""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from qtulu.errors import QtuluError
 
-class DataError(ValueError):
+
+class DataError(QtuluError, ValueError):
     """A source or build problem that no policy can skip (missing file, unreadable JSON file, ...)."""
 
 
-class BadRow(ValueError):
+class BadRow(QtuluError, ValueError):
     """One malformed row. ``reason`` is a short key counted in the manifest (``"null_content"``, ...);
     ``detail`` is the human explanation; ``where`` (``file:line`` or ``source[index]``) is filled in
     by the loader that knows it."""

@@ -11,8 +11,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from qtulu.errors import QtuluError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(QtuluError, ValueError):
     """The tokenizer cannot be loaded or cannot be used by the data pipeline."""
 
 

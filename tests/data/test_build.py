@@ -152,5 +152,5 @@ def test_cli_build_and_preview(tmp_path, capsys, shared_data, llama_tokenizer_pa
     assert main(["data", "preview", str(recipe), "-n", "1", "--tokenizer", tok]) == 0
     out = capsys.readouterr().out
     assert "── a ·" in out and "⟦x0</s>⟧" in out and "── b ·" in out
-    assert main(["data", "build", str(recipe), "--out", str(tmp_path / "o2"), "--tokenizer", tok, "-o", "train.nope=1"]) == 1
+    assert main(["data", "build", str(recipe), "--out", str(tmp_path / "o2"), "--tokenizer", tok, "-o", "train.nope=1"]) == 2
     assert "train.nope: unknown key" in capsys.readouterr().err
