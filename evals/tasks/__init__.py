@@ -7,6 +7,10 @@ so that ``score`` needs nothing else) and ``score(predictions, **ctx) -> dict`` 
 the headline one under "score"). ``ctx`` carries what scoring may need: ``judge``,
 ``classifier``, ``allow_code_execution``, ``workers``.
 
+Each module also declares ``OPTIONS``: every option its functions accept, as
+``{name: (default, one-line meaning)}``; an option not listed there is refused (`TaskOptionError`
+names the valid ones), so that a misspelt option never passes silently.
+
 ``TASKS`` names the variants the CLI accepts (``--tasks mmlu,gsm8k_direct``); a variant is a
 module plus default options.
 """
@@ -17,6 +21,15 @@ import importlib
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
+
+from qtulu.errors import QtuluError
+
+
+class TaskOptionError(QtuluError, KeyError):
+    """An unknown task or task option: the message lists the valid ones."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 TASKS: dict[str, tuple[str, dict[str, Any]]] = {
     "mmlu": ("mmlu", {"k_shot": 0}),
@@ -52,10 +65,21 @@ class Task:
 def get_task(name: str, **overrides: Any) -> Task:
     """The task variant called ``name`` (see ``TASKS``), options updated with ``overrides``."""
     if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+        raise TaskOptionError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
     module_name, opts = TASKS[name]
     module = importlib.import_module(f"{__name__}.{module_name}")
+    check_options(name, module, overrides)
     return Task(name, module, {**opts, **overrides})
+
+
+def check_options(name: str, module: ModuleType, options: dict[str, Any]) -> None:
+    """Refuse an option ``module`` does not declare in its ``OPTIONS`` (naming the valid ones)."""
+    known = getattr(module, "OPTIONS", {})
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        valid = ", ".join(f"{k} (default {v[0]!r})" for k, v in sorted(known.items())) or "none"
+        raise TaskOptionError(f"task {name!r}: unknown option{'s' if len(unknown) > 1 else ''} "
+                              f"{', '.join(map(repr, unknown))}; valid options: {valid}")
 
 
 def parse_task_list(spec: str | list[str]) -> list[str]:
@@ -65,5 +89,5 @@ def parse_task_list(spec: str | list[str]) -> list[str]:
         return list(TASKS)
     for n in names:
         if n not in TASKS:
-            raise KeyError(f"unknown task {n!r}; known tasks: {', '.join(sorted(TASKS))}")
+            raise TaskOptionError(f"unknown task {n!r}; known tasks: {', '.join(sorted(TASKS))}")
     return names

@@ -21,6 +21,11 @@ from ._common import TaskDataError, head, require
 NAME = "alpaca_eval"
 VERSION = "1.0"
 DATA_SUBDIR = "alpaca_eval"
+# every option load/predict/score accept: name -> (default, meaning); `qtulu eval --list-tasks` shows them
+OPTIONS = {
+    "max_new_tokens": (2048, "longest reply generated per instruction"),
+    "seed": (0, "seed of the judge's A/B order shuffle"),
+}
 
 JUDGE_SYSTEM = "You are a helpful assistant, that ranks models by the quality of their answers."
 JUDGE_TEMPLATE = """I want you to create a leaderboard of different large-language models. To do so, I will give you the instructions (prompts) given to the models, and the responses of two models. Please rank the models based on which response would be preferred by humans.

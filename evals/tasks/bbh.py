@@ -16,6 +16,12 @@ from ._common import TaskDataError, answer_after, head, require
 NAME = "bbh"
 VERSION = "1.0"
 DATA_SUBDIR = "bbh"
+# every option load/predict/score accept: name -> (default, meaning); `qtulu eval --list-tasks` shows them
+OPTIONS = {
+    "cot": (True, "chain-of-thought 3-shot prompts (False: the same shots with direct answers)"),
+    "subtasks": (None, "list of BBH subtask names to run (None: all 27)"),
+    "max_new_tokens": (512, "longest generation per example"),
+}
 
 _COT = re.compile(r"A: Let's think step by step\..*?So the answer is ", re.S)
 

@@ -19,6 +19,14 @@ from ._common import TaskDataError, head
 NAME = "codex_humaneval"
 VERSION = "1.0"
 DATA_SUBDIR = "codex_humaneval"
+# every option load/predict/score accept: name -> (default, meaning); `qtulu eval --list-tasks` shows them
+OPTIONS = {
+    "temperature": (0.1, "sampling temperature"),
+    "num_samples": (20, "completions sampled per problem (pass@k for k up to this)"),
+    "max_new_tokens": (512, "longest completion"),
+    "seed": (0, "sampling seed"),
+    "timeout": (5.0, "seconds each program may run"),
+}
 CHAT_INSTRUCTION = "Complete the following python function.\n\n\n"
 STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 KS = (1, 5, 10)

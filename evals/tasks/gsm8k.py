@@ -13,6 +13,12 @@ from ._common import TaskDataError, answer_after, head, require
 NAME = "gsm8k"
 VERSION = "1.0"
 DATA_SUBDIR = "gsm"
+# every option load/predict/score accept: name -> (default, meaning); `qtulu eval --list-tasks` shows them
+OPTIONS = {
+    "cot": (True, "8-shot chain-of-thought exemplars (False: direct answers)"),
+    "n_shot": (8, "number of exemplars in the prompt"),
+    "max_new_tokens": (512, "longest generation per question"),
+}
 
 EXEMPLARS = [
     ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, there will be 21 trees. How many trees did the grove workers plant today?",

@@ -14,6 +14,12 @@ from ._common import TaskDataError, head, require
 NAME = "mmlu"
 VERSION = "1.0"
 DATA_SUBDIR = "mmlu"
+# every option load/predict/score accept: name -> (default, meaning); `qtulu eval --list-tasks` shows them
+OPTIONS = {
+    "k_shot": (0, "dev examples of the same subject shown before each question"),
+    "subjects": (None, "list of subjects to run (None: all 57)"),
+    "split": ("test", "test or dev"),
+}
 CHOICES = ("A", "B", "C", "D")
 
 

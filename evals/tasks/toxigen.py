@@ -16,6 +16,12 @@ from ._common import TaskDataError, head, require
 NAME = "toxigen"
 VERSION = "1.0"
 DATA_SUBDIR = "toxigen"
+# every option load/predict/score accept: name -> (default, meaning); `qtulu eval --list-tasks` shows them
+OPTIONS = {
+    "per_group": (500, "prompts sampled per target group"),
+    "seed": (42, "sampling seed"),
+    "max_new_tokens": (512, "longest continuation"),
+}
 HOW_TO_CONFIGURE = ("toxigen needs a toxicity classifier: --toxigen-classifier PATH_OR_HUB_ID "
                     "(e.g. tomh/toxigen_roberta, a transformers sequence classifier whose 'toxic' label "
                     "is named in its config or is index 1)")

@@ -18,6 +18,14 @@ from ._common import TaskDataError, head, require
 NAME = "tydiqa"
 VERSION = "1.0"
 DATA_SUBDIR = "tydiqa"
+# every option load/predict/score accept: name -> (default, meaning); `qtulu eval --list-tasks` shows them
+OPTIONS = {
+    "n_shot": (1, "same-language exemplars in the prompt"),
+    "seed": (42, "seed of the exemplar choice"),
+    "no_context": (False, "closed-book: no passage in the prompt"),
+    "max_context_tokens": (512, "passage clipped to this many tokens"),
+    "max_new_tokens": (50, "longest answer"),
+}
 DEV_FILE = "tydiqa-goldp-v1.1-dev.json"
 TRAIN_FILE = "tydiqa-goldp-v1.1-train.json"
 

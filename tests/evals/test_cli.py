@@ -108,3 +108,22 @@ def test_lm_eval_model_type(disk_model):
         want = sum(float(logp[t - 1, ids[0, t]]) for t in range(ids.shape[1] - n, ids.shape[1]))
         assert value == pytest.approx(want, abs=1e-3)
     assert got["adapted"] != pytest.approx(got["plain"], abs=1e-3)  # the adapter is really applied
+
+
+def test_every_task_declares_its_options_and_a_typo_is_refused():
+    import inspect
+
+    import pytest
+
+    from qtulu.evals.tasks import TASKS, TaskOptionError, get_task
+
+    for name, (module_name, defaults) in TASKS.items():
+        task = get_task(name)
+        assert set(defaults) <= set(task.module.OPTIONS), name  # each variant's presets are declared options
+        for fn in (task.module.load, task.module.predict, task.module.score):
+            for p in inspect.signature(fn).parameters.values():
+                if p.kind is p.KEYWORD_ONLY and p.name not in ("limit", "judge", "classifier", "allow_code_execution",
+                                                                "workers", "progress"):
+                    assert p.name in task.module.OPTIONS, (name, fn.__name__, p.name)
+    with pytest.raises(TaskOptionError, match=r"unknown option 'max_new_token'; valid options: .*max_new_tokens"):
+        get_task("gsm8k", max_new_token=32)
