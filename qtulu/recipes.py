@@ -45,6 +45,8 @@ from qtulu.errors import QtuluError
 from qtulu.schema import build, schema_fields, type_name
 
 REPO_RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+SETTINGS_DIR = REPO_RECIPES_DIR / "settings"
+SETTINGS_SECTIONS = ("data", "model", "lora", "train")
 
 # Converter names understood by qtulu.data.formats (kept here, below data/, so that recipes are
 # validated without importing the data layer; a test checks both lists agree).
@@ -88,6 +90,11 @@ class SourceSpec:
     split: str = "train"
     count: int | float | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    # Take this source's rows from a released mixture instead (rows whose `dataset` column is
+    # `release_dataset`, default the source's name): "tulu_v1" / "tulu_v2" (allenai/tulu-v*-sft-mixture),
+    # a hub id or a local parquet path. The rows are used as released (format `messages`).
+    release: str | None = None
+    release_dataset: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,10 @@ class DataConfig:
     on_overlong: Literal["truncate", "drop"] = "truncate"
     tokenizer: str | None = None  # None = the model's tokenizer
     seed: int = 42
+    # How native rows become conversations: "open_instruct" = open-instruct's June-2023 converter
+    # (weighted random instruction templates, seeded by `seed`); "plain" = the same selection with
+    # one fixed layout (instruction, blank line, input). See qtulu.data.formats.
+    profile: Literal["open_instruct", "plain"] = "open_instruct"
 
 
 @dataclass(frozen=True)
@@ -118,7 +129,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """LoRA adapter shape (the QLoRA paper / open-instruct defaults)."""
+    """LoRA adapter shape. Defaults: the QLoRA paper's r 64 / alpha 16 / dropout 0.1, which is also
+    open-instruct's first QLoRA script (scripts/finetune_qlora_with_accelerate.sh at 7c5ee77a1)."""
 
     r: int = 64
     alpha: int = 16
@@ -128,7 +140,8 @@ class LoraSpec:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation hyperparameters (open-instruct's QLoRA Tulu settings by default).
+    """Optimisation hyperparameters. The defaults are qtulu's (lr 1e-4 as open-instruct's QLoRA script
+    at 1afa4b6b5, 2 epochs as the paper); the shipped recipes take theirs from `recipes/settings/`.
 
     ``effective_batch_size`` counts examples per optimizer step, as open-instruct does; the
     trainer converts it to accumulation over packed rows unless ``gradient_accumulation_steps``
@@ -169,6 +182,9 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSpec = field(default_factory=LoraSpec)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # A hyperparameter bundle under the recipe's own keys: a name of recipes/settings/NAME.yaml or a
+    # path to such a file (its data/model/lora/train blocks; the recipe's keys and overrides win).
+    settings: str | None = None
     path: str | None = field(default=None, compare=False, metadata={"schema": False})
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,7 +277,7 @@ def schema_keys(cls=Recipe, prefix: str = "") -> dict[str, str]:
 
 
 _PATH_LIKE_KEYS = (("data", "tokenizer"), ("model", "base"))
-_REF_OVERRIDABLE = ("name", "count", "options", "split", "path", "hub_id", "hub_config")
+_REF_OVERRIDABLE = ("name", "count", "options", "split", "path", "hub_id", "hub_config", "release", "release_dataset")
 
 
 def resolve_recipe_path(path_or_name: str | os.PathLike, base_dir: Path | None = None) -> Path:
@@ -335,16 +351,22 @@ def _expand_sources(raw: Any, file: Path, stack: tuple[Path, ...]) -> list[dict[
                         if not isinstance(v, dict):
                             err(f"{where}.options", f"expected mapping, got {type(v).__name__}")
                         src["options"] = {**(src.get("options") or {}), **v}
-                    elif k == "path" and isinstance(v, str):
-                        src["path"] = _resolve_local(v, file.parent)
+                    elif k in ("path", "release") and isinstance(v, str) and (k == "path" or _is_local_release(v)):
+                        src[k] = _resolve_local(v, file.parent)
                     else:
                         src[k] = v
             out.extend(expanded)
         else:
             if isinstance(entry.get("path"), str):
                 entry["path"] = _resolve_local(entry["path"], file.parent)
+            if isinstance(entry.get("release"), str) and _is_local_release(entry["release"]):
+                entry["release"] = _resolve_local(entry["release"], file.parent)
             out.append(entry)
     return out
+
+
+def _is_local_release(s: str) -> bool:
+    return s.startswith(("./", "../", "/", "~", "$")) or s.endswith((".parquet", ".arrow", ".json", ".jsonl"))
 
 
 def _normalize_overrides(overrides: dict[str, Any] | list[str] | tuple[str, ...] | None) -> list[tuple[str, Any]]:
@@ -389,6 +411,8 @@ def _apply_override(raw: dict[str, Any], key: str, value: Any, file: str) -> Non
     elif isinstance(node, dict):
         if parts[0] == "sources" and last == "path" and isinstance(value, str):
             value = _resolve_local(value, Path.cwd())
+        if parts[0] == "sources" and last == "release" and isinstance(value, str) and _is_local_release(value):
+            value = _resolve_local(value, Path.cwd())
         if (parts[0], last) in _PATH_LIKE_KEYS and len(parts) == 2 and isinstance(value, str) and _is_path_like(value):
             value = _resolve_local(value, Path.cwd())
         node[last] = value
@@ -425,8 +449,8 @@ def _validate(raw: dict[str, Any], file: str) -> Recipe:
         names.add(s.name)
         if s.format not in FORMATS:
             err(f"{where}.format", f"unknown format {s.format!r} (known: {', '.join(FORMATS)})")
-        if not s.hub_id and not s.path:
-            err(where, "needs a hub_id or a path")
+        if not s.hub_id and not s.path and not s.release:
+            err(where, "needs a hub_id, a path or a release")
         if isinstance(s.count, bool):
             err(f"{where}.count", "expected int, float or null")
         if isinstance(s.count, int) and s.count < 1:
@@ -452,10 +476,39 @@ def _validate(raw: dict[str, Any], file: str) -> Recipe:
     return recipe
 
 
+def _with_settings(raw: dict[str, Any], file: Path, pairs: list[tuple[str, Any]], label: str) -> dict[str, Any]:
+    """``raw`` over the blocks of its ``settings`` file (an override ``settings=...`` chooses it)."""
+    name, base_dir = raw.get("settings"), file.parent
+    for key, value in pairs:
+        if key == "settings":
+            name, base_dir = value, Path.cwd()
+    if name is None:
+        return raw
+    if not isinstance(name, str):
+        raise RecipeError(f"{label}: settings: expected str (a name in {SETTINGS_DIR} or a path), got {name!r}")
+    if "/" in name or os.sep in name or name.endswith((".yaml", ".yml")):
+        sfile = Path(_resolve_local(name, base_dir))
+    else:
+        sfile = SETTINGS_DIR / f"{name}.yaml"
+    if not sfile.is_file():
+        known = ", ".join(sorted(p.stem for p in SETTINGS_DIR.glob("*.yaml")))
+        raise RecipeError(f"{label}: settings: no settings file {sfile} (known: {known})")
+    base = _read_yaml(sfile)
+    for k, v in base.items():
+        if k not in SETTINGS_SECTIONS or not isinstance(v, dict):
+            raise RecipeError(f"{sfile}: {k}: a settings file holds only the mappings {', '.join(SETTINGS_SECTIONS)}")
+    merged = {k: dict(v) for k, v in base.items()}
+    for k, v in raw.items():
+        merged[k] = {**merged[k], **v} if k in merged and isinstance(v, dict) else v
+    merged["settings"] = name
+    return merged
+
+
 def _load_raw(raw: dict[str, Any], file: Path, overrides, label: str | None = None) -> Recipe:
     label = label or str(file)
     raw = copy.deepcopy(raw)
     raw.setdefault("name", file.stem)
+    raw = _with_settings(raw, file, _normalize_overrides(overrides), label)
     raw["sources"] = _expand_sources(raw.get("sources"), file, ())
     for section, key in _PATH_LIKE_KEYS:
         sec = raw.get(section)

@@ -7,11 +7,13 @@
     built.manifest["packing"] # {"utilization": 0.99.., "sequences": ...}
     built.save("out/data"); load_built("out/data")
 
-Steps: load each source's rows -> convert (formats) -> validate (chat) -> sample ``count`` with
-the data seed -> tokenize in batches with offsets (labels on assistant replies + EOS) -> split
-long conversations (sources with ``split_long``) -> truncate/drop over-long examples -> pack (BFD).
-Malformed rows are found here, before any training step: ``on_bad_row: error`` stops at the first
-one with its location and reason, ``skip`` counts them by reason in ``manifest["dropped"]``.
+Steps: load each source's rows -> convert (formats, under ``data.profile``) -> validate (chat) ->
+sample ``count`` with the data seed -> tokenize in batches with offsets (labels on assistant replies
++ EOS) -> split long conversations (``messages`` sources with ``split_long``; ShareGPT splits in its
+converter) -> truncate/drop over-long examples -> pack (BFD). Malformed rows are found here, before
+any training step: ``on_bad_row: error`` stops at the first one with its location and reason,
+``skip`` counts them by reason in ``manifest["dropped"]``. Rows the reference converter leaves out on
+purpose are counted in ``manifest["filtered"]``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from qtulu.data.chat import (
     validate_messages,
 )
 from qtulu.data.errors import BadRow, DataError
-from qtulu.data.formats import check_options, convert
+from qtulu.data.formats import Context, Filtered, check_options, convert, release_source
+from qtulu.data.formats.superni import is_repository, task_files
 from qtulu.data.sources import load_source
 from qtulu.recipes import Recipe, SourceSpec
 
@@ -116,6 +119,7 @@ class _Tally:
         self.on_bad_row = on_bad_row
         self.dropped: Counter = Counter()
         self.dropped_by_source: dict[str, Counter] = defaultdict(Counter)
+        self.filtered_by_source: dict[str, Counter] = defaultdict(Counter)
 
     def bad(self, source: str, err: BadRow, where: str) -> None:
         if self.on_bad_row == "error":
@@ -127,6 +131,9 @@ class _Tally:
     def drop(self, source: str, reason: str, n: int = 1) -> None:
         self.dropped[reason] += n
         self.dropped_by_source[source][reason] += n
+
+    def filter(self, source: str, reason: str) -> None:
+        self.filtered_by_source[source][reason] += 1
 
 
 def resolve_tokenizer(recipe: Recipe, tokenizer=None):
@@ -149,13 +156,6 @@ def resolve_tokenizer(recipe: Recipe, tokenizer=None):
         raise DataError(f"recipe {recipe.name!r}: cannot load tokenizer {str(spec)!r}: {e}") from e
 
 
-def _source_options(spec: SourceSpec, seed: int) -> dict[str, Any]:
-    opts = dict(spec.options)
-    if spec.format == "superni":
-        opts.setdefault("seed", seed)
-    return opts
-
-
 def _sample(n: int, count: int | float | None, rng: np.random.Generator) -> np.ndarray:
     """Indices for ``count`` of ``n`` examples: all (None), a fraction, or an int (the whole source
     repeated ``count // n`` times plus a sample without replacement when ``count > n``)."""
@@ -168,17 +168,36 @@ def _sample(n: int, count: int | float | None, rng: np.random.Generator) -> np.n
     return np.concatenate([np.tile(np.arange(n), reps), np.sort(rng.choice(n, size=rest, replace=False))]).astype(np.int64)
 
 
-def collect_source(spec: SourceSpec, recipe: Recipe, tally: _Tally, special_re, *, sample: bool = True, limit: int | None = None):
-    """Load, convert and validate one source: ``([(where, messages)], inputs, filtered_rows)``."""
+def resolved_source(spec: SourceSpec) -> SourceSpec:
+    """``spec`` as it is read: a source with ``release`` reads the released mixture (format messages)."""
+    return release_source(spec) if spec.release else spec
+
+
+def collect_source(spec: SourceSpec, recipe: Recipe, tally: _Tally, special_re, *, sample: bool = True,
+                   limit: int | None = None, tokenizer=None, max_seq_len: int | None = None):
+    """Load, convert and validate one source: ``([(where, messages)], inputs)``.
+
+    ``tokenizer`` is needed by converters that count tokens (ShareGPT's ``split_long``).
+    """
+    release = spec.release
+    spec = resolved_source(spec)
     check_options(spec.format, spec.options, spec.name)
-    loaded = load_source(spec)
+    files = None
+    if spec.format == "superni" and spec.path and is_repository(spec.path):
+        files = task_files(spec.path, spec.options)
+    loaded = load_source(spec, files)
+    if release:
+        loaded.inputs["release"] = {"release": release, "dataset": spec.options["dataset"]}
+    ctx = Context(profile=recipe.data.profile, seed=recipe.data.seed, tokenizer=tokenizer,
+                  max_seq_len=int(max_seq_len or recipe.data.max_seq_len))
     good: list[tuple[str, list[dict[str, str]]]] = []
-    n_rows = 0
-    for where, item in convert(spec.format, loaded.rows, _source_options(spec, recipe.data.seed)):
+    for where, item in convert(spec.format, loaded.rows, spec.options, ctx):
         if isinstance(item, BadRow):
             tally.bad(spec.name, item, where)
             continue
-        n_rows += 1
+        if isinstance(item, Filtered):
+            tally.filter(spec.name, item.reason)
+            continue
         try:
             good.append((where, validate_messages(item, special_re)))
         except BadRow as e:
@@ -235,12 +254,15 @@ def _build_dataset(recipe: Recipe, tokenizer, *, max_seq_len: int | None, progre
     examples: list[tuple[int, str, list[dict[str, str]]]] = []  # (source index, where, messages)
     inputs: dict[str, Any] = {}
     for si, spec in enumerate(recipe.sources):
-        good, inputs[spec.name] = collect_source(spec, recipe, tally, special_re)
+        good, inputs[spec.name] = collect_source(spec, recipe, tally, special_re, tokenizer=tok, max_seq_len=L)
         examples.extend((si, w, m) for w, m in good)
 
     t1 = time.perf_counter()
     names = [s.name for s in recipe.sources]
-    split_long = [bool(s.options.get("split_long")) for s in recipe.sources]
+    # qtulu's own splitting of long conversations, for `messages` sources (ShareGPT splits as
+    # open-instruct did, in its converter, before any of this)
+    split_long = [bool(s.options.get("split_long")) and resolved_source(s).format == "messages" and not s.release
+                  for s in recipe.sources]
     kept_ids: list[np.ndarray] = []  # int32 (T,) each
     kept_labels: list[np.ndarray] = []
     kept_src: list[int] = []
@@ -322,6 +344,7 @@ def _build_dataset(recipe: Recipe, tokenizer, *, max_seq_len: int | None, progre
         "supervised_tokens": supervised,
         "dropped": dict(sorted(tally.dropped.items())),
         "dropped_by_source": {k: dict(sorted(v.items())) for k, v in tally.dropped_by_source.items()},
+        "filtered_by_source": {k: dict(sorted(v.items())) for k, v in tally.filtered_by_source.items()},
         "truncated": truncated,
         "split_conversations_extra_chunks": split_extra,
         "sources": {n: per_source.get(n, 0) for n in names},
@@ -333,6 +356,7 @@ def _build_dataset(recipe: Recipe, tokenizer, *, max_seq_len: int | None, progre
         },
         "max_example_len": int(lens.max()) if len(lens) else 0,
         "chat_format": cfg.chat_format,
+        "profile": cfg.profile,
         "seed": cfg.seed,
         "tokenizer": {
             "name_or_path": getattr(tok, "name_or_path", None),
@@ -359,7 +383,7 @@ def preview_examples(recipe: Recipe, tokenizer=None, *, n: int = 3) -> list[dict
     tally = _Tally("skip")
     out = []
     for spec in recipe.sources:
-        good, _ = collect_source(spec, recipe, tally, special_re, sample=False, limit=n)
+        good, _ = collect_source(spec, recipe, tally, special_re, sample=False, limit=n, tokenizer=tok)
         for (where, msgs), (ids, labels) in zip(good, tokenize_batch([m for _, m in good], tok, recipe.data.chat_format)):
             out.append({"source": spec.name, "where": where, "input_ids": ids, "labels": labels,
                         "overlong": len(ids) > recipe.data.max_seq_len})

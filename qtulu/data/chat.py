@@ -1,12 +1,22 @@
 """Render conversations (Tulu format or the tokenizer's own template) and label assistant turns only.
 
-Tulu format (open-instruct)::
+Tulu format (open-instruct ``open_instruct/finetune.py`` ``encode_with_messages_format`` at
+e44fcf588)::
 
     <|system|>\\n{content}\\n          (optional)
     <|user|>\\n{content}\\n
-    <|assistant|>\\n{content}</s>\\n
+    <|assistant|>\\n{content}</s>      then " " before the next message, nothing at the end
 
 Labels are -100 everywhere except on assistant content and the EOS that ends it.
+
+Why a space after ``</s>`` and no final newline: open-instruct writes ``</s>\\n`` after each reply
+and strips the whole text, so the text ends without a newline; its scripts tokenize with the *slow*
+LLaMA tokenizer (``--use_slow_tokenizer``), after ``finetune.py`` re-adds ``</s>`` as a plain-string
+special token, and the slow tokenizer then strips the whitespace on both sides of every special
+token and SentencePiece-encodes each piece between them on its own, with its dummy prefix "\u2581".
+So the Tülu models saw ``</s>`` ``\u2581<`` ``|`` ``user`` ..., never ``</s>`` ``<0x0A>`` ``<``. Writing a
+space there makes the fast tokenizer produce exactly those ids (tests compare with that
+encoding, re-implemented on SentencePiece, on real multi-turn rows).
 
 Why offsets and not prefix tokenization: tokenizing ``prompt`` and ``prompt + reply`` separately
 and masking ``len(prompt_ids)`` tokens is the classic bug with SentencePiece tokenizers, because the
@@ -97,11 +107,17 @@ def special_tokens_regex(tokenizer) -> re.Pattern | None:
 
 
 def render_tulu(messages: Sequence[dict[str, str]], eos_token: str = "</s>", *, add_generation_prompt: bool = False) -> str:
-    """The Tulu-format string of ``messages`` (contents stripped); optionally ending with ``<|assistant|>\\n``."""
+    """The Tulu-format string of ``messages`` (contents stripped); optionally followed by the
+    separator and ``<|assistant|>\\n`` (the prompt for the next reply)."""
     text, _ = render_tulu_with_spans(messages, eos_token)
     if add_generation_prompt:
-        text += TULU_TAGS["assistant"]
+        text += (_separator(messages[-1]["role"]) if messages else "") + TULU_TAGS["assistant"]
     return text
+
+
+def _separator(role: str) -> str:
+    """What follows a message when another one comes: a newline, or a space after a reply's EOS."""
+    return " " if role == "assistant" else "\n"
 
 
 def render_tulu_with_spans(messages: Sequence[dict[str, str]], eos_token: str = "</s>") -> tuple[str, list[tuple[int, int]]]:
@@ -109,8 +125,12 @@ def render_tulu_with_spans(messages: Sequence[dict[str, str]], eos_token: str = 
     parts: list[str] = []
     spans: list[tuple[int, int]] = []
     pos = 0
-    for m in messages:
+    for k, m in enumerate(messages):
         role, content = m["role"], m["content"].strip()
+        if k:
+            sep = _separator(messages[k - 1]["role"])
+            parts.append(sep)
+            pos += len(sep)
         tag = TULU_TAGS[role]
         parts.append(tag)
         pos += len(tag)
@@ -121,8 +141,6 @@ def render_tulu_with_spans(messages: Sequence[dict[str, str]], eos_token: str = 
         else:
             parts.append(content)
             pos += len(content)
-        parts.append("\n")
-        pos += 1
     return "".join(parts), spans
 
 
@@ -358,7 +376,7 @@ def message_token_counts(messages: Sequence[dict[str, str]], tokenizer, chat_for
         return [len(e) + 4 for e in enc]
     text, _ = render_tulu_with_spans(messages, tokenizer.eos_token)
     bounds, pos = [], 0
-    for m in messages:
+    for m in messages:  # each message owns its tag, content (+ EOS) and the separator after it
         pos += len(TULU_TAGS[m["role"]]) + len(m["content"].strip()) + 1
         if m["role"] == "assistant":
             pos += len(tokenizer.eos_token)

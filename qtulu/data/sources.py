@@ -1,10 +1,13 @@
-"""Load the rows of a source: a local json / jsonl / parquet file (or a folder / glob of them), or a
-Hugging Face hub dataset.
+"""Load the rows of a source: a local json / jsonl / parquet / arrow file (or a folder / glob of them),
+a ``datasets`` ``save_to_disk`` folder, or a Hugging Face hub dataset.
 
 Local JSON is read here rather than with ``datasets.load_dataset("json")`` because the build must
 report malformed rows one by one (``file:line`` and a reason) and, under ``on_bad_row: skip``,
 keep the good ones; the datasets JSON loader fails the whole file on the first broken line or
-invalid byte. Parquet and hub sets are typed columnar data, read by pyarrow / datasets.
+invalid byte. Parquet and hub sets are typed columnar data, read by pyarrow / datasets; a
+``save_to_disk`` folder (``state.json`` + ``dataset_info.json``, or ``dataset_dict.json`` with one
+folder per split) by ``datasets.load_from_disk`` and a lone ``.arrow`` file by ``Dataset.from_file``.
+A file that cannot be read (corrupt parquet or arrow) is a `DataError` naming it.
 
 Every file is hashed (sha256 of its bytes) for the manifest.
 """
@@ -22,7 +25,7 @@ from typing import Any, Iterator
 from qtulu.data.errors import BadRow, DataError
 from qtulu.recipes import SourceSpec
 
-LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow")
 
 
 @dataclass
@@ -37,19 +40,32 @@ def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+_KINDS = "/".join(LOCAL_SUFFIXES)
+
+
+def is_saved_dataset(p: Path) -> bool:
+    """A folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    return p.is_dir() and ((p / "state.json").is_file() and (p / "dataset_info.json").is_file()
+                           or (p / "dataset_dict.json").is_file())
+
+
 def local_files(path: str, source: str = "") -> list[Path]:
-    """The data files a ``path`` names: a file, a folder (its *.json/*.jsonl/*.parquet, sorted) or a glob."""
+    """The data files a ``path`` names: a file, a folder (its data files, sorted; or itself when it
+    is a ``save_to_disk`` folder) or a glob."""
     label = f"source {source!r}: " if source else ""
     if any(c in path for c in "*?["):
         files = sorted(Path(p) for p in glob.glob(path) if p.endswith(LOCAL_SUFFIXES))
         if not files:
-            raise DataError(f"{label}no .json/.jsonl/.parquet file matches {path}")
+            raise DataError(f"{label}no {_KINDS} file matches {path}")
         return files
     p = Path(path)
+    if is_saved_dataset(p):
+        return [p]
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(LOCAL_SUFFIXES))
         if not files:
-            raise DataError(f"{label}no .json/.jsonl/.parquet file in folder {p}")
+            raise DataError(f"{label}{p}: a folder with no {_KINDS} file and not a `datasets` save_to_disk folder "
+                            "(no state.json + dataset_info.json, no dataset_dict.json)")
         return files
     if not p.exists():
         raise DataError(f"{label}file not found: {p} (override the path: -o sources.{source or 'NAME'}.path=...)")
@@ -99,22 +115,64 @@ def read_json(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{path}: expected a JSON list of rows or one object, got {type(obj).__name__}")
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for i, row in enumerate(pq.read_table(path).to_pylist()):
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable parquet file ({_one_line(e)})") from None
+    for i, row in enumerate(table.to_pylist()):
         yield f"{path}[{i}]", row
 
 
-def load_source(spec: SourceSpec) -> LoadedSource:
-    """Read every row of ``spec`` (local ``path`` wins over ``hub_id``)."""
+def read_arrow(path: Path, split: str = "train") -> Iterator[tuple[str, Any]]:
+    """Rows of a ``save_to_disk`` folder (``datasets.load_from_disk``; a DatasetDict's ``split``) or
+    of one ``.arrow`` file written by ``datasets`` (``Dataset.from_file``)."""
+    import datasets
+    import pyarrow as pa
+
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{path}: no split {split!r} in this saved DatasetDict (splits: {', '.join(ds)})")
+                ds = ds[split]
+        else:
+            ds = datasets.Dataset.from_file(str(path))
+    except DataError:
+        raise
+    except (pa.ArrowException, OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a readable `datasets` arrow {'folder' if path.is_dir() else 'file'} ({_one_line(e)})") from None
+    for i, row in enumerate(ds):
+        yield f"{path}[{i}]", row
+
+
+def _hash_path(p: Path) -> str:
+    if p.is_file():
+        return file_sha256(p)
+    h = hashlib.sha256()  # a save_to_disk folder: its files' names and hashes
+    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        h.update(f"{f.relative_to(p)}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def load_source(spec: SourceSpec, files: list[Path] | None = None) -> LoadedSource:
+    """Read every row of ``spec`` (local ``path`` wins over ``hub_id``); ``files``: the files to read
+    instead of those ``spec.path`` names (e.g. the SuperNI train tasks of a repository root)."""
     if spec.path:
         rows: list[tuple[str, Any]] = []
         hashes = {}
-        for f in local_files(spec.path, spec.name):
-            if f.suffix == ".parquet":
-                hashes[str(f)] = _sha256_bytes(f.read_bytes())
-                rows.extend(read_parquet(f))
+        for f in files if files is not None else local_files(spec.path, spec.name):
+            if f.suffix in (".parquet", ".arrow") or f.is_dir():
+                hashes[str(f)] = _hash_path(f)
+                rows.extend(read_parquet(f) if f.suffix == ".parquet" else read_arrow(f, spec.split))
                 continue
             data = f.read_bytes()
             hashes[str(f)] = _sha256_bytes(data)

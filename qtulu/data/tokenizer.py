@@ -100,6 +100,28 @@ def _order_merges_by_sentencepiece_score(tok, model_file: Path) -> None:
     tok._tokenizer = Tokenizer.from_str(json.dumps(spec))
 
 
+def count_tokens(tokenizer, texts: list[str], *, add_bos: bool = True) -> list[int]:
+    """Tokens in each of ``texts`` as the tokenizer's own ``tokenizer(text)`` counts them (BOS included
+    when ``add_bos``). A tokenizer converted from a SentencePiece model counts with SentencePiece
+    itself: that is what the slow LLaMA tokenizer of open-instruct's scripts did, and it differs from
+    the fast conversion on a text that starts with a space (one dummy-prefix token)."""
+    if not texts:
+        return []
+    model_file, _ = getattr(tokenizer, "_qtulu_sentencepiece_model", (None, None))
+    bos = 1 if add_bos and tokenizer.bos_token_id is not None else 0
+    if model_file is not None:
+        return [len(ids) + bos for ids in _sentencepiece(model_file).encode(texts)]
+    encs = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    return [len(e.ids) + bos for e in encs]
+
+
+@functools.lru_cache(maxsize=4)
+def _sentencepiece(model_file: str):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=model_file)
+
+
 def check_fast(tokenizer, name: str = "tokenizer") -> None:
     """Raise `TokenizerError` unless ``tokenizer`` is fast (offsets) and has an EOS token."""
     if not getattr(tokenizer, "is_fast", False):
