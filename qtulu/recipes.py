@@ -450,7 +450,7 @@ def _validate(raw: dict[str, Any], file: str) -> Recipe:
         if s.format not in FORMATS:
             err(f"{where}.format", f"unknown format {s.format!r} (known: {', '.join(FORMATS)})")
         if not s.hub_id and not s.path and not s.release:
-            err(where, "needs a hub_id, a path or a release")
+            err(where, "needs a hub_id or a path (or a release)")
         if isinstance(s.count, bool):
             err(f"{where}.count", "expected int, float or null")
         if isinstance(s.count, int) and s.count < 1:

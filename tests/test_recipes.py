@@ -46,24 +46,56 @@ def test_all_paper_recipes_and_mixtures_exist():
 
 @pytest.mark.parametrize("name", PAPER_SOURCES)
 def test_paper_recipes_carry_open_instruct_qlora_settings(name):
+    """The hyperparameters open-instruct shipped for QLoRA (finetune_qlora_with_accelerate.sh at
+    7c5ee77a1), from recipes/settings/; the paper's own numbers with -o settings=tulu_v1_paper."""
     r = load_recipe(name)
+    assert r.settings == "open_instruct_qlora_2308"
     assert r.model.quantize == "nf4" and r.model.double_quant and r.model.compute_dtype == "bfloat16"
     assert (r.lora.r, r.lora.alpha, r.lora.dropout, r.lora.target_modules) == (64, 16, 0.1, "all-linear")
     t = r.train
-    assert (t.learning_rate, t.lr_scheduler, t.warmup_ratio, t.epochs, t.effective_batch_size) == (1e-4, "linear", 0.03, 2.0, 128)
-    assert r.data.max_seq_len == 2048 and r.data.chat_format == "tulu"
+    assert (t.learning_rate, t.lr_scheduler, t.warmup_ratio, t.epochs, t.effective_batch_size, t.weight_decay) == \
+        (2e-4, "linear", 0.03, 3.0, 128, 0.0)
+    assert r.data.max_seq_len == 2048 and r.data.chat_format == "tulu" and r.data.profile == "open_instruct"
     for s in r.sources:
         assert s.format in FORMATS and (s.hub_id or s.path)
+    paper = load_recipe(name, ["settings=tulu_v1_paper"])
+    assert (paper.train.learning_rate, paper.train.epochs, paper.train.effective_batch_size, paper.lora.r,
+            paper.lora.alpha, paper.model.quantize) == (2e-5, 2.0, 128, 256, 256, None)
+    later = load_recipe(name, ["settings=open_instruct_qlora_2309", "train.epochs=1"])
+    assert (later.lora.r, later.lora.alpha, later.train.learning_rate, later.train.epochs) == (256, 256, 1e-4, 1.0)
+    first = REPO_RECIPES_DIR.joinpath(f"{name}.yaml").read_text()
+    assert "7c5ee77a1" in first and "e44fcf588" in first  # where the numbers and the conversion come from
+
+
+def test_settings_files_name_their_sources_and_bad_settings(tmp_path):
+    for f in sorted((REPO_RECIPES_DIR / "settings").glob("*.yaml")):
+        text = f.read_text()
+        assert "open-instruct" in text and "scripts/finetune" in text, f.name
+    p = _write(tmp_path, "r.yaml", BASE + "settings: nope\n")
+    with pytest.raises(RecipeError, match="settings: no settings file .*nope.yaml"):
+        load_recipe(p)
+    _write(tmp_path, "s.yaml", "sources: []\n")
+    with pytest.raises(RecipeError, match="s.yaml: sources: a settings file holds only"):
+        load_recipe(p, ["settings=" + str(tmp_path / "s.yaml")])
+    _write(tmp_path, "mine.yaml", "train:\n  learning_rate: 3e-4\n  epochs: 4\n")
+    r = load_recipe(_write(tmp_path, "r2.yaml", BASE + "settings: ./mine.yaml\ntrain:\n  epochs: 1\n"))
+    assert (r.train.learning_rate, r.train.epochs) == (3e-4, 1.0)  # the recipe's own keys win
 
 
 def test_tulu_mixtures_expand_references_with_counts():
     human = load_recipe("tulu_v1_human_mix")
-    assert [s.name for s in human.sources] == ["flan_v2", "cot_zero_shot", "cot_few_shot", "dolly", "oasst1"]
-    counts = {s.name: s.count for s in human.sources}
-    assert counts == {"flan_v2": 100_000, "cot_zero_shot": 50_000, "cot_few_shot": 50_000, "dolly": None, "oasst1": None}
-    assert human.source("cot_few_shot").options == {"shots": "few"}
+    assert [s.name for s in human.sources] == ["flan_v2", "cot", "dolly", "oasst1"]
+    assert all(s.count is None for s in human.sources)  # each source whole, as prepare_train_data.sh concatenates
+    assert human.source("cot").options == {"zero_shot": 50000, "few_shot": 50000}
     mix = load_recipe("tulu_v1_mix")
     assert [s.name for s in mix.sources] == [s.name for s in human.sources] + ["gpt4_alpaca", "code_alpaca", "sharegpt"]
+    text = REPO_RECIPES_DIR.joinpath("tulu_v1_mix.yaml").read_text()
+    for count in ("100,000", "15,011", "34,795", "52,002", "20,022", "168,864", "490,694"):
+        assert count in text
+    released = load_recipe("tulu_v1_released")
+    assert released.sources[0].hub_id == "allenai/tulu-v1-sft-mixture" and released.sources[0].format == "messages"
+    dolly = load_recipe("dolly", ["sources.dolly.release=tulu_v1"])
+    assert dolly.source("dolly").release == "tulu_v1"
 
 
 def _write(tmp_path: Path, name: str, text: str) -> Path:

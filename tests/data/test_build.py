@@ -80,21 +80,36 @@ def test_overlong_truncate_drop_and_split(tmp_path, char_tokenizer):
     long_rows = [{"instruction": "q" * 100, "output": "a" * 10},  # prompt eats the budget: no label left
                  {"instruction": "q", "output": "a" * 200}]  # reply truncated
     (tmp_path / "long.json").write_text(json.dumps(long_rows))
-    (tmp_path / "conv.json").write_text(json.dumps([{"conversations": [
-        {"from": "human" if k % 2 == 0 else "gpt", "value": str(k) * 30} for k in range(8)]}]))
+    turns = [{"role": "user" if k % 2 == 0 else "assistant", "content": str(k) * 30} for k in range(8)]
+    (tmp_path / "conv.json").write_text(json.dumps([{"messages": turns}]))
     (tmp_path / "r.yaml").write_text(
         "sources:\n  - {name: long, format: alpaca, path: long.json}\n"
-        "  - {name: conv, format: sharegpt, path: conv.json, options: {split_long: true}}\n"
-        "data:\n  max_seq_len: 80\n")
+        "  - {name: conv, format: messages, path: conv.json, options: {split_long: true}}\n"
+        "data:\n  max_seq_len: 80\n  profile: plain\n")
     r = load_recipe(tmp_path / "r.yaml")
     m = build_dataset(r, char_tokenizer, progress=False).manifest
-    assert m["dropped"] == {"no_supervised_tokens": 1} and m["truncated"] == 1
+    assert m["dropped"] == {"no_supervised_tokens": 1} and m["truncated"] == 1 and m["profile"] == "plain"
     assert m["sources"] == {"long": 1, "conv": 4} and m["split_conversations_extra_chunks"] == 3
     m = build_dataset(load_recipe(tmp_path / "r.yaml", ["data.on_overlong=drop"]), char_tokenizer, progress=False).manifest
     assert m["dropped"] == {"overlong": 2} and m["truncated"] == 0
     m = build_dataset(load_recipe(tmp_path / "r.yaml", ["sources.conv.options={split_long: false}"]), char_tokenizer,
                       progress=False).manifest
     assert m["sources"]["conv"] == 1 and m["truncated"] == 2
+
+
+def test_sharegpt_splits_in_its_converter_as_open_instruct(tmp_path, char_tokenizer):
+    """ShareGPT's split_long is open-instruct's (scripts/split_sharegpt_conversations.py): turn costs
+    from the tokenizer + 6, whole (human, gpt) pairs; what it leaves out is counted under `filtered`."""
+    conv = [{"from": "human" if k % 2 == 0 else "gpt", "value": str(k) * 30} for k in range(8)]
+    (tmp_path / "sg.json").write_text(json.dumps([{"id": "a", "conversations": conv},
+                                                  {"id": "b", "conversations": [{"from": "system", "value": "x"}] + conv[:2]}]))
+    (tmp_path / "r.yaml").write_text("sources:\n  - {name: sg, format: sharegpt, path: sg.json, options: {split_long: true}}\n"
+                                     "data:\n  max_seq_len: 128\n")
+    m = build_dataset(load_recipe(tmp_path / "r.yaml"), char_tokenizer, progress=False).manifest
+    # each pair costs 2 * (30 + 1 + 6) = 74 tokens: one pair per chunk, and the last pair is lost
+    assert m["sources"] == {"sg": 3} and m["split_conversations_extra_chunks"] == 0
+    assert m["filtered_by_source"] == {"sg": {"not_alternating": 1, "split_dropped_turn_pair": 1}}
+    assert m["dropped"] == {}
 
 
 def test_counts_fraction_and_resampling_are_seeded(tmp_path, char_tokenizer):

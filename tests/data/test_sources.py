@@ -62,5 +62,56 @@ def test_parquet_folder_glob_and_missing(tmp_path):
         load_source(spec(tmp_path / "nope.jsonl"))
     with pytest.raises(DataError, match="unsupported file type"):
         load_source(spec(d / "README.md"))
-    with pytest.raises(DataError, match="no .json/.jsonl/.parquet file matches"):
+    with pytest.raises(DataError, match="no .json/.jsonl/.parquet/.arrow file matches"):
         load_source(spec(tmp_path / "*.csv"))
+
+
+def test_save_to_disk_folders_and_arrow_files(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"instruction": "a", "output": "1"}, {"instruction": "b", "output": "2"}])
+    ds.save_to_disk(str(tmp_path / "saved"))
+    loaded = load_source(spec(tmp_path / "saved"))
+    assert [r["instruction"] for _, r in loaded.rows] == ["a", "b"]  # not dataset_info.json read as a row
+    assert list(loaded.inputs["files"]) == [str(tmp_path / "saved")]
+    datasets.DatasetDict({"train": ds, "test": ds.select([1])}).save_to_disk(str(tmp_path / "dd"))
+    assert len(load_source(spec(tmp_path / "dd")).rows) == 2
+    test_split = SourceSpec(name="s", format="alpaca", path=str(tmp_path / "dd"), split="test")
+    assert [r["instruction"] for _, r in load_source(test_split).rows] == ["b"]
+    with pytest.raises(DataError, match="no split 'dev'"):
+        load_source(SourceSpec(name="s", format="alpaca", path=str(tmp_path / "dd"), split="dev"))
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    assert [r["output"] for _, r in load_source(spec(arrow)).rows] == ["1", "2"]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="not a `datasets` save_to_disk folder"):
+        load_source(spec(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("name,content", [("bad.parquet", b"PAR1 not really PAR1"), ("bad.arrow", b"garbage"),
+                                          ("trunc.parquet", None)])
+def test_corrupt_columnar_files_are_one_line_errors_naming_the_file(tmp_path, name, content):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = tmp_path / name
+    if content is None:  # a real parquet file cut in half
+        pq.write_table(pa.table({"instruction": ["a"] * 100, "output": ["b"] * 100}), p)
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    else:
+        p.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        load_source(spec(p))
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_corrupt_parquet_is_one_line_naming_the_file(tmp_path, capsys, llama_tokenizer_path):
+    from qtulu.cli import main
+
+    bad = tmp_path / "part.parquet"
+    bad.write_bytes(b"PAR1\x00\x01 definitely not parquet PAR1")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("# Run: qtulu data build r.yaml --out out\nsources:\n  - {name: a, format: alpaca, path: part.parquet}\n")
+    rc = main(["data", "build", str(recipe), "--out", str(tmp_path / "out"), "--no-progress", "--tokenizer", str(llama_tokenizer_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and str(bad) in err and "parquet" in err and "Traceback" not in err
