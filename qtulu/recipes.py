@@ -17,6 +17,12 @@ the sources of another recipe (only its sources: the referencing recipe's data/m
 apply). A reference to a single-source recipe may also override that source's fields (``count``,
 ``name``, ``options`` (merged), ``split``, ``path``, ``hub_id``, ``hub_config``).
 
+Settings. ``settings: NAME`` puts the ``data``/``model``/``lora``/``train`` blocks of
+``recipes/settings/NAME.yaml`` (or of a YAML path) under the recipe's own keys: hyperparameter sets
+that cite where their numbers come from (``-o settings=tulu_v1_paper`` switches a recipe to another).
+A source with ``release: tulu_v1`` reads its rows from that released mixture instead (see
+`SourceSpec`).
+
 Paths. A relative ``path`` (and a path-like ``data.tokenizer`` / ``model.base``, i.e. starting with
 ``./``, ``../``, ``~`` or ending in ``.model``/``.json``) written in a YAML file is relative to that
 file's directory; one given as an override is relative to the working directory. ``$VARS`` and

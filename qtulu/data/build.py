@@ -13,7 +13,8 @@ sample ``count`` with the data seed -> tokenize in batches with offsets (labels 
 converter) -> truncate/drop over-long examples -> pack (BFD). Malformed rows are found here, before
 any training step: ``on_bad_row: error`` stops at the first one with its location and reason,
 ``skip`` counts them by reason in ``manifest["dropped"]``. Rows the reference converter leaves out on
-purpose are counted in ``manifest["filtered"]``.
+purpose are counted in ``manifest["filtered_by_source"]``; ``manifest["profile"]`` and ``["seed"]``
+say how the rows were converted.
 """
 
 from __future__ import annotations

@@ -169,3 +169,43 @@ def test_cli_build_and_preview(tmp_path, capsys, shared_data, llama_tokenizer_pa
     assert "── a ·" in out and "⟦x0</s>⟧" in out and "── b ·" in out
     assert main(["data", "build", str(recipe), "--out", str(tmp_path / "o2"), "--tokenizer", tok, "-o", "train.nope=1"]) == 2
     assert "train.nope: unknown key" in capsys.readouterr().err
+
+
+def test_bad_inputs_of_the_paper_sources_are_counted_or_located(tmp_path, capsys, llama_tokenizer_path):
+    """An unknown speaker, an empty reply, a tree with no assistant reply, a SuperNI task without
+    Definition: counted by reason under `skip`, one line naming file:line under `error` (CLI exit 2)."""
+    from qtulu.cli import main
+
+    (tmp_path / "sg.json").write_text(json.dumps([
+        {"id": "ok", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"id": "bard", "conversations": [{"from": "human", "value": "Hi"}, {"from": "bard", "value": "Hello"}]}]))
+    (tmp_path / "baize.json").write_text(json.dumps([{"input": "[|Human|] Hi\n[|AI|] Hello\n[|Human|] "},
+                                                     {"input": "[|Human|] Hi\n[|AI|] \n[|Human|] "}]))
+    tree = {"message_tree_id": "t", "tree_state": "ready_for_export",
+            "prompt": {"message_id": "m", "role": "prompter", "text": "Anyone?", "replies": []}}
+    ok_tree = {**tree, "prompt": {**tree["prompt"], "replies": [{"message_id": "r", "role": "assistant", "text": "Yes.", "replies": []}]}}
+    (tmp_path / "trees.jsonl").write_text(json.dumps(ok_tree) + "\n" + json.dumps(tree) + "\n")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "task1_ok.json").write_text(json.dumps(
+        {"Definition": ["Echo."], "Positive Examples": [], "Instances": [{"id": "1", "input": "a", "output": ["a"]}]}))
+    (tmp_path / "tasks" / "task2_nodef.json").write_text(json.dumps({"Instances": [{"id": "1", "input": "a", "output": ["a"]}]}))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "# Run: qtulu data build r.yaml --out out\n"
+        "sources:\n"
+        "  - {name: sharegpt, format: sharegpt, path: sg.json}\n"
+        "  - {name: baize, format: baize, path: baize.json}\n"
+        "  - {name: oasst1, format: oasst1, path: trees.jsonl}\n"
+        "  - {name: superni, format: superni, path: tasks}\n"
+        "data:\n  max_seq_len: 256\n  on_bad_row: skip\n")
+    m = build_dataset(load_recipe(recipe), str(llama_tokenizer_path), progress=False).manifest
+    assert m["sources"] == {"sharegpt": 1, "baize": 1, "oasst1": 1, "superni": 1}
+    assert m["dropped_by_source"] == {"sharegpt": {"unknown_speaker": 1}, "baize": {"empty_assistant_turn": 1},
+                                      "oasst1": {"no_assistant_reply": 1}, "superni": {"missing_field": 1}}
+    for name, fmt, path, where in [("sharegpt", "sharegpt", "sg.json", "sg.json[1]"), ("baize", "baize", "baize.json", "baize.json[1]"),
+                                   ("oasst1", "oasst1", "trees.jsonl", "trees.jsonl:2"), ("superni", "superni", "tasks", "task2_nodef.json")]:
+        one = tmp_path / f"{name}.yaml"
+        one.write_text(f"# Run: qtulu data build {name}.yaml --out out\nsources:\n  - {{name: {name}, format: {fmt}, path: {path}}}\n")
+        rc = main(["data", "build", str(one), "--out", str(tmp_path / "out"), "--no-progress", "--tokenizer", str(llama_tokenizer_path)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and where in err and "Traceback" not in err, (name, err)

@@ -18,6 +18,7 @@ References (open-instruct):
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from typing import Iterable
 
@@ -49,22 +50,29 @@ def _example(row: dict) -> Messages:
     return pair(prompt_of(text(row, "inputs")), text(row, "targets"))
 
 
+_SUBMIX_FILE = re.compile(r"(?:^|_)(flan|t0|niv2|cot|dialog)_(zs|fs)_?(no)?opt(?:_|$)", re.I)
+
+
+def _from_file(where: str) -> tuple[str, str] | None:
+    """``(source, template_type)`` from a submix file name: ``cot_zsopt.jsonl`` (open-instruct's) or
+    ``cot_zs_opt_train.jsonl`` (FLAN's export)."""
+    m = _SUBMIX_FILE.search(file_stem(where))
+    return (m.group(1).lower(), f"{m.group(2).lower()}_{'no' if m.group(3) else ''}opt") if m else None
+
+
 def _template_type(row: dict, where: str) -> str | None:
     """``zs_opt`` / ``fs_opt`` / ``zs_noopt`` / ``fs_noopt`` from the row, else from a submix file name."""
     tt = row.get("template_type")
     if isinstance(tt, str) and tt:
         return tt
-    stem = file_stem(where)
-    for kind in ("zs_opt", "fs_opt", "zs_noopt", "fs_noopt"):
-        if stem.endswith(kind.replace("_", "")):
-            return kind
-    return None
+    found = _from_file(where)
+    return found[1] if found else None
 
 
 def _submix(row: dict, where: str) -> str | None:
-    stem = file_stem(where)
-    if stem in _TULU_V1:
-        return stem
+    found = _from_file(where)
+    if found:
+        return f"{found[0]}_{found[1].replace('_', '')}"
     source, tt = row.get("task_source"), row.get("template_type")
     if isinstance(source, str) and isinstance(tt, str) and source.lower() in _SOURCES:
         return f"{_SOURCES[source.lower()]}_{tt.replace('_', '')}"
