@@ -16,7 +16,11 @@ special token, and the slow tokenizer then strips the whitespace on both sides o
 token and SentencePiece-encodes each piece between them on its own, with its dummy prefix "\u2581".
 So the Tülu models saw ``</s>`` ``\u2581<`` ``|`` ``user`` ..., never ``</s>`` ``<0x0A>`` ``<``. Writing a
 space there makes the fast tokenizer produce exactly those ids (tests compare with that
-encoding, re-implemented on SentencePiece, on real multi-turn rows).
+encoding, re-implemented on SentencePiece, on real multi-turn rows). Two documented differences
+remain (tests/data/test_token_parity.py): open-instruct masks only non-assistant messages, so it
+also trains on the ``<|assistant|>`` tag of an assistant turn that follows another one (qtulu trains
+on replies and EOS only); and it trains on texts that contain a special-token string such as
+``</s>`` (its tokenizer turns it into the control token), which qtulu refuses as a bad row.
 
 Why offsets and not prefix tokenization: tokenizing ``prompt`` and ``prompt + reply`` separately
 and masking ``len(prompt_ids)`` tokens is the classic bug with SentencePiece tokenizers, because the
