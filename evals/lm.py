@@ -14,10 +14,11 @@ Log-probabilities then moved by up to 1e-6 in fp32 and 8e-3 in bf16 between batc
 For models on qtulu's ``qtulu_varlen`` attention (every model ``qtulu.adapters.load_model``
 loads) the padding of a row gets positions of its own (0, 1, ... after the example), so the kernel
 sees the pad run as a separate packed sequence and computes each example's attention over exactly
-its own tokens, with no mask: log-probabilities are bit-identical at batch 1 and 8 on the CPU in
-fp32, bf16 and NF4 (tests/evals/test_lm.py). Other models get right padding plus an attention
-mask: within 1e-5 in fp32; in bf16 eager attention is bit-identical, SDPA differs by up to ~1e-2
-(its blocking depends on the padded width).
+its own tokens, with no mask. Measured on the CPU (tests/evals/test_lm.py): bf16 and NF4 scores are
+bit-identical at batch 1, 3 and 8; fp32 ones agree within 1e-5 (MKL's fp32 matmuls may round a row
+differently for another row count, 5e-7). Other models get right padding plus an attention mask:
+within 1e-5 in fp32; in bf16 eager attention is bit-identical, SDPA differs by up to ~1e-2 (its CPU
+kernel's blocking depends on the padded width). GPU kernels were not measured (no GPU here).
 
 Generation needs the prompt to end where generation starts, so generation batches are LEFT padded
 with explicit ``position_ids`` (cumulative sum of the mask); greedy outputs agree at batch 1 and 8.

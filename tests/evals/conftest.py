@@ -1,4 +1,5 @@
-"""Fixtures for the eval tests: tiny models with LoRA adapters, a TyDi QA fixture, a fake judge."""
+"""Fixtures for the eval tests: tiny models with LoRA adapters, a TyDi QA fixture, a fake judge, a
+model-less LM that records what a task asks, the LLaMA tokenizer."""
 
 from __future__ import annotations
 
@@ -16,6 +17,52 @@ EVAL_DATA_PARTS = ("eval",)
 def eval_data(shared_data):
     """The shared eval data root (skips when absent)."""
     return shared_data(*EVAL_DATA_PARTS)
+
+
+@pytest.fixture(scope="session")
+def stub_lm():
+    """A class: an ``LM`` without a model that records every request (``.calls``) and answers
+    generations with ``reply(prompt)`` and next-token scores with ``choice(prompt)``."""
+    from qtulu.evals.lm import LM
+
+    class _Stub(LM):
+        def __init__(self, tokenizer, chat_format="tulu", reply=None, choice=None):
+            super().__init__(model=None, tokenizer=tokenizer, batch_size=8, chat_format=chat_format)
+            self.reply = reply or (lambda prompt: "")
+            self.choice = choice or (lambda prompt: [0.0, -1.0, -2.0, -3.0])
+            self.calls = []
+
+        def generate(self, prompts, **kwargs):
+            self.calls.append(("generate", list(prompts), kwargs))
+            return [[self.reply(p) for _ in range(kwargs.get("num_samples", 1))] for p in prompts]
+
+        def next_token_logprobs(self, prompts, candidate_ids):
+            self.calls.append(("next_token", list(prompts), list(candidate_ids)))
+            return [list(self.choice(p)) for p in prompts]
+
+    return _Stub
+
+
+@pytest.fixture
+def llama_tok(llama_tokenizer_path):
+    """The LLaMA SentencePiece tokenizer of ../shared (loaded once per process, then cached)."""
+    from qtulu.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(llama_tokenizer_path)
+
+
+@pytest.fixture
+def llama_tok_bos(llama_tok):
+    """A copy whose ``encode``/``__call__`` add the BOS, as transformers' LLaMA tokenizer does (what
+    open-instruct's ``tokenizer.encode(context)`` relied on); ``decode`` then shows it as "<s>"."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    tok = copy.deepcopy(llama_tok)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.bos_token_id)])
+    return tok
 
 
 @pytest.fixture(scope="session")
