@@ -121,10 +121,16 @@ def load(data_dir, *, limit=None, n_shot=1, max_num_examples_per_lang=100, seed=
     return [{**ex, "shots": shots[lang]} for lang in langs for ex in head(picked[lang], limit)]
 
 
-def clip(lm, text: str, max_tokens: int | None, profile: str = "open_instruct") -> str:
-    """``text`` cut to ``max_tokens`` tokens (see the module docstring for the two profiles)."""
+def clip(lm, text: str, max_tokens: int | None, profile: str = "open_instruct", cache: dict | None = None) -> str:
+    """``text`` cut to ``max_tokens`` tokens (see the module docstring for the two profiles);
+    ``cache`` (a dict) remembers texts already cut (an exemplar's passage recurs in every prompt)."""
     if not max_tokens:
         return text
+    if cache is not None:
+        key = (text, max_tokens, profile)
+        if key not in cache:
+            cache[key] = clip(lm, text, max_tokens, profile)
+        return cache[key]
     tok = lm.tokenizer
     if profile == "open_instruct":
         ids = tok.encode(text)  # special tokens as the tokenizer adds them (LLaMA: a BOS)
@@ -133,7 +139,8 @@ def clip(lm, text: str, max_tokens: int | None, profile: str = "open_instruct") 
     return text if len(ids) <= max_tokens else tok.decode(ids[:max_tokens], skip_special_tokens=True)
 
 
-def build_prompt(lm, ex, *, no_context=False, max_context_length=512, profile="open_instruct") -> str:
+def build_prompt(lm, ex, *, no_context=False, max_context_length=512, profile="open_instruct",
+                 cache: dict | None = None) -> str:
     lang = ex["lang"]
     if no_context:
         prompt, q_t, a_t = WITHOUT_CONTEXT[lang]
@@ -145,10 +152,10 @@ def build_prompt(lm, ex, *, no_context=False, max_context_length=512, profile="o
         demos = []
         for s in ex["shots"]:
             qa = q_t + " " + s["question"] + "\n" + a_t + " " + s["answers"][0]
-            demos.append(qa if no_context else p_t + " " + clip(lm, s["context"], max_context_length, profile) + "\n" + qa)
+            demos.append(qa if no_context else p_t + " " + clip(lm, s["context"], max_context_length, profile, cache) + "\n" + qa)
         prompt += "\n\n".join(demos) + "\n\n"
     if not no_context:
-        prompt += p_t + " " + clip(lm, ex["context"], max_context_length, profile) + "\n"
+        prompt += p_t + " " + clip(lm, ex["context"], max_context_length, profile, cache) + "\n"
     prompt += q_t + " " + ex["question"] + "\n"
     if lm.chat_format is None:
         return prompt + a_t
@@ -160,8 +167,9 @@ def stops(lm, profile: str) -> list[str]:
 
 
 def predict(lm, examples, *, no_context=False, max_context_length=512, max_new_tokens=50, profile="open_instruct", **_):
-    prompts = [build_prompt(lm, ex, no_context=no_context, max_context_length=max_context_length, profile=profile)
-               for ex in examples]
+    cache: dict = {}
+    prompts = [build_prompt(lm, ex, no_context=no_context, max_context_length=max_context_length, profile=profile,
+                            cache=cache) for ex in examples]
     outs = lm.generate(prompts, max_new_tokens=max_new_tokens, stop=stops(lm, profile))
     return [{"id": ex["id"], "lang": ex["lang"], "prediction": o[0].strip(), "answers": ex["answers"]}
             for ex, o in zip(examples, outs)]
