@@ -132,15 +132,22 @@ def tydiqa_dir(tmp_path):
 
 @pytest.fixture
 def fake_judge():
-    """A local OpenAI-compatible endpoint: ``reply(messages) -> str`` decides each answer."""
-    state = {"reply": lambda messages: "a", "requests": []}
+    """A local OpenAI-compatible endpoint. Chat completions: ``reply(messages) -> str``; completions:
+    ``top(prompt) -> {token: logprob}`` (the first token's top log-probabilities)."""
+    state = {"reply": lambda messages: "a", "top": lambda prompt: {" yes": 0.0}, "requests": []}
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             state["requests"].append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-            out = json.dumps({"choices": [{"message": {"role": "assistant",
-                                                       "content": state["reply"](body["messages"])}}]}).encode()
+            if self.path.endswith("/chat/completions"):
+                payload = {"choices": [{"message": {"role": "assistant", "content": state["reply"](body["messages"])}}]}
+            else:
+                top = state["top"](body["prompt"])
+                first = max(top, key=top.get) if top else ""
+                payload = {"choices": [{"text": first, "logprobs": {"tokens": [first], "token_logprobs": [top.get(first)],
+                                                                     "top_logprobs": [top]}}]}
+            out = json.dumps(payload).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(out)))
