@@ -40,6 +40,14 @@ def stub_lm():
             self.calls.append(("next_token", list(prompts), list(candidate_ids)))
             return [list(self.choice(p)) for p in prompts]
 
+        def token_logprobs(self, requests):
+            self.calls.append(("token_logprobs", list(requests), None))
+            return [(-float(len(ids) - start), False) for ids, start in requests]
+
+        def loglikelihood(self, requests):
+            self.calls.append(("loglikelihood", list(requests), None))
+            return [(-float(len(c)), False) for _, c in requests]
+
     return _Stub
 
 

@@ -179,19 +179,19 @@ def test_truthfulqa_mc_scores_equal_open_instruct_run_probs(eval_data, tiny_long
     from tokenizers.processors import TemplateProcessing
 
     oi_tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
-    questions = pd.read_csv(eval_data / "truthfulqa" / "TruthfulQA.csv").iloc[:16]
+    questions = pd.read_csv(eval_data / "truthfulqa" / "TruthfulQA.csv").iloc[:10]
     want = oi_run_probs(questions, model, oi_tok)
     from qtulu.evals.lm import LM
 
     task = get_task("truthfulqa_mc")
-    examples = task.module.load(eval_data, limit=16, **task.opts)
+    examples = task.module.load(eval_data, limit=10, **task.opts)
     lm = LM(model, tok, batch_size=8, chat_format="tulu")  # MC prompts are plain whatever the chat format
     preds = task.module.predict(lm, examples, **task.opts)
     for p, (_, row) in zip(preds, want.iterrows()):
         assert p["scores_true"] == pytest.approx(row["true"], abs=1e-4)
         assert p["scores_false"] == pytest.approx(row["false"], abs=1e-4)
     metrics = task.module.score(preds, **task.opts)
-    assert metrics["n"] == 16
+    assert metrics["n"] == 10
     for k in ("mc1", "mc2", "mc3"):
         assert metrics[k] == pytest.approx(want[k.upper()].mean(), abs=1e-6), k
 

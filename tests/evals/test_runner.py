@@ -8,6 +8,7 @@ import json
 import pytest
 
 from qtulu.evals.runner import evaluate, read_jsonl
+from qtulu.evals.tasks import get_task
 
 OPTS = {"mmlu": {"subjects": ["world_religions", "global_facts"]}, "gsm8k": {"max_new_tokens": 4},
         "tydiqa": {"max_new_tokens": 4}}
@@ -187,3 +188,31 @@ def test_toxigen_classifier_from_a_saved_model(tmp_path):
         with torch_mod.no_grad():
             want.append(int(clf(**ids).logits.argmax(-1)) == 1)
     assert got == want
+
+
+@pytest.mark.parametrize("profile", ["open_instruct", "corrected"])
+def test_every_task_runs_under_both_profiles(eval_data, tydiqa_dir, char_tokenizer, stub_lm, fake_judge, tmp_path,
+                                             profile):
+    """load -> predict -> score -> describe for every task variant (HumanEval: up to predict; its
+    execution is the sandbox's tests), with a model-less LM: options, profiles and records fit."""
+    from qtulu.evals.judge import Judge
+    from qtulu.evals.runner import run_task
+    from qtulu.evals.tasks import TASKS
+
+    for sub in eval_data.iterdir():
+        if not (tydiqa_dir / sub.name).exists():
+            (tydiqa_dir / sub.name).symlink_to(sub)
+    fake_judge["reply"] = lambda m: "[{'model': 'model_1', 'rank': 2}, {'model': 'model_2', 'rank': 1}]"
+    ctx = {"judge": Judge(fake_judge["url"], "j"), "classifier": lambda texts: [False] * len(texts)}
+    lm = stub_lm(char_tokenizer, chat_format="tulu", reply=lambda p: " So the answer is 3.")
+    for name in TASKS:
+        if name.startswith("codex"):
+            task = get_task(name, profile=profile)
+            examples = task.module.load(tydiqa_dir, limit=2, **task.opts)
+            assert task.module.predict(lm, examples, allow_code_execution=True, **task.opts)[0]["completions"]
+            continue
+        m = run_task(lm, name, data_dir=tydiqa_dir, out_dir=tmp_path / profile / name, limit=2,
+                     score_context=ctx, profile=profile)
+        assert m["profile"] == profile and m["comparable"] is False and "limit 2" in m["comparability"], name
+        assert isinstance(m["score"], float) and m["subset"] and m["metric"], name
+        assert (tmp_path / profile / name / "predictions.jsonl").exists()
