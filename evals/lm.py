@@ -149,8 +149,8 @@ class LM:
         cfg = getattr(self.model, "config", None)
         return getattr(cfg, "_attn_implementation", None) == "qtulu_varlen"
 
-    def _score_logprobs(self, seqs: Sequence[Sequence[int]]):
-        """Right-padded forward pass: (B, W, V) float32 log-probabilities, row i's tokens at 0..len-1."""
+    def _score_logits(self, seqs: Sequence[Sequence[int]]):
+        """Right-padded forward pass: (B, W, V) logits, row i's tokens at 0..len-1."""
         import torch
 
         width = max(len(s) for s in seqs)
@@ -168,8 +168,7 @@ class LM:
         if not self._uses_varlen():
             kwargs["attention_mask"] = mask.to(dev)
         with torch.no_grad():
-            logits = self.model(**kwargs).logits  # (B, W, V)
-        return logits.float().log_softmax(-1)
+            return self.model(**kwargs).logits  # (B, W, V)
 
     def next_token_logprobs(self, prompts: Sequence[str], candidate_ids: Sequence[int]) -> list[list[float]]:
         """Log-probabilities of ``candidate_ids`` as the token after each prompt: (N, len(candidates))."""
@@ -179,9 +178,12 @@ class LM:
         results: list[list[float]] = [None] * len(prompts)  # type: ignore[list-item]
         cand = torch.tensor(list(candidate_ids), dtype=torch.long)
         for chunk in self._chunks(self._order([len(e) for e in encoded]), "scoring"):
-            logp = self._score_logprobs([encoded[i] for i in chunk]).cpu()  # (B, W, V)
+            logits = self._score_logits([encoded[i] for i in chunk])  # (B, W, V)
+            rows = torch.arange(len(chunk), device=logits.device)
+            last = torch.tensor([len(encoded[i]) - 1 for i in chunk], device=logits.device)
+            logp = logits[rows, last].float().log_softmax(-1).cpu()  # (B, V): only the positions needed
             for row, i in enumerate(chunk):
-                results[i] = logp[row, len(encoded[i]) - 1, cand].tolist()
+                results[i] = logp[row, cand].tolist()
         return results
 
     def token_logprobs(self, requests: Sequence[tuple[Sequence[int], int]]) -> list[tuple[float, bool]]:
@@ -198,14 +200,14 @@ class LM:
                 raise ValueError(f"a scored sequence of {len(ids)} tokens exceeds max_length={self.max_length}")
         for chunk in self._chunks(self._order([len(ids) for ids, _ in requests]), "loglikelihood"):
             seqs = [list(requests[i][0]) for i in chunk]
-            logp = self._score_logprobs(seqs)  # (B, W, V)
+            logits = self._score_logits(seqs)  # (B, W, V)
             for row, i in enumerate(chunk):
                 ids, start = seqs[row], max(1, requests[i][1])
                 if start >= len(ids):
                     results[i] = (0.0, True)
                     continue
-                target = torch.tensor(ids[start:], device=logp.device)  # (n,)
-                pred = logp[row, start - 1: len(ids) - 1]  # (n, V): the positions that predict them
+                target = torch.tensor(ids[start:], device=logits.device)  # (n,)
+                pred = logits[row, start - 1: len(ids) - 1].float().log_softmax(-1)  # (n, V): the predicting positions
                 tok_lp = pred.gather(-1, target[:, None]).squeeze(-1)
                 results[i] = (float(tok_lp.sum()), bool((pred.argmax(-1) == target).all()))
         return results
