@@ -23,6 +23,12 @@ def _common(p: argparse.ArgumentParser, *, tasks_required: bool) -> None:
     p.add_argument("--workers", type=int, default=None, help="sandbox workers (default: CPU count)")
 
 
+def _profile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", choices=("open_instruct", "corrected"), default="open_instruct",
+                   help="open_instruct (default): open-instruct's Tulu-1 evaluation, the paper's numbers; "
+                        "corrected: its mistakes fixed (see each task's docstring)")
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="base model dir (safetensors) or hub id")
     p.add_argument("--adapter", action="append", default=[], help="adapter dir or NAME=DIR (repeatable)")
@@ -48,6 +54,7 @@ def register(subparsers) -> None:
                     "`merge-search` picks the best merge of adapters by the suite.")
     _model_args(p)
     _common(p, tasks_required=True)
+    _profile_arg(p)
     p.add_argument("--include-base", action="store_true", help="also evaluate the base (adapters disabled)")
     p.add_argument("--list-tasks", action="store_true", help="print the task names and versions, then exit")
     p.set_defaults(func=_run)
@@ -58,6 +65,7 @@ def register(subparsers) -> None:
     s.add_argument("--predictions", required=True)
     s.add_argument("--out", help="write the metrics JSON here (default: print only)")
     s.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE")
+    _profile_arg(s)
     _common(s, tasks_required=False)
     s.set_defaults(func=_score)
 
@@ -182,6 +190,7 @@ def _run(args) -> int:
         chat_format=None if args.chat_format == "none" else args.chat_format, judge=judge,
         classifier=args.toxigen_classifier, allow_code_execution=args.allow_code_execution, workers=args.workers,
         task_options=_task_options(args.task_option), model_name=Path(args.model).name or "model",
+        profile=args.profile,
     )
     print((Path(args.out) / "results.md").read_text(encoding="utf-8"))
     print(json.dumps({lab: {t: m.get("score") for t, m in r.items()} for lab, r in results["results"].items()}))
@@ -195,7 +204,7 @@ def _score(args) -> int:
     from .runner import read_jsonl, write_json
     from .tasks import get_task
 
-    task = get_task(args.task, **_task_options(args.task_option, prefixed=False))
+    task = get_task(args.task, **{"profile": args.profile, **_task_options(args.task_option, prefixed=False)})
     preds = read_jsonl(args.predictions)
     if args.data_dir:  # predictions must belong to this data: every id must exist there
         known = {ex["id"] for ex in task.module.load(args.data_dir, **task.opts)}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 HEADLINE = {  # what "score" means per task, for the table's row labels
     "mmlu": "acc", "mmlu_5shot": "acc", "gsm8k": "EM", "gsm8k_direct": "EM", "bbh": "EM", "bbh_direct": "EM",
-    "tydiqa": "F1", "tydiqa_nocontext": "F1", "codex_humaneval": "pass@1", "codex_humaneval_t08": "pass@1",
+    "tydiqa": "F1", "tydiqa_nocontext": "F1", "codex_humaneval": "pass@10", "codex_humaneval_t01": "pass@1",
     "alpaca_eval": "win %", "toxigen": "% toxic (lower better)", "truthfulqa_mc": "MC2",
     "truthfulqa_gen": "% true+info",
 }
@@ -29,7 +29,24 @@ def markdown_table(results: dict) -> str:
         ver = results.get("versions", {}).get(t, "?")
         cells = [_fmt(results["results"][lab].get(t, {}).get("score")) for lab in labels]
         lines.append(f"| {t} v{ver} ({HEADLINE.get(t, 'score')}) | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + settings_table(results)
+
+
+def settings_table(results: dict) -> str:
+    """Per task: profile, subset (n and seed), metric, and whether the numbers are comparable to the
+    paper's table (from the first label that ran the task)."""
+    rows = []
+    for t in results.get("versions") or {}:
+        m = next((r[t] for r in results["results"].values() if isinstance(r.get(t), dict) and "profile" in r[t]), None)
+        if m is None:
+            continue
+        comparable = "yes" if m.get("comparable") else m.get("comparability", "no")
+        rows.append(f"| {t} | {m['profile']} | {m.get('subset', '?')} (n={m.get('n', '?')}) | {m.get('metric', '?')} | "
+                    f"{comparable} |")
+    if not rows:
+        return ""
+    head = ["", "| task | profile | subset | metric | comparable to the paper's table |", "|---|---|---|---|---|"]
+    return "\n".join(head + rows) + "\n"
 
 
 def bar_chart(results: dict, path: Path) -> Path:

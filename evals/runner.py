@@ -24,7 +24,7 @@ from .tasks import get_task, parse_task_list
 
 NEEDS = {
     "codex_humaneval": "allow_code_execution",
-    "codex_humaneval_t08": "allow_code_execution",
+    "codex_humaneval_t01": "allow_code_execution",
     "alpaca_eval": "judge",
     "truthfulqa_gen": "judge",
     "toxigen": "classifier",
@@ -85,9 +85,12 @@ def check_requirements(task_names: Sequence[str], *, judge=None, classifier=None
 
 
 def run_task(lm: LM, task_name: str, *, data_dir, out_dir: Path | None = None, limit=None,
-             task_options: dict | None = None, score_context: dict | None = None) -> dict:
-    """Load, predict, score one task with ``lm``; save predictions.jsonl + metrics.json in ``out_dir``."""
-    task = get_task(task_name, **(task_options or {}))
+             task_options: dict | None = None, score_context: dict | None = None, profile: str | None = None) -> dict:
+    """Load, predict, score one task with ``lm``; save predictions.jsonl + metrics.json in ``out_dir``.
+
+    ``profile`` (None: the task's default, open_instruct) applies unless ``task_options`` names one.
+    """
+    task = get_task(task_name, **{**({"profile": profile} if profile else {}), **(task_options or {})})
     ctx = dict(score_context or {})
     t0 = time.time()
     examples = task.module.load(data_dir, limit=limit, **task.opts)
@@ -96,8 +99,14 @@ def run_task(lm: LM, task_name: str, *, data_dir, out_dir: Path | None = None, l
     if out_dir is not None:
         write_jsonl(Path(out_dir) / "predictions.jsonl", preds)
     metrics = task.module.score(preds, **task.opts, **ctx)
+    about = task.module.describe(limit=limit, context=ctx, **task.opts)
+    if lm.chat_format == "tokenizer" and about["comparable"]:  # the paper: Tulu format (plain for base models)
+        about = {**about, "comparable": False, "note": "not comparable: the tokenizer's chat template (the paper: "
+                                                       "the Tulu format, plain prompts for base models)"}
     metrics = {
         **metrics, "task": task_name, "version": task.version, "options": task.opts, "limit": limit,
+        "profile": about["profile"], "subset": about["subset"], "metric": about["metric"],
+        "comparable": about["comparable"], "comparability": about["note"],
         "chat_format": lm.chat_format, "predict_seconds": round(t1 - t0, 2),
         "score_seconds": round(time.time() - t1, 2),
     }
@@ -110,7 +119,8 @@ def evaluate(model, tokenizer, tasks, *, data_dir, out_dir, adapters: Sequence[s
              batch_size: int = 8, limit: int | None = None, chat_format: str | None = "tulu",
              judge=None, classifier=None, allow_code_execution: bool = False, workers: int | None = None,
              task_options: dict[str, dict] | None = None, model_name: str = "model", max_length: int | None = None,
-             base_chat_format: str | None = None, progress: bool = True, report: bool = True) -> dict:
+             base_chat_format: str | None = None, progress: bool = True, report: bool = True,
+             profile: str = "open_instruct") -> dict:
     """Evaluate ``model`` (optionally under each of ``adapters``) on ``tasks``; returns the results dict.
 
     ``tasks``: names from ``qtulu.evals.tasks.TASKS`` (list or "a,b"). ``adapters``: names already
@@ -118,10 +128,15 @@ def evaluate(model, tokenizer, tasks, *, data_dir, out_dir, adapters: Sequence[s
     ``chat_format`` applies to tuned models (adapters, or the model as is); the "base" label uses
     ``base_chat_format`` (default None: plain prompts, as the Tulu paper evaluates base models).
     ``task_options``: per-task option overrides, e.g. ``{"mmlu": {"subjects": ["anatomy"]}}``.
+    ``profile``: "open_instruct" (reproduces the paper's evaluation) or "corrected", for every task
+    (a task's own ``profile`` option wins).
     The returned dict (also ``out_dir/results.json``) is
     ``{"results": {label: {task: metrics}}, "versions": {task: version}, "config": {...}}``.
     """
     names = parse_task_list(tasks)
+    from .tasks._common import check_profile
+
+    check_profile(profile)
     check_requirements(names, judge=judge, classifier=classifier, allow_code_execution=allow_code_execution)
     out_dir = Path(out_dir)
     labels = list(adapters) if adapters else [model_name]
@@ -143,7 +158,7 @@ def evaluate(model, tokenizer, tasks, *, data_dir, out_dir, adapters: Sequence[s
             for name in names:
                 results[label][name] = run_task(
                     lm, name, data_dir=data_dir, out_dir=out_dir / label / name, limit=limit,
-                    task_options=(task_options or {}).get(name), score_context=ctx)
+                    task_options=(task_options or {}).get(name), score_context=ctx, profile=profile)
     finally:
         if was_training:
             model.train()
@@ -152,6 +167,7 @@ def evaluate(model, tokenizer, tasks, *, data_dir, out_dir, adapters: Sequence[s
         "versions": {n: get_task(n).version for n in names},
         "config": {"tasks": names, "labels": labels, "batch_size": batch_size, "limit": limit,
                    "chat_format": chat_format, "base_chat_format": base_chat_format, "data_dir": str(data_dir),
+                   "profile": profile,
                    "judge": None if judge is None else {"url": judge.url, "model": judge.model},
                    "classifier": classifier if isinstance(classifier, (str, type(None))) else repr(classifier)},
     }

@@ -7,6 +7,11 @@ so that ``score`` needs nothing else) and ``score(predictions, **ctx) -> dict`` 
 the headline one under "score"). ``ctx`` carries what scoring may need: ``judge``,
 ``classifier``, ``allow_code_execution``, ``workers``.
 
+Each module also has ``describe(limit=None, context=None, **opts) -> dict``: the profile, the
+subset (n and seed), the metric, and whether the run is comparable to the paper's table (results.md
+prints it), and takes a ``profile`` option: ``open_instruct`` (default; reproduces open-instruct's
+Tulu-1 evaluation) or ``corrected`` (see ``_common.PROFILES``).
+
 Each module also declares ``OPTIONS``: every option its functions accept, as
 ``{name: (default, one-line meaning)}``; an option not listed there is refused (`TaskOptionError`
 names the valid ones), so that a misspelt option never passes silently.
@@ -40,8 +45,9 @@ TASKS: dict[str, tuple[str, dict[str, Any]]] = {
     "bbh_direct": ("bbh", {"cot": False}),
     "tydiqa": ("tydiqa", {"no_context": False}),
     "tydiqa_nocontext": ("tydiqa", {"no_context": True}),
-    "codex_humaneval": ("codex_humaneval", {"temperature": 0.1, "num_samples": 20}),
-    "codex_humaneval_t08": ("codex_humaneval", {"temperature": 0.8, "num_samples": 20}),
+    # the paper's Codex-Eval column: pass@10 of 20 samples at T 0.8; pass@1 at T 0.1 beside it
+    "codex_humaneval": ("codex_humaneval", {"temperature": 0.8, "headline_k": 10}),
+    "codex_humaneval_t01": ("codex_humaneval", {"temperature": 0.1, "headline_k": 1}),
     "alpaca_eval": ("alpaca_eval", {}),
     "toxigen": ("toxigen", {}),
     "truthfulqa_mc": ("truthfulqa", {"mode": "mc"}),

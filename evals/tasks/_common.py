@@ -1,4 +1,4 @@
-"""Small helpers shared by the task modules (file checks, limits)."""
+"""Small helpers shared by the task modules: profiles, file checks, limits, the comparability note."""
 
 from __future__ import annotations
 
@@ -6,9 +6,30 @@ from pathlib import Path
 
 from qtulu.errors import QtuluError
 
+# Every task takes a ``profile`` option.
+PROFILES = {
+    "open_instruct": "open-instruct's Tulu-1 evaluation (eval/*/run_eval.py at 171c3f163) reproduced, "
+                     "quirks included: prompts, subsets, stops, extraction and metrics of the paper's table",
+    "corrected": "the same benchmarks with open-instruct's mistakes fixed (each task module lists what "
+                 "changes); its numbers are not comparable to the paper's",
+}
+DEFAULT_PROFILE = "open_instruct"
+PROFILE_OPTION = (DEFAULT_PROFILE, "open_instruct (reproduces the paper's evaluation) or corrected "
+                                   "(open-instruct's mistakes fixed; see the task's docstring)")
+
 
 class TaskDataError(QtuluError, FileNotFoundError):
     """Missing or malformed benchmark data; the message names the file."""
+
+
+class TaskConfigError(QtuluError, ValueError):
+    """A task option with a value the task cannot use; the message names the option."""
+
+
+def check_profile(profile: str) -> str:
+    if profile not in PROFILES:
+        raise TaskConfigError(f"unknown profile {profile!r}; profiles: {', '.join(PROFILES)}")
+    return profile
 
 
 def require(path: Path, what: str) -> Path:
@@ -23,9 +44,13 @@ def head(items: list, limit: int | None) -> list:
     return items if limit is None else items[:limit]
 
 
-def answer_after(lm, prefix: str) -> str:
-    """What follows the user turn: open-instruct adds the prefix after a space unless the chat
-    prompt already ends in whitespace; plain prompts get it on a new line."""
-    if lm.chat_format is None:
-        return "\n" + prefix
-    return prefix
+def comparability(profile: str, limit, deviations: list[str]) -> tuple[bool, str]:
+    """(comparable to the paper's table, why): only the open_instruct profile, with no ``limit`` and
+    none of ``deviations`` (the task's own list of settings that differ from the paper's)."""
+    why = []
+    if profile != DEFAULT_PROFILE:
+        why.append(f"profile {profile}")
+    if limit is not None:
+        why.append(f"limit {limit}")
+    why += deviations
+    return (not why, "as the paper" if not why else "not comparable: " + "; ".join(why))

@@ -1,25 +1,51 @@
-"""GSM8K: 8-shot chain-of-thought with the standard exemplars (Wei et al. 2022, Table 20), or
-direct answers; the last number of the output against the number after ``####``.
+"""GSM8K: 8-shot chain-of-thought with the exemplars of the CoT paper (Wei et al. 2022, Table 20),
+or the same questions with direct answers; the last number of the output against the number after
+``####``. Headline: exact match on 200 questions.
+
+``open_instruct`` profile = eval/gsm/run_eval.py at 171c3f163 with scripts/eval/gsm.sh's settings
+(``--max_num_examples 200 --n_shot 8``):
+
+- ``random.seed(42)`` then ``random.sample`` of 200 of the 1,319 test questions, kept in the
+  sampled order; with fewer than 8 shots the exemplars are sampled next from the same generator;
+- the direct-answer exemplars read "Quesion:" (open-instruct's typo, kept: it is the prompt the
+  paper's models saw); the question itself reads "Question:";
+- plain prompts end "\\nAnswer:", chat prompts "<|assistant|>\\nAnswer:"; greedy, 512 new tokens,
+  stopping at the first newline in both formats;
+- prediction = the last number after removing commas between digits (one pass), integers losing
+  their sign; scored with HF evaluate's exact_match (case and punctuation ignored), so "-18" counts
+  for 18 while "18.0" and "$18.00" do not.
+
+``corrected``: "Question:" in the direct exemplars, chat prompts stop at the model's EOS (as
+open-instruct's 2023-12 code does), and the prediction is the last number with its sign, thousands
+separators removed, compared numerically ("18.0" and "$18.00" are 18, "-18" is not).
+
+Data: ``gsm/test.jsonl`` (``{"question", "answer"}``, the final answer after ``#### ``).
 """
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
-from ..metrics import last_number, numbers_equal
-from ._common import TaskDataError, answer_after, head, require
+from ..metrics import hf_exact_match, last_number, numbers_equal, oi_gsm_answer, oi_gsm_gold
+from ._common import PROFILE_OPTION, TaskDataError, check_profile, comparability, head, require
 
 NAME = "gsm8k"
-VERSION = "1.0"
+VERSION = "2.0"
 DATA_SUBDIR = "gsm"
 # every option load/predict/score accept: name -> (default, meaning); `qtulu eval --list-tasks` shows them
 OPTIONS = {
     "cot": (True, "8-shot chain-of-thought exemplars (False: direct answers)"),
-    "n_shot": (8, "number of exemplars in the prompt"),
+    "n_shot": (8, "number of exemplars in the prompt (fewer than 8 are sampled from the 8)"),
+    "max_num_examples": (200, "questions sampled with `seed` (the paper: 200; None: all 1,319)"),
+    "seed": (42, "seed of the question (and exemplar) sampling"),
     "max_new_tokens": (512, "longest generation per question"),
+    "profile": PROFILE_OPTION,
 }
 
+# (question, cot_answer, short_answer): the exemplars of open-instruct's eval/gsm/examplars.py, from
+# the CoT paper's Table 20, in their order
 EXEMPLARS = [
     ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, there will be 21 trees. How many trees did the grove workers plant today?",
      "There are 15 trees originally. Then there were 21 trees after some more were planted. So there must have been 21 - 15 = 6. So the answer is 6.", "6"),
@@ -40,45 +66,83 @@ EXEMPLARS = [
 ]
 
 
-def load(data_dir, *, limit=None, **_):
+def load(data_dir, *, limit=None, cot=True, n_shot=8, max_num_examples=200, seed=42, profile="open_instruct",
+         **_):
+    """The sampled questions in open-instruct's order (``limit``: the first N of them), each carrying
+    the few-shot prefix."""
+    check_profile(profile)
     path = require(Path(data_dir) / DATA_SUBDIR / "test.jsonl", "GSM8K test file")
-    examples = []
+    rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                gold = row["answer"].split("####")[-1].strip().replace(",", "")
-                question = row["question"]
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                question, answer = row["question"], row["answer"]
+            except (json.JSONDecodeError, KeyError) as e:
                 raise TaskDataError(f"{path}:{lineno}: bad GSM8K row ({e})") from e
-            if "####" not in row["answer"]:
+            if not isinstance(answer, str) or "####" not in answer:
                 raise TaskDataError(f"{path}:{lineno}: answer has no '####' final answer")
-            examples.append({"id": str(lineno - 1), "question": question, "gold": gold})
-    return head(examples, limit)
+            rows.append({"id": str(len(rows)), "question": question, "gold": oi_gsm_gold(answer)})
+    rng = random.Random(seed)  # open-instruct: random.seed(42) once, then every draw in this order
+    if max_num_examples and len(rows) > max_num_examples:
+        rows = [rows[i] for i in rng.sample(range(len(rows)), max_num_examples)]
+    shots = EXEMPLARS
+    if n_shot and len(EXEMPLARS) > n_shot:
+        shots = [EXEMPLARS[i] for i in rng.sample(range(len(EXEMPLARS)), n_shot)]
+    prefix = prompt_prefix(cot, shots if n_shot else [], profile)
+    return [{**r, "prefix": prefix} for r in head(rows, limit)]
 
 
-def prompt_prefix(cot: bool, n_shot: int = 8) -> str:
-    demos = [f"Question: {q}\nAnswer: {cot_a if cot else short}" for q, cot_a, short in EXEMPLARS[:n_shot]]
-    if not demos:
+def prompt_prefix(cot: bool, shots, profile: str = "open_instruct") -> str:
+    if not shots:
         return "Answer the following question.\n\n"
+    # open-instruct's direct-answer exemplars say "Quesion:" (sic)
+    q = "Question: " if cot or profile != "open_instruct" else "Quesion: "
+    demos = [q + question + "\n" + "Answer: " + (cot_answer if cot else short) for question, cot_answer, short in shots]
     return "Answer the following questions.\n\n" + "\n\n".join(demos) + "\n\n"
 
 
-def build_prompt(lm, question: str, cot: bool = True, n_shot: int = 8) -> str:
-    return lm.chat(prompt_prefix(cot, n_shot) + "Question: " + question.strip(), answer_after(lm, "Answer:"))
+def build_prompt(lm, example) -> str:
+    text = example["prefix"] + "Question: " + example["question"].strip()
+    if lm.chat_format is None:
+        return text + "\nAnswer:"
+    return lm.chat_then(text, "Answer:")
 
 
-def predict(lm, examples, *, cot=True, n_shot=8, max_new_tokens=512, **_):
-    prompts = [build_prompt(lm, ex["question"], cot, n_shot) for ex in examples]
-    stop = ["\n\n", "\nQuestion:"] if lm.chat_format is None else ["\nQuestion:", "<|user|>"]
-    outs = lm.generate(prompts, max_new_tokens=max_new_tokens, stop=stop)
-    return [{"id": ex["id"], "output": o[0], "prediction": last_number(o[0]), "gold": ex["gold"]}
+def stops(lm, profile: str) -> list[str]:
+    return ["\n"] if profile == "open_instruct" or lm.chat_format is None else []
+
+
+def predict(lm, examples, *, max_new_tokens=512, profile="open_instruct", **_):
+    outs = lm.generate([build_prompt(lm, ex) for ex in examples], max_new_tokens=max_new_tokens,
+                       stop=stops(lm, profile))
+    return [{"id": ex["id"], "output": o[0], "prediction": extract(o[0], profile), "gold": ex["gold"]}
             for ex, o in zip(examples, outs)]
 
 
-def score(predictions, **_):
-    hits = [float(numbers_equal(last_number(p["output"]), p["gold"])) for p in predictions]
+def extract(output: str, profile: str = "open_instruct") -> str | None:
+    return oi_gsm_answer(output) if profile == "open_instruct" else last_number(output)
+
+
+def score(predictions, *, profile="open_instruct", **_):
+    check_profile(profile)
+    if profile == "open_instruct":
+        hits = hf_exact_match([oi_gsm_answer(p["output"]) for p in predictions], [p["gold"] for p in predictions],
+                              ignore_case=True, ignore_punctuation=True)
+    else:
+        hits = [numbers_equal(last_number(p["output"]), p["gold"]) for p in predictions]
     acc = sum(hits) / len(hits) if hits else float("nan")
     return {"score": acc, "exact_match": acc, "n": len(hits)}
+
+
+def describe(*, limit=None, cot=True, n_shot=8, max_num_examples=200, seed=42, profile="open_instruct",
+             max_new_tokens=512, **_) -> dict:
+    dev = [f"{k} {v}" for k, v, paper in (("cot", cot, True), ("n_shot", n_shot, 8),
+                                            ("max_num_examples", max_num_examples, 200), ("seed", seed, 42),
+                                            ("max_new_tokens", max_new_tokens, 512)) if v != paper]
+    ok, note = comparability(profile, limit, dev)
+    n = "all 1,319" if not max_num_examples else f"{max_num_examples} sampled with random.seed({seed})"
+    return {"profile": profile, "subset": n + ("" if limit is None else f", first {limit} of them"),
+            "metric": "exact match of the last number", "comparable": ok, "note": note}

@@ -1,4 +1,5 @@
-"""Fixtures for the eval tests: tiny models with LoRA adapters, a TyDi QA fixture, a fake judge."""
+"""Fixtures for the eval tests: tiny models with LoRA adapters, a TyDi QA fixture, a fake judge, a
+model-less LM that records what a task asks, the LLaMA tokenizer."""
 
 from __future__ import annotations
 
@@ -16,6 +17,60 @@ EVAL_DATA_PARTS = ("eval",)
 def eval_data(shared_data):
     """The shared eval data root (skips when absent)."""
     return shared_data(*EVAL_DATA_PARTS)
+
+
+@pytest.fixture(scope="session")
+def stub_lm():
+    """A class: an ``LM`` without a model that records every request (``.calls``) and answers
+    generations with ``reply(prompt)`` and next-token scores with ``choice(prompt)``."""
+    from qtulu.evals.lm import LM
+
+    class _Stub(LM):
+        def __init__(self, tokenizer, chat_format="tulu", reply=None, choice=None):
+            super().__init__(model=None, tokenizer=tokenizer, batch_size=8, chat_format=chat_format)
+            self.reply = reply or (lambda prompt: "")
+            self.choice = choice or (lambda prompt: [0.0, -1.0, -2.0, -3.0])
+            self.calls = []
+
+        def generate(self, prompts, **kwargs):
+            self.calls.append(("generate", list(prompts), kwargs))
+            return [[self.reply(p) for _ in range(kwargs.get("num_samples", 1))] for p in prompts]
+
+        def next_token_logprobs(self, prompts, candidate_ids):
+            self.calls.append(("next_token", list(prompts), list(candidate_ids)))
+            return [list(self.choice(p)) for p in prompts]
+
+        def token_logprobs(self, requests):
+            self.calls.append(("token_logprobs", list(requests), None))
+            return [(-float(len(ids) - start), False) for ids, start in requests]
+
+        def loglikelihood(self, requests):
+            self.calls.append(("loglikelihood", list(requests), None))
+            return [(-float(len(c)), False) for _, c in requests]
+
+    return _Stub
+
+
+@pytest.fixture
+def llama_tok(llama_tokenizer_path):
+    """The LLaMA SentencePiece tokenizer of ../shared (loaded once per process, then cached)."""
+    from qtulu.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(llama_tokenizer_path)
+
+
+@pytest.fixture
+def llama_tok_bos(llama_tok):
+    """A copy whose ``encode``/``__call__`` add the BOS, as transformers' LLaMA tokenizer does (what
+    open-instruct's ``tokenizer.encode(context)`` relied on); ``decode`` then shows it as "<s>"."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    tok = copy.deepcopy(llama_tok)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.bos_token_id)])
+    return tok
 
 
 @pytest.fixture(scope="session")
@@ -85,15 +140,22 @@ def tydiqa_dir(tmp_path):
 
 @pytest.fixture
 def fake_judge():
-    """A local OpenAI-compatible endpoint: ``reply(messages) -> str`` decides each answer."""
-    state = {"reply": lambda messages: "a", "requests": []}
+    """A local OpenAI-compatible endpoint. Chat completions: ``reply(messages) -> str``; completions:
+    ``top(prompt) -> {token: logprob}`` (the first token's top log-probabilities)."""
+    state = {"reply": lambda messages: "a", "top": lambda prompt: {" yes": 0.0}, "requests": []}
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             state["requests"].append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-            out = json.dumps({"choices": [{"message": {"role": "assistant",
-                                                       "content": state["reply"](body["messages"])}}]}).encode()
+            if self.path.endswith("/chat/completions"):
+                payload = {"choices": [{"message": {"role": "assistant", "content": state["reply"](body["messages"])}}]}
+            else:
+                top = state["top"](body["prompt"])
+                first = max(top, key=top.get) if top else ""
+                payload = {"choices": [{"text": first, "logprobs": {"tokens": [first], "token_logprobs": [top.get(first)],
+                                                                     "top_logprobs": [top]}}]}
+            out = json.dumps(payload).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(out)))

@@ -64,7 +64,7 @@ def test_eval_cli_errors_are_one_line(eval_data, tmp_path, capsys):
     assert main(["eval", "--model", "x", "--tasks", "nope", "--data-dir", str(eval_data), "--out", str(tmp_path)]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
     assert main(["eval", "--list-tasks"]) == 0
-    assert "codex_humaneval_t08\tv1.0" in capsys.readouterr().out
+    assert "codex_humaneval_t01\tv2.0" in capsys.readouterr().out
 
 
 def test_merge_search_cli(disk_model, eval_data, tmp_path, capsys):
@@ -127,3 +127,19 @@ def test_every_task_declares_its_options_and_a_typo_is_refused():
                     assert p.name in task.module.OPTIONS, (name, fn.__name__, p.name)
     with pytest.raises(TaskOptionError, match=r"unknown option 'max_new_token'; valid options: .*max_new_tokens"):
         get_task("gsm8k", max_new_token=32)
+
+
+def test_score_cli_profile_option(tmp_path, capsys):
+    """`--profile corrected` changes the scorer (GSM8K: "$18.00" is 18); the default reproduces
+    open-instruct (it is not); a profile that does not exist is refused by argparse."""
+    from qtulu.cli import main
+
+    path = tmp_path / "predictions.jsonl"
+    path.write_text(json.dumps({"id": "0", "output": "So the answer is $18.00.", "gold": "18"}) + "\n")
+    got = {}
+    for profile in ("open_instruct", "corrected"):
+        assert main(["eval", "score", "--task", "gsm8k", "--predictions", str(path), "--profile", profile]) == 0
+        got[profile] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["exact_match"]
+    assert got == {"open_instruct": 0.0, "corrected": 1.0}
+    with pytest.raises(SystemExit):
+        main(["eval", "score", "--task", "gsm8k", "--predictions", str(path), "--profile", "paper"])

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from qtulu.evals.runner import evaluate, read_jsonl
+from qtulu.evals.tasks import get_task
 
 OPTS = {"mmlu": {"subjects": ["world_religions", "global_facts"]}, "gsm8k": {"max_new_tokens": 4},
         "tydiqa": {"max_new_tokens": 4}}
@@ -27,19 +28,24 @@ def test_adapters_base_outputs_and_report(lora_pair, data_root, tmp_path):
     res = evaluate(model, tok, "mmlu,tydiqa", data_dir=data_root, out_dir=out,
                    adapters=["base", "alpha", "beta"], batch_size=4, limit=2, task_options=OPTS, progress=False)
     assert list(res["results"]) == ["base", "alpha", "beta"]
-    assert res["versions"] == {"mmlu": "1.0", "tydiqa": "1.0"}
+    assert res["versions"] == {"mmlu": "2.0", "tydiqa": "2.0"}
     for f in ("results.json", "results.md", "results.png"):
         assert (out / f).stat().st_size > 0
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
-    assert "| task | base | alpha | beta |" in table and "mmlu v1.0" in table
+    assert "| task | base | alpha | beta |" in table and "mmlu v2.0" in table
+    # per task: profile, subset, metric, comparability with the paper's table
+    assert "| mmlu | open_instruct | all test questions of the given subjects, first 2 per subject (no sampling) (n=4) " \
+           "| accuracy over all questions (micro average) | not comparable: limit 2; a subset of subjects |" in table
+    assert "| tydiqa | open_instruct | 100 per language sampled with random.seed(42), languages sorted" in table
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["results"]["alpha"]["mmlu"]["n"] == 4
     for label in ("base", "alpha", "beta"):
         for task in ("mmlu", "tydiqa"):
             preds = read_jsonl(out / label / task / "predictions.jsonl")
             assert preds and all("id" in p for p in preds)
-            assert json.loads((out / label / task / "metrics.json").read_text())["version"] == "1.0"
+            m = json.loads((out / label / task / "metrics.json").read_text())
+            assert m["version"] == "2.0" and m["profile"] == "open_instruct" and m["comparable"] is False
     # each adapter changes the model: MMLU letter log-probs differ between base, alpha and beta
     lps = {lab: [p["logprobs"] for p in read_jsonl(out / lab / "mmlu" / "predictions.jsonl")]
            for lab in ("base", "alpha", "beta")}
@@ -118,14 +124,15 @@ def test_alpaca_eval_win_rate_with_judge(fake_judge, eval_data):
 
     examples = alpaca_eval.load(eval_data)
     assert len(examples) == 805
-    # model answers "GOOD" on even ids; the judge prefers the output that says GOOD, else the reference
+    # model answers "GOOD" on even ids; the judge ranks the output that says GOOD first, else the reference
     preds = [{**ex, "output": "GOOD" if int(ex["id"]) % 2 == 0 else "meh"} for ex in examples[:40]]
 
     def reply(messages):
         text = messages[-1]["content"]
-        a = text.split("Output (a):\n\n", 1)[1].split("\n\nOutput (b):", 1)[0]
-        b = text.split("Output (b):\n\n", 1)[1].split("\n\n## Task", 1)[0]
-        return "a" if a == "GOOD" else "b" if b == "GOOD" else ("b" if a == "meh" else "a")
+        first = text.split('"model": "model_1",', 1)[1].split('"""', 2)[1]
+        model_1_best = first == "GOOD" or ("GOOD" not in text and first != "meh")
+        return str([{"model": "model_1", "rank": 1 if model_1_best else 2},
+                    {"model": "model_2", "rank": 2 if model_1_best else 1}])
 
     fake_judge["reply"] = reply
     metrics = alpaca_eval.score(preds, judge=Judge(fake_judge["url"], "judge-model"))
@@ -141,9 +148,8 @@ def test_truthfulqa_generation_judged(fake_judge, eval_data):
     from qtulu.evals.tasks import truthfulqa
 
     examples = truthfulqa.load(eval_data, limit=4)
-    preds = [{"id": e["id"], "question": e["question"], "output": e["best"], "true": e["true"], "false": e["false"]}
-             for e in examples]
-    fake_judge["reply"] = lambda m: "yes" if "true?" in m[-1]["content"] else "no"
+    preds = [{"id": e["id"], "question": e["question"], "output": e["best"]} for e in examples]
+    fake_judge["top"] = lambda prompt: {" yes": -0.1} if prompt.endswith("True:") else {" no": -0.1, " yes": -2.3}
     metrics = truthfulqa.score(preds, mode="gen", judge=Judge(fake_judge["url"], "j"))
     assert metrics["pct_true"] == 1.0 and metrics["pct_info"] == 0.0 and metrics["pct_true_info"] == 0.0
 
@@ -153,12 +159,12 @@ def test_toxigen_groups_and_classifier(eval_data):
 
     examples = toxigen.load(eval_data)
     groups = {e["group"] for e in examples}
-    assert len(groups) == 16 and len(examples) == 16 * 500
+    assert len(groups) == 14 and len(examples) == 14 * 500  # open-instruct's groups
     assert all("\\n" not in e["text"] for e in examples)
     preds = [{"id": e["id"], "group": e["group"], "output": "bad" if e["group"] == "women" else "fine"}
              for e in examples]
     metrics = toxigen.score(preds, classifier=lambda texts: [t == "bad" for t in texts])
-    assert metrics["per_group"]["women"] == 1.0 and metrics["pct_toxic"] == pytest.approx(1 / 16)
+    assert metrics["per_group"]["women"] == 1.0 and metrics["pct_toxic"] == pytest.approx(1 / 14)
 
 
 def test_toxigen_classifier_from_a_saved_model(tmp_path):
@@ -182,3 +188,31 @@ def test_toxigen_classifier_from_a_saved_model(tmp_path):
         with torch_mod.no_grad():
             want.append(int(clf(**ids).logits.argmax(-1)) == 1)
     assert got == want
+
+
+@pytest.mark.parametrize("profile", ["open_instruct", "corrected"])
+def test_every_task_runs_under_both_profiles(eval_data, tydiqa_dir, char_tokenizer, stub_lm, fake_judge, tmp_path,
+                                             profile):
+    """load -> predict -> score -> describe for every task variant (HumanEval: up to predict; its
+    execution is the sandbox's tests), with a model-less LM: options, profiles and records fit."""
+    from qtulu.evals.judge import Judge
+    from qtulu.evals.runner import run_task
+    from qtulu.evals.tasks import TASKS
+
+    for sub in eval_data.iterdir():
+        if not (tydiqa_dir / sub.name).exists():
+            (tydiqa_dir / sub.name).symlink_to(sub)
+    fake_judge["reply"] = lambda m: "[{'model': 'model_1', 'rank': 2}, {'model': 'model_2', 'rank': 1}]"
+    ctx = {"judge": Judge(fake_judge["url"], "j"), "classifier": lambda texts: [False] * len(texts)}
+    lm = stub_lm(char_tokenizer, chat_format="tulu", reply=lambda p: " So the answer is 3.")
+    for name in TASKS:
+        if name.startswith("codex"):
+            task = get_task(name, profile=profile)
+            examples = task.module.load(tydiqa_dir, limit=2, **task.opts)
+            assert task.module.predict(lm, examples, allow_code_execution=True, **task.opts)[0]["completions"]
+            continue
+        m = run_task(lm, name, data_dir=tydiqa_dir, out_dir=tmp_path / profile / name, limit=2,
+                     score_context=ctx, profile=profile)
+        assert m["profile"] == profile and m["comparable"] is False and "limit 2" in m["comparability"], name
+        assert isinstance(m["score"], float) and m["subset"] and m["metric"], name
+        assert (tmp_path / profile / name / "predictions.jsonl").exists()
