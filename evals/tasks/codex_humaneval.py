@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 from ..metrics import pass_at_k
-from ..sandbox import SandboxConfig, require_opt_in, run_programs
+from ..sandbox import humaneval as execution
+from ..sandbox import require_opt_in
 from ._common import TaskDataError, head
 
 NAME = "codex_humaneval"
@@ -73,8 +74,7 @@ def build_prompt(lm, example) -> str:
 
 def program(example, completion: str) -> str:
     """The program the sandbox runs: prompt + completion, the tests, and the check call."""
-    return (example["prompt"] + completion + "\n\n" + example["test"] + "\n\n"
-            + f"check({example['entry_point']})\n")
+    return execution.program(example, completion)
 
 
 def predict(lm, examples, *, temperature=0.1, num_samples=20, max_new_tokens=512, allow_code_execution=False,
@@ -88,32 +88,20 @@ def predict(lm, examples, *, temperature=0.1, num_samples=20, max_new_tokens=512
              "completions": o} for ex, o in zip(examples, outs)]
 
 
-def score(predictions, *, allow_code_execution=False, workers=None, timeout=5.0, progress=False, **_):
+def score(predictions, *, allow_code_execution=False, unsafe_no_isolation=False, workers=None, timeout=5.0,
+          progress=False, **_):
     require_opt_in(allow_code_execution, "codex_humaneval")
-    codes, owners = [], []
-    for i, p in enumerate(predictions):
-        for c in p["completions"]:
-            codes.append(program(p, c))
-            owners.append(i)
-    results = run_programs(codes, SandboxConfig(timeout=timeout), workers=workers,
-                           allow_code_execution=True, progress=progress)
-    passed = [0] * len(predictions)
-    for i, r in zip(owners, results):
-        passed[i] += int(r.passed)
+    # pass = the test harness reached its end in the sandbox (not exit status 0): qtulu.evals.sandbox
+    checked = execution.check_predictions(predictions, timeout=timeout, workers=workers,
+                                          unsafe_no_isolation=unsafe_no_isolation, progress=progress)
+    passed = checked.passed
     n = {len(p["completions"]) for p in predictions}
     out: dict = {"n": len(predictions), "samples_per_problem": sorted(n),
                  "per_problem": {p["id"]: passed[i] for i, p in enumerate(predictions)},
-                 "statuses": _count(r.status for r in results)}
+                 "statuses": checked.statuses, "isolation": checked.isolation, "sandbox_limits": checked.limits}
     for k in KS:
         if predictions and all(len(p["completions"]) >= k for p in predictions):
             vals = [pass_at_k(len(p["completions"]), passed[i], k) for i, p in enumerate(predictions)]
             out[f"pass@{k}"] = sum(vals) / len(vals)
     out["score"] = out.get("pass@1", float("nan"))
     return out
-
-
-def _count(items) -> dict:
-    counts: dict = {}
-    for x in items:
-        counts[x] = counts.get(x, 0) + 1
-    return counts
