@@ -53,6 +53,10 @@ def _qtulu_harness(read=os.read, write=os.write, exit_=os._exit, path=sys.argv[1
         exec(compile(source, path, "exec"), namespace)
     except BaseException:
         try:
+            sys.stdout.flush()
+        except BaseException:
+            pass
+        try:
             import traceback
             traceback.print_exc()
             sys.stderr.flush()

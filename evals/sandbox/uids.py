@@ -120,14 +120,11 @@ def _try(uid: int, directory: str) -> UidLease | None:
 def acquire() -> UidLease:
     """Take a free private uid (see the module docstring); raise `UidError` if none is free."""
     directory = lock_dir()
-    with _next_lock:
-        start = _next[0]
-        _next[0] = (start + 1) % UID_COUNT
-    for i in range(UID_COUNT):
-        k = (start + i) % UID_COUNT
+    for _ in range(UID_COUNT):
+        with _next_lock:  # one counter per process, only ever moving forward (modulo the range)
+            k = _next[0]
+            _next[0] = (k + 1) % UID_COUNT
         lease = _try(UID_BASE + k, directory)
         if lease is not None:
-            with _next_lock:
-                _next[0] = (k + 1) % UID_COUNT
             return lease
     raise UidError(f"all {UID_COUNT} sandbox uids from {UID_BASE} are busy (locks in {directory})")
