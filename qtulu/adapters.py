@@ -387,8 +387,11 @@ def attach_adapters(model, adapters: Iterable, *, base_info: dict | None = None,
             # peft matches adapter names inside state-dict keys: a name that is part of its
             # "lora_" prefix can re-initialise weights on load (peft warns; we refuse)
             raise AdapterError(f"adapter name {name!r} is part of peft's 'lora_' prefix; rename it (NAME=DIR)")
+    from qtulu.integrity import check_adapter_weights, linear_dims
+
     for name, path in specs:
         verify_adapter(path, base_info=base_info, force=force)
+        check_adapter_weights(path, linear_dims(model))  # NaN/inf, or factors that do not fit: refused, naming the tensor
         if isinstance(model, PeftModel):
             if name in model.peft_config:
                 raise AdapterError(f"{path}: an adapter named {name!r} is already loaded")
