@@ -86,7 +86,7 @@ def check_adapter_weights(adapter_dir: str | Path,
                     base = f" and the base layer {module} ({dims[0]} -> {dims[1]})" if dims else ""
                     raise AdapterShapeError(
                         f"{weights}: tensor {key} has shape {shape}, but adapter_config.json (r={r}){base} "
-                        f"require {want}: the adapter's config and weights do not belong together")
+                        f"imply {want}: the adapter's config and weights do not belong together")
             check_finite(key, f.get_tensor(key), where=str(weights))
 
 
