@@ -428,3 +428,68 @@ def test_exit_status_cheats_score_zero(shared_data):
     cheats_only = [{**p, "completions": list(CHEATS.values())} for p in problems[:1]]
     m = task.module.score(cheats_only, allow_code_execution=True, workers=2)
     assert m["pass@1"] == 0.0 and m["statuses"] == {"failed": len(CHEATS)}, m
+
+
+def test_rlimit_fallback_keeps_the_tree_within_the_budget(monkeypatch):
+    """Where no cgroup can be made: at most memory_mb/128 processes of memory_mb/nproc address space
+    each, SysV shared memory capped at memory_mb/4 by the IPC namespace (documented fallback)."""
+    import qtulu.evals.sandbox as sb
+
+    probe()
+    monkeypatch.setitem(sb._probed, "cgroup", sb.cgroup.Support(None, reason="no cgroup (test)"))
+    assert "rlimit fallback (no cgroup (test))" in sb.isolation()["memory"]
+    cfg = SandboxConfig(timeout=8.0, memory_mb=256)
+    fork = ("import os, time\n"
+            "kids = []\n"
+            "for _ in range(5):\n"
+            "    pid = os.fork()\n"
+            "    if pid == 0:\n"
+            "        time.sleep(1)\n"
+            "        os._exit(0)\n"
+            "    kids.append(pid)\n")
+    big = "b = bytearray(200 << 20)\n"  # one process over its share (256/2 MiB)
+    shm = PRELUDE + "assert libc.shmget(0, 100 << 20, IPC_CREAT | 0o600) >= 0, ctypes.get_errno()\n"
+    ok = PRELUDE + "assert libc.shmget(0, 32 << 20, IPC_CREAT | 0o600) >= 0\nb = bytearray(64 << 20)\n"
+    rs = run_programs([fork, big, shm, ok], cfg, workers=2, allow_code_execution=True)
+    assert [r.passed for r in rs] == [False, False, False, True], [r.reason for r in rs]
+    assert "BlockingIOError" in rs[0].stderr and "MemoryError" in rs[1].reason  # fork refused; allocation refused
+    assert all(r.isolation["cgroup"] is None and r.peak_memory_bytes is None for r in rs)
+
+
+def test_cgroup_mount_discovery_v1_and_v2(tmp_path):
+    """The hierarchy lookup on mountinfo/cgroup files as a v2-only host and this v1 host write them."""
+    from qtulu.evals.sandbox import cgroup
+
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "31 23 0:28 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+        "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
+        "39 31 0:36 /outer /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids\n"
+        "22 1 8:1 / / rw - ext4 /dev/sda1 rw\n")
+    own = tmp_path / "cgroup"
+    own.write_text("8:pids:/outer/job\n4:memory:/process_api/abc\n0::/user.slice/session-1.scope\n")
+    mounts = {m[1]: m for m in cgroup._mounts(str(info))}
+    assert set(mounts) == {"/sys/fs/cgroup", "/sys/fs/cgroup/memory", "/sys/fs/cgroup/pids"}
+    assert mounts["/sys/fs/cgroup"][2] == "cgroup2" and "memory" in mounts["/sys/fs/cgroup/memory"][3]
+    paths = cgroup._own(str(own))
+    assert paths == {"pids": "/outer/job", "memory": "/process_api/abc", "": "/user.slice/session-1.scope"}
+    assert cgroup._under("/", "/sys/fs/cgroup/memory", paths["memory"]) == "/sys/fs/cgroup/memory/process_api/abc"
+    # a hierarchy mounted from a sub-cgroup (a cgroup namespace): paths are relative to its root
+    assert cgroup._under("/outer", "/sys/fs/cgroup/pids", paths["pids"]) == "/sys/fs/cgroup/pids/job"
+    assert cgroup._under("/", "/sys/fs/cgroup", paths[""]) == "/sys/fs/cgroup/user.slice/session-1.scope"
+
+
+def test_cgroup_v2_limits_are_written(tmp_path):
+    """The v2 files a program cgroup gets (on a stand-in directory: this host's memory controller is v1)."""
+    from qtulu.evals.sandbox import cgroup
+
+    base = tmp_path / "qtulu-sandbox"
+    base.mkdir()
+    support = cgroup.Support("v2", {"memory": str(base), "pids": str(base)})
+    cg = cgroup.ProgramCgroup(support, "uid-7", 256 << 20, 12)
+    d = base / "uid-7"
+    assert (d / "memory.max").read_text() == str(256 << 20) and (d / "pids.max").read_text() == "12"
+    assert cg.procs_files == [str(d / "cgroup.procs")]  # one hierarchy: the program joins once
+    (d / "memory.peak").write_text("1234\n")
+    (d / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    assert cg.stats() == {"peak_bytes": 1234, "oom_kills": 1, "limit_hits": 3}
