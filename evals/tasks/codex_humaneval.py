@@ -88,12 +88,12 @@ def predict(lm, examples, *, temperature=0.1, num_samples=20, max_new_tokens=512
              "completions": o} for ex, o in zip(examples, outs)]
 
 
-def score(predictions, *, allow_code_execution=False, unsafe_no_isolation=False, workers=None, timeout=5.0,
-          progress=False, **_):
+def score(predictions, *, allow_code_execution=False, workers=None, timeout=5.0, progress=False, **ctx):
     require_opt_in(allow_code_execution, "codex_humaneval")
-    # pass = the test harness reached its end in the sandbox (not exit status 0): qtulu.evals.sandbox
-    checked = execution.check_predictions(predictions, timeout=timeout, workers=workers,
-                                          unsafe_no_isolation=unsafe_no_isolation, progress=progress)
+    # pass = the test harness reached its end in the sandbox (not exit status 0): qtulu.evals.sandbox;
+    # ctx["unsafe_no_isolation"] (CLI --unsafe-no-isolation) lets it run unisolated where it cannot isolate
+    checked = execution.check_predictions(predictions, timeout=timeout, workers=workers, progress=progress,
+                                          unsafe_no_isolation=bool(ctx.get("unsafe_no_isolation")))
     passed = checked.passed
     n = {len(p["completions"]) for p in predictions}
     out: dict = {"n": len(predictions), "samples_per_problem": sorted(n),
