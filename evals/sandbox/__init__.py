@@ -10,9 +10,10 @@ Each program runs as (``launcher.py`` has the details)::
 
 What a program gets, and why:
 
-- **Files**: nothing of the host but the interpreter and /usr, read-only and nosuid; /work and /tmp
-  live in the tmpfs root, so ``max_disk_mb`` bounds everything it can write (and it is gone with
-  the mount namespace). Output goes to host files capped by RLIMIT_FSIZE.
+- **Files**: nothing of the host but the interpreter, /usr and the loader's /etc/ld.so.cache,
+  read-only and nosuid; /work and /tmp live in the tmpfs root, so ``max_disk_mb`` bounds everything
+  it can write (and it is gone with the mount namespace). Output goes to host files capped by
+  RLIMIT_FSIZE.
 - **Network**: an empty network namespace (a loopback that is down): no host listener, no
   outside address, no abstract unix socket of the host.
 - **IPC**: an IPC namespace of its own, so it sees no host SysV shared memory/queues/semaphores,
@@ -325,6 +326,7 @@ def run_program(code: str, config: SandboxConfig = SandboxConfig(), *, unsafe_no
             "isolate": isolated, "nonce": nonce, "verdict_fd": vw, "keep_fds": [lease.fd] if lease else [],
             "uid": lease.uid if lease else os.getuid(), "python": _python(), "program": str(work / "program.py"),
             "newroot": str(top / "newroot"), "binds": _binds() if isolated else [], "limits": limits,
+            "file_binds": [f for f in ("/etc/ld.so.cache",) if isolated and os.path.isfile(f)],
             "cgroup_procs": cg.procs_files if cg else [], "backstop_seconds": int(config.timeout) + 10,
         }
         t0 = time.monotonic()

@@ -121,6 +121,10 @@ def isolate(cfg):
     for src in cfg["binds"]:
         os.makedirs(root + src, exist_ok=True)
         bind_ro(src, root + src)
+    for src in cfg["file_binds"]:  # the dynamic loader's cache: libraries outside /lib and /usr/lib resolve
+        os.makedirs(os.path.dirname(root + src), exist_ok=True)
+        open(root + src, "w").close()
+        bind_ro(src, root + src)
     for name in ("bin", "lib", "lib64", "sbin"):
         if os.path.islink("/" + name):
             os.symlink(os.readlink("/" + name), root + "/" + name)
