@@ -249,7 +249,8 @@ def init_main(cfg, tok_r, end_w, st_w):
                         pass
                 except ChildProcessError:
                     pass
-    report = {"left": left, "start_error": start_error.decode("utf-8", "replace"), "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+    report = {"left": left, "start_error": start_error.decode("utf-8", "replace"),
+              "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
               "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None}
     os.write(st_w, json.dumps(report).encode())
     os._exit(0)
