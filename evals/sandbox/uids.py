@@ -122,7 +122,7 @@ def acquire() -> UidLease:
     directory = lock_dir()
     for _ in range(UID_COUNT):
         with _next_lock:  # one counter per process, only ever moving forward (modulo the range)
-            k = _next[0]
+            k = _next[0] % UID_COUNT
             _next[0] = (k + 1) % UID_COUNT
         lease = _try(UID_BASE + k, directory)
         if lease is not None:
