@@ -183,7 +183,8 @@ def _run(args) -> int:
         batch_size=args.batch_size, limit=args.limit,
         chat_format=None if args.chat_format == "none" else args.chat_format, judge=judge,
         classifier=args.toxigen_classifier, allow_code_execution=args.allow_code_execution, workers=args.workers,
-        unsafe_no_isolation=args.unsafe_no_isolation, task_options=_task_options(args.task_option), model_name=Path(args.model).name or "model",
+        unsafe_no_isolation=args.unsafe_no_isolation, task_options=_task_options(args.task_option),
+        model_name=Path(args.model).name or "model",
     )
     print((Path(args.out) / "results.md").read_text(encoding="utf-8"))
     print(json.dumps({lab: {t: m.get("score") for t, m in r.items()} for lab, r in results["results"].items()}))

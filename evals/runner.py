@@ -111,7 +111,8 @@ def run_task(lm: LM, task_name: str, *, data_dir, out_dir: Path | None = None, l
 def evaluate(model, tokenizer, tasks, *, data_dir, out_dir, adapters: Sequence[str] | None = None,
              batch_size: int = 8, limit: int | None = None, chat_format: str | None = "tulu",
              judge=None, classifier=None, allow_code_execution: bool = False, workers: int | None = None,
-             unsafe_no_isolation: bool = False, task_options: dict[str, dict] | None = None, model_name: str = "model", max_length: int | None = None,
+             unsafe_no_isolation: bool = False, task_options: dict[str, dict] | None = None,
+             model_name: str = "model", max_length: int | None = None,
              base_chat_format: str | None = None, progress: bool = True, report: bool = True) -> dict:
     """Evaluate ``model`` (optionally under each of ``adapters``) on ``tasks``; returns the results dict.
 

@@ -278,7 +278,8 @@ def _read_pipe(fd: int, cap: int = 1 << 16) -> bytes:
     return data
 
 
-_SIGNALS = {signal.SIGKILL: "SIGKILL", signal.SIGXCPU: "SIGXCPU: CPU time limit", signal.SIGXFSZ: "SIGXFSZ: file size limit",
+_SIGNALS = {signal.SIGKILL: "SIGKILL", signal.SIGXCPU: "SIGXCPU: CPU time limit",
+            signal.SIGXFSZ: "SIGXFSZ: file size limit",
             signal.SIGSEGV: "SIGSEGV", signal.SIGABRT: "SIGABRT"}
 
 
@@ -369,7 +370,8 @@ def run_program(code: str, config: SandboxConfig = SandboxConfig(), *, unsafe_no
             try:
                 verdict = json.loads(raw)
             except json.JSONDecodeError:
-                raise SandboxError(f"sandbox launcher gave no verdict (exit {proc.returncode}): {stderr[-500:]}") from None
+                raise SandboxError(f"sandbox launcher gave no verdict (exit {proc.returncode}): "
+                                   f"{stderr[-500:]}") from None
             if verdict.get("nonce") != nonce:
                 raise SandboxError("sandbox verdict carries the wrong nonce")
             problem = verdict.get("launcher_error") or verdict.get("init_error") or verdict.get("start_error")
