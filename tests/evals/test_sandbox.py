@@ -166,7 +166,8 @@ def test_private_uids_never_collide_across_processes(tmp_path):
     # another "eval" (process) holds 20 uids; ours must get 20 others, and a released uid is not handed out at once
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys\nfrom qtulu.evals.sandbox import uids\n"
-         "ls = [uids.acquire() for _ in range(20)]\nprint(' '.join(str(x.uid) for x in ls), flush=True)\nsys.stdin.read()"],
+         "ls = [uids.acquire() for _ in range(20)]\nprint(' '.join(str(x.uid) for x in ls), flush=True)\nsys.stdin.read()\n"
+         "for x in ls:\n    x.release()\n"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         theirs = {int(x) for x in holder.stdout.readline().split()}

@@ -368,9 +368,10 @@ sid = libc.shmget({key}, 4096, IPC_CREAT | 0o666)
 ctypes.memmove(libc.shmat(sid, None, 0), b"{token}", 16)
 qid = libc.msgget({key}, IPC_CREAT | 0o666)
 libc.msgsnd(qid, ctypes.create_string_buffer(b"\\1" + b"\\0" * 7 + b"{token}"), 16, 0)
-for path in ("/tmp/cross", "/work/cross"):
+for path in ("/tmp/cross", "/work/cross"):  # world-readable: only the separation can keep a reader out
     with open(path, "w") as f:
         f.write("{token}")
+    os.chmod(path, 0o666)
 os.chmod("/work", 0o755)
 s = socket.socket(socket.AF_UNIX)
 s.bind("\\0{abstract}")
