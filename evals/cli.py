@@ -16,6 +16,8 @@ def _common(p: argparse.ArgumentParser, *, tasks_required: bool) -> None:
     p.add_argument("--data-dir", help="eval data root (mmlu/, gsm/, bbh/, ...; see docs)")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="run model-written code (codex_humaneval) in the sandbox; refused otherwise")
+    p.add_argument("--unsafe-no-isolation", action="store_true",
+                   help="where the sandbox cannot isolate code (not root), run it anyway, unisolated")
     p.add_argument("--judge-url", help="OpenAI-compatible chat endpoint (alpaca_eval, truthfulqa_gen)")
     p.add_argument("--judge-model", help="model name at the judge endpoint")
     p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="env var holding the judge's API key")
@@ -177,7 +179,7 @@ def _run(args) -> int:
     judge = _judge(args)
     # refuse before loading weights when a task lacks its judge/classifier/opt-in
     check_requirements(names, judge=judge, classifier=args.toxigen_classifier,
-                       allow_code_execution=args.allow_code_execution)
+                       allow_code_execution=args.allow_code_execution, unsafe_no_isolation=args.unsafe_no_isolation)
     model, tok, adapter_names = _load(args)
     labels = (["base"] if args.include_base else []) + adapter_names
     if args.include_base and not adapter_names:
@@ -189,8 +191,8 @@ def _run(args) -> int:
         batch_size=args.batch_size, limit=args.limit,
         chat_format=None if args.chat_format == "none" else args.chat_format, judge=judge,
         classifier=args.toxigen_classifier, allow_code_execution=args.allow_code_execution, workers=args.workers,
-        task_options=_task_options(args.task_option), model_name=Path(args.model).name or "model",
-        profile=args.profile,
+        unsafe_no_isolation=args.unsafe_no_isolation, task_options=_task_options(args.task_option),
+        model_name=Path(args.model).name or "model", profile=args.profile,
     )
     print((Path(args.out) / "results.md").read_text(encoding="utf-8"))
     print(json.dumps({lab: {t: m.get("score") for t, m in r.items()} for lab, r in results["results"].items()}))
@@ -214,7 +216,8 @@ def _score(args) -> int:
                   f"{args.data_dir} ({task.name}), e.g. {unknown[:3]}", file=sys.stderr)
             return 2
     metrics = task.module.score(preds, **task.opts, judge=_judge(args), classifier=args.toxigen_classifier,
-                                allow_code_execution=args.allow_code_execution, workers=args.workers)
+                                allow_code_execution=args.allow_code_execution, workers=args.workers,
+                                unsafe_no_isolation=args.unsafe_no_isolation)
     metrics = {**metrics, "task": task.name, "version": task.version, "predictions": str(args.predictions)}
     if args.out:
         write_json(Path(args.out), metrics)
@@ -234,7 +237,7 @@ def _merge_search(args) -> int:
     names = parse_task_list(args.tasks)
     judge = _judge(args)
     check_requirements(names, judge=judge, classifier=args.toxigen_classifier,
-                       allow_code_execution=args.allow_code_execution)
+                       allow_code_execution=args.allow_code_execution, unsafe_no_isolation=args.unsafe_no_isolation)
     model, tok, adapter_names = _load(args)
     grid = [[float(x) for x in w.split(",")] for w in args.weights] if args.weights else None
     result = merge_search(
@@ -245,6 +248,7 @@ def _merge_search(args) -> int:
         chat_format=None if args.chat_format == "none" else args.chat_format,
         task_options=_task_options(args.task_option), seed=args.seed, judge=judge,
         classifier=args.toxigen_classifier, allow_code_execution=args.allow_code_execution, workers=args.workers,
+        unsafe_no_isolation=args.unsafe_no_isolation,
     )
     print(search_table(result))
     print(json.dumps({"best": result["best"]["name"], "best_dir": result["best_dir"],

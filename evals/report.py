@@ -29,7 +29,7 @@ def markdown_table(results: dict) -> str:
         ver = results.get("versions", {}).get(t, "?")
         cells = [_fmt(results["results"][lab].get(t, {}).get("score")) for lab in labels]
         lines.append(f"| {t} v{ver} ({HEADLINE.get(t, 'score')}) | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n" + settings_table(results)
+    return "\n".join(lines) + "\n" + settings_table(results) + _isolation_note(results)
 
 
 def settings_table(results: dict) -> str:
@@ -47,6 +47,22 @@ def settings_table(results: dict) -> str:
         return ""
     head = ["", "| task | profile | subset | metric | comparable to the paper's table |", "|---|---|---|---|---|"]
     return "\n".join(head + rows) + "\n"
+
+
+def _isolation_note(results: dict) -> str:
+    """How model-written code was run (tasks whose metrics record the sandbox's ``isolation``)."""
+    seen: dict[str, list[str]] = {}
+    for lab, tasks in results["results"].items():
+        for t, m in tasks.items():
+            iso = m.get("isolation") if isinstance(m, dict) else None
+            if iso:
+                if iso.get("level") == "full":
+                    what = (f"isolated ({', '.join(iso.get('namespaces', []))} namespaces; {iso.get('filesystem')}; "
+                            f"{iso.get('uid')}; memory: {iso.get('memory')})")
+                else:
+                    what = f"NOT isolated (--unsafe-no-isolation: {iso.get('reason', '')})"
+                seen.setdefault(what, []).append(f"{lab}/{t}")
+    return "".join(f"\nCode execution ({', '.join(where)}): {what}\n" for what, where in seen.items())
 
 
 def bar_chart(results: dict, path: Path) -> Path:

@@ -68,8 +68,10 @@ def _json_default(o):
     raise TypeError(f"not JSON-able: {type(o).__name__}")
 
 
-def check_requirements(task_names: Sequence[str], *, judge=None, classifier=None, allow_code_execution=False) -> None:
-    """Fail before any generation when a task lacks its judge, classifier or code-execution opt-in."""
+def check_requirements(task_names: Sequence[str], *, judge=None, classifier=None, allow_code_execution=False,
+                       unsafe_no_isolation=False) -> None:
+    """Fail before any generation when a task lacks its judge, classifier or code-execution opt-in
+    (or the sandbox cannot isolate code here and ``unsafe_no_isolation`` was not given)."""
     from .judge import JudgeNotConfigured
     from .sandbox import require_opt_in
     from .tasks.toxigen import HOW_TO_CONFIGURE, ClassifierNotConfigured
@@ -77,7 +79,7 @@ def check_requirements(task_names: Sequence[str], *, judge=None, classifier=None
     for name in task_names:
         need = NEEDS.get(name)
         if need == "allow_code_execution":
-            require_opt_in(allow_code_execution, name)
+            require_opt_in(allow_code_execution, name, unsafe_no_isolation=unsafe_no_isolation)
         elif need == "judge" and judge is None:
             raise JudgeNotConfigured(name)
         elif need == "classifier" and classifier is None:
@@ -118,7 +120,8 @@ def run_task(lm: LM, task_name: str, *, data_dir, out_dir: Path | None = None, l
 def evaluate(model, tokenizer, tasks, *, data_dir, out_dir, adapters: Sequence[str] | None = None,
              batch_size: int = 8, limit: int | None = None, chat_format: str | None = "tulu",
              judge=None, classifier=None, allow_code_execution: bool = False, workers: int | None = None,
-             task_options: dict[str, dict] | None = None, model_name: str = "model", max_length: int | None = None,
+             unsafe_no_isolation: bool = False, task_options: dict[str, dict] | None = None,
+             model_name: str = "model", max_length: int | None = None,
              base_chat_format: str | None = None, progress: bool = True, report: bool = True,
              profile: str = "open_instruct") -> dict:
     """Evaluate ``model`` (optionally under each of ``adapters``) on ``tasks``; returns the results dict.
@@ -137,13 +140,14 @@ def evaluate(model, tokenizer, tasks, *, data_dir, out_dir, adapters: Sequence[s
     from .tasks._common import check_profile
 
     check_profile(profile)
-    check_requirements(names, judge=judge, classifier=classifier, allow_code_execution=allow_code_execution)
+    check_requirements(names, judge=judge, classifier=classifier, allow_code_execution=allow_code_execution,
+                       unsafe_no_isolation=unsafe_no_isolation)
     out_dir = Path(out_dir)
     labels = list(adapters) if adapters else [model_name]
     if adapters:
         from qtulu.adapters import set_active
     ctx = {"judge": judge, "classifier": classifier, "allow_code_execution": allow_code_execution,
-           "workers": workers, "progress": progress}
+           "workers": workers, "progress": progress, "unsafe_no_isolation": unsafe_no_isolation}
     def make_lm(fmt):
         return LM(model, tokenizer, batch_size=batch_size, chat_format=fmt, progress=progress, max_length=max_length)
     results: dict[str, dict] = {}

@@ -387,8 +387,11 @@ def attach_adapters(model, adapters: Iterable, *, base_info: dict | None = None,
             # peft matches adapter names inside state-dict keys: a name that is part of its
             # "lora_" prefix can re-initialise weights on load (peft warns; we refuse)
             raise AdapterError(f"adapter name {name!r} is part of peft's 'lora_' prefix; rename it (NAME=DIR)")
+    from qtulu.integrity import check_adapter_weights, linear_dims
+
     for name, path in specs:
         verify_adapter(path, base_info=base_info, force=force)
+        check_adapter_weights(path, linear_dims(model))  # NaN/inf, or factors that do not fit: refused, naming the tensor
         if isinstance(model, PeftModel):
             if name in model.peft_config:
                 raise AdapterError(f"{path}: an adapter named {name!r} is already loaded")
@@ -426,6 +429,12 @@ def load_model(base, adapters: Sequence = (), *, quantize: str | None = "nf4", f
         meta = read_meta(first) if (Path(first) / META_NAME).is_file() else {}
         load_kwargs["compute_dtype"] = recorded_compute_dtype(meta) or "bfloat16"
     load_kwargs = {k: v for k, v in load_kwargs.items() if v is not None}
+    from qtulu.integrity import check_adapter_weights
+
+    for spec in adapters:  # a corrupt or garbage (NaN, misshapen) adapter is refused before the base loads
+        _, path = parse_adapter_spec(spec)
+        verify_adapter(path, force=force)
+        check_adapter_weights(path)
     model, tokenizer = load_base(base, quantize=quantize, **load_kwargs)
     info = get_base_info(model) if adapters else None
     model = attach_adapters(model, adapters, base_info=info, force=force)

@@ -370,6 +370,9 @@ def export_merged(
         stream = _iter_dir_base(src_dir, config, quant, cdtype, skip)
         n_total = None
 
+    from qtulu.integrity import check_adapter_weights, check_finite
+
+    check_adapter_weights(adapter_dir)  # NaN/inf or factors not matching the config's r: refused, naming the tensor
     deltas = LoraDeltas(adapter_dir)
     requant_cfg = {"blocksize": (quant or {}).get("blocksize", 64), "double_quant": (quant or {}).get("double_quant", True)}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -394,6 +397,7 @@ def export_merged(
                     if quantize == "nf4" and name.rsplit(".", 2)[-2] not in skip:
                         # re-quantize the merged weight; written in bitsandbytes' layout (the keys
                         # Linear4bit's state dict uses), which transformers and load_base both read
+                        check_finite(name, out_t, where=f"merged model for {out_dir}")  # nothing non-finite is written
                         q4, err = _requantize(out_t, requant_cfg)
                         requant.append(err)
                         for k, v in q4.items():
@@ -402,6 +406,7 @@ def export_merged(
                     t = out_t
             elif t.is_floating_point():
                 t = t.to(out_dtype)
+            check_finite(name, t, where=f"merged model for {out_dir}")  # nothing non-finite is written
             writer.add(name, t)
         unused = sorted(set(deltas.factors) - deltas.used)
         if unused:

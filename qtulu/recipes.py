@@ -71,6 +71,10 @@ FORMATS = (
 )
 
 
+# NF4 block sizes (bitsandbytes'); kept equal to qtulu.kernels.nf4_format.VALID_BLOCKSIZES (a test checks)
+NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
 class RecipeError(QtuluError, ValueError):
     """A recipe that cannot be loaded: the message names the file and the dotted key."""
 
@@ -302,6 +306,8 @@ def resolve_recipe_path(path_or_name: str | os.PathLike, base_dir: Path | None =
     p = p.resolve()
     if not p.exists():
         raise RecipeError(f"recipe file not found: {p}")
+    if not p.is_file():
+        raise RecipeError(f"recipe path is not a file: {p} (give a recipe YAML file or a name from {REPO_RECIPES_DIR})")
     return p
 
 
@@ -470,6 +476,7 @@ def _validate(raw: dict[str, Any], file: str) -> Recipe:
         err("lora.r", f"must be >= 1, got {recipe.lora.r}")
     if not 0.0 <= recipe.lora.dropout < 1.0:
         err("lora.dropout", f"must be in [0, 1), got {recipe.lora.dropout}")
+    _check_ranges(recipe, err)
     t = recipe.train
     if t.learning_rate <= 0:
         err("train.learning_rate", f"must be > 0, got {t.learning_rate}")
@@ -508,6 +515,27 @@ def _with_settings(raw: dict[str, Any], file: Path, pairs: list[tuple[str, Any]]
         merged[k] = {**merged[k], **v} if k in merged and isinstance(v, dict) else v
     merged["settings"] = name
     return merged
+
+
+def _check_ranges(recipe: Recipe, err) -> None:
+    """Numbers in range (the schema already refused NaN/inf); a run must take at least one optimizer step."""
+    t, m, lora = recipe.train, recipe.model, recipe.lora
+    if t.max_steps == 0 or t.max_steps < -1:
+        err("train.max_steps", f"must be -1 (train for train.epochs) or >= 1, got {t.max_steps}")
+    if t.epochs < 0 or (t.epochs == 0 and t.max_steps <= 0):
+        err("train.epochs", f"must be > 0 (or set train.max_steps >= 1), got {t.epochs}: "
+            "the run would take no optimizer step")
+    for key, value, low in (("train.weight_decay", t.weight_decay, 0), ("train.max_grad_norm", t.max_grad_norm, 0),
+                            ("train.save_steps", t.save_steps, 0), ("train.save_total_limit", t.save_total_limit, 0),
+                            ("train.seed", t.seed, 0), ("data.seed", recipe.data.seed, 0),
+                            ("train.logging_steps", t.logging_steps, 1),
+                            ("train.max_nonfinite_in_a_row", t.max_nonfinite_in_a_row, 1)):
+        if value < low:
+            err(key, f"must be >= {low}, got {value}")
+    if lora.alpha <= 0:
+        err("lora.alpha", f"must be > 0, got {lora.alpha}")
+    if m.blocksize not in NF4_BLOCKSIZES:
+        err("model.blocksize", f"must be one of {', '.join(map(str, NF4_BLOCKSIZES))}, got {m.blocksize}")
 
 
 def _load_raw(raw: dict[str, Any], file: Path, overrides, label: str | None = None) -> Recipe:

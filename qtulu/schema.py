@@ -2,7 +2,7 @@
 
 Written by hand because it is small and exact about what recipes need: an unknown key or a value
 of the wrong type is reported through ``err(dotted_key, message)`` (the caller names the file);
-``int`` is accepted where ``float`` is expected, never ``bool`` for a number; ``Literal``,
+``int`` is accepted where ``float`` is expected, never ``bool`` for a number, never NaN/inf; ``Literal``,
 ``Optional``/unions, ``list[...]``, ``dict[str, ...]`` and nested dataclasses are supported. A
 field with ``metadata={"schema": False}`` is not part of the schema.
 """
@@ -10,6 +10,7 @@ field with ``metadata={"schema": False}`` is not part of the schema.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, Union
@@ -103,6 +104,8 @@ def _coerce(value: Any, tp: Any, where: str, err) -> Any:
 
 
 def _check(value: Any, tp: Any, where: str, err) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):  # YAML's .nan / .inf: never a valid setting
+        err(where, f"must be a finite number, got {value}")
     try:
         return _coerce(value, tp, where, err)
     except _Mismatch:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from qtulu.errors import QtuluError
+from qtulu.runlock import locks_run_dir, set_aside_checkpoints
 from qtulu.distributed import (
     fsdp_from_env,
     fsdp_refusal,
@@ -228,6 +229,29 @@ def _make_trainer_class():
             return loss
 
         def _save_checkpoint(self, model, trial):
+            try:
+                return self._save_checkpoint_staged(model, trial)
+            except Exception as e:
+                # a full disk (torch and safetensors do not raise OSError for it): one clear error, the
+                # stage removed so the space comes back, the last complete checkpoint untouched
+                from qtulu.diskfull import is_disk_full
+                from qtulu.errors import one_line
+
+                run_dir = Path(self._get_output_dir(trial=trial))
+                if not self.args.should_save or not is_disk_full(e, run_dir):
+                    raise
+                import shutil
+
+                shutil.rmtree(ck.stage_dir(run_dir, self.state.global_step), ignore_errors=True)
+                last = ck.last_complete_checkpoint(run_dir)
+                raise ck.CheckpointError(
+                    f"{run_dir}: no space left on device while writing checkpoint-{self.state.global_step} "
+                    f"({type(e).__name__}: {one_line(e)[:200]}); "
+                    + (f"the last complete checkpoint, {last.name}, is intact: free space and run again to resume "
+                       "from it" if last else "no checkpoint had been completed yet")
+                ) from e
+
+        def _save_checkpoint_staged(self, model, trial):
             run_dir = Path(self._get_output_dir(trial=trial))
             step = self.state.global_step
             params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -293,6 +317,7 @@ def load_for_recipe(recipe, model=None, tokenizer=None, device=None):
     )
 
 
+@locks_run_dir  # one writer per run directory: a second run on OUT fails at once, naming the holder
 def train(
     recipe,
     *,
@@ -348,10 +373,8 @@ def train(
         ck.check_complete(resume_from)
     elif resume == "auto":
         resume_from = ck.last_complete_checkpoint(run_dir, log=say)
-    elif is_main:
-        for old in ck.list_checkpoints(run_dir):  # a fresh run: older checkpoints must not be resumed later
-            ck.remove_checkpoint(old)
-            say(f"resume=never: removed {old}")
+    elif is_main:  # a fresh run: an earlier run's checkpoints must not be resumed later, nor lost
+        set_aside_checkpoints(run_dir, say=say)
 
     # ---- model, LoRA, data
     set_seed(t.seed)
@@ -460,6 +483,9 @@ def train(
         say(f"{resume_from.name} already reached train.max_steps={t.max_steps}: nothing left to train")
     else:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if resume_from is None and trainer.state.global_step == 0:  # never save an untrained adapter as a result
+            raise TrainError(f"the run took 0 optimizer steps ({len(dataset)} packed rows, train.epochs={t.epochs}, "
+                             f"train.max_steps={t.max_steps}); no adapter was saved")
 
     steps = guard.steps
     if is_main:

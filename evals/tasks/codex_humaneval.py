@@ -25,7 +25,8 @@ import json
 from pathlib import Path
 
 from ..metrics import mean_pass_at_k
-from ..sandbox import SandboxConfig, require_opt_in, run_programs
+from ..sandbox import humaneval as execution
+from ..sandbox import require_opt_in
 from ._common import PROFILE_OPTION, TaskDataError, check_profile, comparability, head
 
 NAME = "codex_humaneval"
@@ -89,8 +90,7 @@ def build_prompt(lm, example, chat_prompts: bool = False) -> str:
 
 def program(example, completion: str) -> str:
     """The program the sandbox runs: prompt + completion, the tests, and the check call."""
-    return (example["prompt"] + completion + "\n\n" + example["test"] + "\n\n"
-            + f"check({example['entry_point']})\n")
+    return execution.program(example, completion)
 
 
 def predict(lm, examples, *, temperature=0.8, num_samples=20, top_p=0.95, top_k=None, max_new_tokens=512,
@@ -106,22 +106,18 @@ def predict(lm, examples, *, temperature=0.8, num_samples=20, top_p=0.95, top_k=
              "completions": o} for ex, o in zip(examples, outs)]
 
 
-def score(predictions, *, allow_code_execution=False, workers=None, timeout=3.0, progress=False, headline_k=10, **_):
+def score(predictions, *, allow_code_execution=False, workers=None, timeout=3.0, progress=False, headline_k=10,
+          **ctx):
     require_opt_in(allow_code_execution, "codex_humaneval")
-    codes, owners = [], []
-    for i, p in enumerate(predictions):
-        for c in p["completions"]:
-            codes.append(program(p, c))
-            owners.append(i)
-    results = run_programs(codes, SandboxConfig(timeout=timeout), workers=workers,
-                           allow_code_execution=True, progress=progress)
-    passed = [0] * len(predictions)
-    for i, r in zip(owners, results):
-        passed[i] += int(r.passed)
+    # pass = the test harness reached its end in the sandbox (not exit status 0): qtulu.evals.sandbox;
+    # ctx["unsafe_no_isolation"] (CLI --unsafe-no-isolation) lets it run unisolated where it cannot isolate
+    checked = execution.check_predictions(predictions, timeout=timeout, workers=workers, progress=progress,
+                                          unsafe_no_isolation=bool(ctx.get("unsafe_no_isolation")))
+    passed = checked.passed
     n = {len(p["completions"]) for p in predictions}
     out: dict = {"n": len(predictions), "samples_per_problem": sorted(n),
                  "per_problem": {p["id"]: passed[i] for i, p in enumerate(predictions)},
-                 "statuses": _count(r.status for r in results)}
+                 "statuses": checked.statuses, "isolation": checked.isolation, "sandbox_limits": checked.limits}
     totals = [len(p["completions"]) for p in predictions]
     for k in KS:  # as open-instruct: every k that each problem has samples for
         if predictions and all(t >= k for t in totals):
@@ -129,13 +125,6 @@ def score(predictions, *, allow_code_execution=False, workers=None, timeout=3.0,
     out["score"] = out.get(f"pass@{headline_k}", float("nan"))
     out["headline"] = f"pass@{headline_k}"
     return out
-
-
-def _count(items) -> dict:
-    counts: dict = {}
-    for x in items:
-        counts[x] = counts.get(x, 0) + 1
-    return counts
 
 
 def describe(*, limit=None, temperature=0.8, num_samples=20, top_p=0.95, top_k=None, max_new_tokens=512, timeout=3.0,

@@ -1,0 +1,418 @@
+"""OS-isolated execution of model-written Python (HumanEval completions).
+
+Each program runs as (``launcher.py`` has the details)::
+
+    host ── Popen(setsid, env={}, config on stdin, verdict pipe) ──▶ launcher (python -I -S, root)
+        unshare mount + PID + network + IPC + UTS namespaces; a tmpfs root of ``max_disk_mb``
+        holding read-only nosuid binds of /usr and the interpreter, /work and /tmp
+        └─ init (PID 1 of the new PID namespace): reaps; kills whatever the program leaves
+            └─ program: own cgroup, rlimits, chroot, private uid, no_new_privs; runs the harness
+
+What a program gets, and why:
+
+- **Files**: nothing of the host but the interpreter, /usr and the loader's /etc/ld.so.cache,
+  read-only and nosuid; /work and /tmp live in the tmpfs root, so ``max_disk_mb`` bounds everything
+  it can write (and it is gone with the mount namespace). Output goes to host files capped by
+  RLIMIT_FSIZE.
+- **Network**: an empty network namespace (a loopback that is down): no host listener, no
+  outside address, no abstract unix socket of the host.
+- **IPC**: an IPC namespace of its own, so it sees no host SysV shared memory/queues/semaphores,
+  and what it creates dies with it (no segment outlives the program); the namespace's
+  ``shmmax/shmall/msgmni/msgmnb`` cap what it can pin there. UTS: its own hostname.
+- **Memory and processes, for the whole tree**: a cgroup per program (v2, else v1: see
+  ``cgroup.py``) bounds the memory of all its processes together (page cache, tmpfs files and
+  shared memory it touches included) at ``memory_mb``, and their number at ``max_processes``.
+  Fallback where no cgroup can be made (documented, weaker): RLIMIT_NPROC (counted per uid, and
+  the uid is private, so per program) times RLIMIT_AS is kept within the budget: at most
+  ``memory_mb // 128`` processes of ``memory_mb / nproc`` each; SysV shared memory, which no rlimit
+  counts once detached, is capped at ``memory_mb / 4`` by the IPC namespace's ``shmall``; tmpfs
+  files by ``max_disk_mb``.
+- **Identity**: a uid of its own (``uids.py``: flock-allocated host-wide, never shared by two
+  live programs, not even across concurrent evals), no groups, ``no_new_privs``; it cannot
+  signal or ptrace anything outside, and a final sweep kills any process left under its uid.
+- **Time**: the host kills the launcher's process group at ``timeout``; the launcher's death
+  kills init (PDEATHSIG), and init's death kills the PID namespace; RLIMIT_CPU as well.
+
+**Pass** means the harness reached its end, not "exit status 0": the program's source is run by
+``exec`` inside a wrapper; only when ``exec`` returns does the wrapper read a per-run token on fd 3
+and write it back on fd 4; the launcher (root, outside the program's reach) compares it and
+writes its verdict with the host's per-run nonce on a pipe only it holds. ``raise SystemExit``,
+``sys.exit(0)`` (both caught by the wrapper: failed, as in openai/human-eval), ``os._exit(0)``
+(no token), killing its own harness, printing a fake verdict, or leaving processes behind all
+fail. Limit: the completion runs in the same interpreter as the tests (as in human-eval), so a
+completion written to attack this harness (reading fd 3 and writing fd 4 itself) is not ruled
+out; no in-interpreter harness can rule that out, and the completion is kept in the results for
+inspection.
+
+**Refusal**: code runs only with ``allow_code_execution=True`` (CLI ``--allow-code-execution``),
+and only isolated: where the namespaces cannot be created (not root, no ``unshare``) it is
+refused (`IsolationUnavailable`) unless ``unsafe_no_isolation=True`` (CLI
+``--unsafe-no-isolation``), which runs it as the host user with rlimits only. ``isolation()``
+describes what is used; the HumanEval task records it in its metrics (results.json, report).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from qtulu.errors import QtuluError
+
+from . import cgroup, uids
+
+LAUNCHER = Path(__file__).with_name("launcher.py")
+FALLBACK_PROCESS_MB = 128  # rlimit fallback: the smallest address space a process gets
+
+
+class CodeExecutionRefused(QtuluError, PermissionError):
+    """Model-written code would run without the explicit opt-in, or without isolation."""
+
+
+class IsolationUnavailable(CodeExecutionRefused):
+    """This machine cannot isolate programs and ``--unsafe-no-isolation`` was not given."""
+
+
+class SandboxError(QtuluError, RuntimeError):
+    """The sandbox itself failed (not the program): the evaluation cannot be trusted."""
+
+
+def require_opt_in(allow_code_execution: bool, what: str = "this task", *,
+                   unsafe_no_isolation: bool | None = None) -> None:
+    """Refuse unless code execution was asked for; with ``unsafe_no_isolation`` given (True/False),
+    also refuse when this machine cannot isolate it and unisolated execution was not asked for."""
+    if not allow_code_execution:
+        raise CodeExecutionRefused(
+            f"{what} executes model-written code; it runs only with --allow-code-execution "
+            "(evaluate(..., allow_code_execution=True)), in the sandbox of qtulu.evals.sandbox"
+        )
+    if unsafe_no_isolation is not None:
+        isolation(unsafe_no_isolation)
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """Limits for one program (its whole process tree). ``cpu_seconds`` None = ceil(timeout) + 1."""
+
+    timeout: float = 5.0
+    memory_mb: int = 1024
+    cpu_seconds: int | None = None
+    max_processes: int = 16
+    max_file_mb: int = 16
+    max_disk_mb: int = 64
+    max_open_files: int = 64
+    max_output_bytes: int = 64 * 1024
+
+
+@dataclass
+class ExecResult:
+    """How one program ended. ``passed``: the harness reached its end (see the module docstring);
+    ``status``: "passed" | "failed" | "timeout"; ``reason``: why, in words."""
+
+    passed: bool
+    status: str
+    returncode: int | None
+    duration: float
+    stdout: str = ""
+    stderr: str = ""
+    isolation: dict = field(default_factory=dict)
+    reason: str = ""
+    peak_memory_bytes: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# what this machine allows
+
+
+_probe_lock = threading.Lock()
+_probed: dict = {}
+
+
+def _python() -> str:
+    return os.path.realpath(sys.executable)
+
+
+def probe() -> dict:
+    """``{"namespaces": bool, "reason": str, "cgroup": cgroup.Support}``, computed once per process."""
+    with _probe_lock:
+        if not _probed:
+            if os.geteuid() != 0:
+                ns, reason = False, f"not root (euid {os.geteuid()}): cannot create namespaces or drop to a private uid"
+            else:
+                with tempfile.TemporaryDirectory(prefix="qtulu-sandbox-probe-") as d:
+                    proc = subprocess.run([_python(), "-I", "-S", "-B", str(LAUNCHER), "--probe", d],
+                                          capture_output=True, text=True, env={}, timeout=60)
+                try:
+                    out = json.loads(proc.stdout)
+                except json.JSONDecodeError:
+                    out = {"namespaces": False, "reason": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+                ns, reason = bool(out.get("namespaces")), out.get("reason", "")
+            _probed.update(namespaces=ns, reason=reason,
+                           cgroup=cgroup.detect() if ns else cgroup.Support(None, reason="no isolation"))
+        return dict(_probed)
+
+
+def isolation(unsafe_no_isolation: bool = False) -> dict:
+    """What the sandbox will use on this machine (recorded with the results).
+
+    Raises `IsolationUnavailable` where nothing can be isolated and ``unsafe_no_isolation`` is False.
+    """
+    p = probe()
+    if p["namespaces"]:
+        cg = p["cgroup"]
+        if cg.version:
+            memory = f"cgroup {cg.version}: memory_mb for the whole process tree" + (
+                ", max_processes by pids.max" if cg.pids else ", max_processes by RLIMIT_NPROC of the private uid")
+        else:
+            memory = (f"rlimit fallback ({cg.reason}): RLIMIT_NPROC x RLIMIT_AS within memory_mb "
+                      f"(at most memory_mb/{FALLBACK_PROCESS_MB} processes), SysV shm capped at memory_mb/4")
+        return {
+            "level": "full",
+            "namespaces": ["mount", "pid", "network", "ipc", "uts"],
+            "filesystem": "chroot into a tmpfs of max_disk_mb; /usr and the interpreter read-only, nosuid",
+            "network": "none (empty network namespace)",
+            "uid": f"private per program (flock-allocated from {uids.UID_BASE}), no_new_privs",
+            "memory": memory,
+            "cgroup": cg.version,
+        }
+    if not unsafe_no_isolation:
+        raise IsolationUnavailable(
+            f"cannot isolate model-written code on this machine: {p['reason']}. The sandbox needs root "
+            "(namespaces, chroot, a private uid, a cgroup). Run as root (e.g. a container with CAP_SYS_ADMIN), "
+            "or pass --unsafe-no-isolation (unsafe_no_isolation=True) to run it with no isolation: it can then "
+            "read and write your files, signal your processes and reach the network"
+        )
+    return {
+        "level": "none",
+        "unsafe_no_isolation": True,
+        "reason": p["reason"],
+        "namespaces": [],
+        "filesystem": "host (runs as the host user in a temporary directory)",
+        "network": "audit hook refusing sockets (bypassable)",
+        "uid": "the host user's",
+        "memory": f"rlimit per process (at most memory_mb/{FALLBACK_PROCESS_MB} processes)",
+        "cgroup": None,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# one program
+
+
+def _limits(config: SandboxConfig, cgroup_on: bool, isolated: bool) -> dict:
+    mem = config.memory_mb << 20
+    nproc = config.max_processes
+    if not cgroup_on:  # the documented fallback: nproc x address space within the budget
+        nproc = max(1, min(nproc, config.memory_mb // FALLBACK_PROCESS_MB))
+    as_ = mem if cgroup_on else mem // nproc
+    if not isolated:  # RLIMIT_NPROC counts every process of the host user, not just the program's
+        nproc += len(uids.pids_of_uid(os.getuid()))
+    return {"as": as_, "nproc": nproc, "cpu": config.cpu_seconds or int(config.timeout) + 1,
+            "fsize": config.max_file_mb << 20, "nofile": config.max_open_files, "disk_bytes": config.max_disk_mb << 20,
+            "inodes": 4096, "ipc_bytes": mem // 4}
+
+
+def _binds() -> list[str]:
+    out = ["/usr"]
+    prefix = os.path.realpath(sys.base_prefix)
+    if not prefix.startswith("/usr/") and prefix != "/usr":
+        out.append(prefix)
+    exe_dir = os.path.dirname(_python())
+    if not any(exe_dir == b or exe_dir.startswith(b + "/") for b in out):
+        out.append(exe_dir)
+    out += [p for p in ("/lib", "/lib64", "/bin", "/sbin") if os.path.isdir(p) and not os.path.islink(p)]
+    return out
+
+
+def _sweep(uid: int, deadline: float = 10.0) -> int:
+    """SIGKILL every process running as ``uid`` until none is left; returns how many were killed."""
+    killed, end = 0, time.monotonic() + deadline
+    while time.monotonic() < end:
+        pids = uids.pids_of_uid(uid)
+        if not pids:
+            return killed
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+        time.sleep(0.01)
+    raise SandboxError(f"sandbox: processes of uid {uid} survive SIGKILL: {uids.pids_of_uid(uid)}")
+
+
+def _read_capped(path: Path, cap: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read(cap).decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _read_pipe(fd: int, cap: int = 1 << 16) -> bytes:
+    os.set_blocking(fd, False)
+    data = b""
+    while len(data) < cap:
+        try:
+            chunk = os.read(fd, cap - len(data))
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+_SIGNALS = {signal.SIGKILL: "SIGKILL", signal.SIGXCPU: "SIGXCPU: CPU time limit",
+            signal.SIGXFSZ: "SIGXFSZ: file size limit",
+            signal.SIGSEGV: "SIGSEGV", signal.SIGABRT: "SIGABRT"}
+
+
+def _judge(verdict: dict, stderr: str, stats: dict) -> tuple[str, str, int | None]:
+    """(status, reason, returncode) from the launcher's verdict."""
+    sig, code = verdict.get("signal"), verdict.get("exit")
+    rc = code if code is not None else (128 + sig if sig else None)
+    if verdict.get("left"):
+        return "failed", "the program left processes running; they were killed", rc
+    if sig:
+        why = _SIGNALS.get(sig, f"signal {sig}")
+        if stats.get("oom_kills"):
+            why += ": memory limit (killed by the cgroup's OOM killer)"
+        return "failed", f"killed by {why}", rc
+    if code != 0:
+        last = next((ln.strip() for ln in reversed(stderr.splitlines()) if ln.strip()), "")
+        return "failed", f"raised {last}" if code == 1 and last else f"exit status {code}", rc
+    if not verdict.get("harness_end"):
+        if verdict.get("marker_written"):
+            return "failed", "the harness's end marker was wrong", rc
+        return "failed", "exit status 0 but the test harness did not reach its end (e.g. os._exit)", rc
+    return "passed", "the test harness reached its end", rc
+
+
+def run_program(code: str, config: SandboxConfig = SandboxConfig(), *, unsafe_no_isolation: bool = False) -> ExecResult:
+    """Run ``code`` (a complete Python program) in the sandbox; see the module docstring."""
+    plan = isolation(unsafe_no_isolation)
+    isolated = plan["level"] == "full"
+    support = probe()["cgroup"] if isolated else cgroup.Support(None)
+    nonce = secrets.token_hex(16)
+    top = Path(tempfile.mkdtemp(prefix="qtulu-sandbox-"))
+    lease = cg = None
+    vr = vw = -1
+    try:
+        lease = uids.acquire() if isolated else None
+        limits = _limits(config, bool(support.version), isolated)
+        if support.version:
+            cg = cgroup.ProgramCgroup(support, f"uid-{lease.uid}", config.memory_mb << 20, limits["nproc"])
+        work = top / "work"
+        work.mkdir(mode=0o700)
+        (top / "newroot").mkdir()
+        (work / "program.py").write_text(code, encoding="utf-8")
+        vr, vw = os.pipe()
+        cfg = {
+            "isolate": isolated, "nonce": nonce, "verdict_fd": vw, "keep_fds": [lease.fd] if lease else [],
+            "uid": lease.uid if lease else os.getuid(), "python": _python(), "program": str(work / "program.py"),
+            "newroot": str(top / "newroot"), "binds": _binds() if isolated else [], "limits": limits,
+            "file_binds": [f for f in ("/etc/ld.so.cache",) if isolated and os.path.isfile(f)],
+            "cgroup_procs": cg.procs_files if cg else [], "backstop_seconds": int(config.timeout) + 10,
+        }
+        t0 = time.monotonic()
+        timed_out = False
+        with open(top / "stdout", "wb") as out, open(top / "stderr", "wb") as err:
+            proc = subprocess.Popen(
+                [cfg["python"], "-I", "-S", "-B", str(LAUNCHER)], stdin=subprocess.PIPE, stdout=out, stderr=err,
+                env={}, cwd=str(top), start_new_session=True, pass_fds=[vw, *cfg["keep_fds"]],
+            )
+            os.close(vw)
+            vw = -1
+            try:
+                proc.stdin.write(json.dumps(cfg).encode())
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            # the launcher writes its verdict, then exits: wake on that (or on its death), not by polling
+            ready, _, _ = select.select([vr], [], [], max(0.0, config.timeout - (time.monotonic() - t0)))
+            try:
+                proc.wait(timeout=5 if ready else max(0.0, config.timeout - (time.monotonic() - t0)))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+        duration = time.monotonic() - t0
+        raw = _read_pipe(vr)
+        stats = cg.stats() if cg else {}
+        if cg:
+            cg.remove()
+            cg = None
+        stdout = _read_capped(top / "stdout", config.max_output_bytes)
+        stderr = _read_capped(top / "stderr", config.max_output_bytes)
+        iso = {**plan, "uid": lease.uid} if lease else dict(plan)
+        if timed_out:
+            status, reason, rc = "timeout", f"timed out after {config.timeout:g} s", None
+        else:
+            try:
+                verdict = json.loads(raw)
+            except json.JSONDecodeError:
+                raise SandboxError(f"sandbox launcher gave no verdict (exit {proc.returncode}): "
+                                   f"{stderr[-500:]}") from None
+            if verdict.get("nonce") != nonce:
+                raise SandboxError("sandbox verdict carries the wrong nonce")
+            problem = verdict.get("launcher_error") or verdict.get("init_error") or verdict.get("start_error")
+            if problem:
+                raise SandboxError(f"sandbox failed before the program ran: {problem}")
+            status, reason, rc = _judge(verdict, stderr, stats)
+        return ExecResult(passed=status == "passed", status=status, returncode=rc, duration=duration, stdout=stdout,
+                          stderr=stderr, isolation=iso, reason=reason, peak_memory_bytes=stats.get("peak_bytes"))
+    finally:
+        for fd in (vr, vw):
+            if fd >= 0:
+                os.close(fd)
+        if cg:
+            cg.remove()
+        if lease:
+            try:
+                _sweep(lease.uid)
+            finally:
+                lease.release()
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def run_programs(codes: Sequence[str], config: SandboxConfig = SandboxConfig(), *, workers: int | None = None,
+                 allow_code_execution: bool = False, unsafe_no_isolation: bool = False,
+                 progress: bool = False) -> list[ExecResult]:
+    """Run many programs, ``workers`` at a time (default: CPU count); results in input order.
+
+    Refuses before running anything: without ``allow_code_execution`` (`CodeExecutionRefused`), and
+    where nothing can be isolated unless ``unsafe_no_isolation`` (`IsolationUnavailable`).
+    """
+    require_opt_in(allow_code_execution, "run_programs", unsafe_no_isolation=unsafe_no_isolation)
+    workers = max(1, workers or os.cpu_count() or 1)
+    results: list[ExecResult | None] = [None] * len(codes)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(run_program, c, config, unsafe_no_isolation=unsafe_no_isolation): i
+                   for i, c in enumerate(codes)}
+        done = as_completed(futures)
+        if progress:
+            from tqdm.auto import tqdm
+
+            done = tqdm(done, total=len(futures), desc="executing", leave=False)
+        for f in done:
+            results[futures[f]] = f.result()
+    return results  # type: ignore[return-value]

@@ -1,0 +1,101 @@
+"""One writer per run directory: ``qtulu train`` holds an exclusive lock on ``OUT/.qtulu-run.lock``.
+
+The lock is a ``flock`` on that file, so the kernel releases it whenever the holder ends, however
+it ends (return, exception, SIGKILL, power cut): a lock is never stale after its holder died, and
+nothing has to be cleaned up. The file records who holds it (pid, host, command, start time) so
+that a second run on the same directory fails at once with a message naming the holder.
+
+Under torchrun/accelerate only the main process (RANK 0) takes the lock: the ranks of one launch
+share the directory; a second launch's rank 0 is refused.
+
+Also here: `set_aside_checkpoints`, what ``--resume never`` does with the checkpoints an earlier run
+left in the directory: it moves them aside (``checkpoints.previous-<time>``), never deletes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+from qtulu.errors import QtuluError
+
+LOCK_NAME = ".qtulu-run.lock"
+
+
+class RunDirLocked(QtuluError, RuntimeError):
+    """Another live run holds the run directory."""
+
+
+def _describe(info: dict) -> str:
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started"])) if "started" in info else "?"
+    return f"pid {info.get('pid', '?')} on {info.get('host', '?')}, since {since}: {info.get('command', '?')}"
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Hold the run directory ``out_dir`` (created if needed) for the duration of the ``with``.
+
+    Raises `RunDirLocked` naming the holder when another live process holds it.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                info = json.loads(os.pread(fd, 65536, 0) or b"{}")
+            except (OSError, ValueError):
+                info = {}
+            raise RunDirLocked(
+                f"{out} is in use by another qtulu train run ({_describe(info)}); wait for it to finish "
+                "or choose another --output-dir"
+            ) from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                "command": " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock (the file stays: removing it would race with a waiting taker)
+
+
+def locks_run_dir(fn):
+    """Decorator for ``train(..., output_dir=...)``: run it holding `run_lock` (main rank only)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, output_dir, **kwargs):
+        if int(os.environ.get("RANK", "0")) != 0:
+            return fn(*args, output_dir=output_dir, **kwargs)
+        with run_lock(output_dir):
+            return fn(*args, output_dir=output_dir, **kwargs)
+
+    return wrapper
+
+
+def set_aside_checkpoints(run_dir: str | os.PathLike, *, say=print) -> Path | None:
+    """Move ``run_dir`` (an earlier run's ``checkpoints/``) to ``<run_dir>.previous-<time>`` when it
+    holds any checkpoint, and recreate it empty; returns where they went (None if nothing moved)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not any(p.name.startswith("checkpoint-") for p in run_dir.iterdir()):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = run_dir.with_name(f"{run_dir.name}.previous-{stamp}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = run_dir.with_name(f"{run_dir.name}.previous-{stamp}-{n}")
+    os.replace(run_dir, dest)
+    run_dir.mkdir()
+    say(f"resume=never: the earlier run's checkpoints were moved to {dest} (not deleted)")
+    return dest
