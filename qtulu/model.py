@@ -77,7 +77,7 @@ def quantization_info(quantize: str | None, *, blocksize: int = 64, double_quant
 # what `weights_sha256` hashes (recorded as base_info["weights_hash"]; adapters saved before it
 # existed hold a hash of the checkpoint files instead, see qtulu.adapters.check_base)
 WEIGHTS_HASH = "trained-against-v1"
-_HASH_CHUNK = 1 << 24  # elements per piece: bounds the fp32 copy of a big embedding
+_HASH_CHUNK = 1 << 22  # elements per piece: bounds the temporary copies of a big tensor
 
 
 def _is_nf4_layer(module: nn.Module) -> bool:
@@ -97,30 +97,40 @@ def _nf4_digest(module: nn.Module) -> str:
     state = module.quant_state if isinstance(module, Linear4bit) else NF4State.from_bnb(module.weight.quant_state)
     h = hashlib.sha256(f"nf4|{tuple(state.shape)}|{state.blocksize}|{state.nested}|"
                        f"{state.blocksize2 if state.nested else 0}\n".encode())
-    codes = module.weight.data
-    h.update(_raw_bytes(codes.reshape(-1) if codes.dtype == torch.uint8 else codes.reshape(-1).view(torch.uint8)))
-    h.update(_raw_bytes(state.absmax))
+    _update(h, module.weight.data)
+    _update(h, state.absmax)
     if state.nested:
         for t in (state.offset, state.absmax2, state.code2):
-            h.update(_raw_bytes(t.float().reshape(-1)))
+            _update(h, t.float())
     return h.hexdigest()
 
 
-def _raw_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().to("cpu").contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+def _update(h, t: torch.Tensor) -> None:
+    """Feed ``t``'s raw bytes to hasher ``h`` in pieces (no copy of a CPU tensor's data)."""
+    flat = t.detach().reshape(-1)
+    for i in range(0, flat.numel(), _HASH_CHUNK):
+        piece = flat[i:i + _HASH_CHUNK].to("cpu").contiguous()
+        h.update(piece.view(torch.uint8).numpy())  # hashlib reads the buffer, releasing the GIL
 
 
 def _value_digest(t: torch.Tensor) -> str:
-    """SHA-256 of a tensor's values: floats as fp32 (so bf16 values hash alike whether they are held
-    in bf16 or fp32), other dtypes as they are; in pieces, so no full fp32 copy is made."""
+    """SHA-256 of a tensor's values, the same for the same values in any float dtype that holds
+    them exactly: bf16 bytes when every value is a bf16 value (a bf16 tensor, or an fp32 one
+    whose low mantissa bits are zero), fp32 bytes otherwise; non-float tensors as they are."""
     t = t.detach()
-    kind = "f" if t.is_floating_point() else str(t.dtype)
-    h = hashlib.sha256(f"{kind}|{tuple(t.shape)}\n".encode())
+    shape = tuple(t.shape)
+    if not t.is_floating_point():
+        h = hashlib.sha256(f"{t.dtype}|{shape}\n".encode())
+        _update(h, t)
+        return h.hexdigest()
     flat = t.reshape(-1)
+    as_bf16 = t.dtype == torch.bfloat16 or all(
+        not bool((flat[i:i + _HASH_CHUNK].float().view(torch.int32) & 0xFFFF).any())
+        for i in range(0, flat.numel(), _HASH_CHUNK))
+    h = hashlib.sha256(f"{'bf16' if as_bf16 else 'f32'}|{shape}\n".encode())
     for i in range(0, flat.numel(), _HASH_CHUNK):
         piece = flat[i:i + _HASH_CHUNK]
-        h.update(_raw_bytes(piece.float() if t.is_floating_point() else piece))
+        _update(h, piece.to(torch.bfloat16) if as_bf16 else piece.float())  # exact either way
     return h.hexdigest()
 
 
@@ -132,9 +142,12 @@ def combine_digests(digests: dict[str, str]) -> str:
     return total.hexdigest()
 
 
-def tensor_digests(model: nn.Module) -> dict[str, str]:
-    """``{name: digest}`` of what an adapter on ``model`` trains against (see `state_dict_sha256`)."""
-    out: dict[str, str] = {}
+def tensor_digests(model: nn.Module, threads: int | None = None) -> dict[str, str]:
+    """``{name: digest}`` of what an adapter on ``model`` trains against (see `state_dict_sha256`);
+    tensors are hashed on ``threads`` threads (default: the CPU count, at most 16)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs: dict[str, tuple] = {}
     seen: set[int] = set()
     nf4_prefixes: list[str] = []
     for mod_name, module in model.named_modules():
@@ -146,18 +159,21 @@ def tensor_digests(model: nn.Module) -> dict[str, str]:
         name = ".".join(p for p in parts if p != "base_layer")  # peft's wrapper level
         prefix = f"{name}." if name else ""
         if _is_nf4_layer(module):
-            out[prefix + "weight"] = _nf4_digest(module)
+            jobs[prefix + "weight"] = (_nf4_digest, module)
             nf4_prefixes.append(mod_name + ".")
             seen.add(id(module.weight))
         for p_name, p in module.named_parameters(recurse=False):
             if id(p) in seen:
                 continue  # tied weights count once
             seen.add(id(p))
-            out[prefix + p_name] = _value_digest(p)
+            jobs[prefix + p_name] = (_value_digest, p)
         for b_name, b in module.named_buffers(recurse=False):
             if b is not None and b_name not in module._non_persistent_buffers_set:
-                out[prefix + b_name] = _value_digest(b)
-    return out
+                jobs[prefix + b_name] = (_value_digest, b)
+    workers = threads or min(16, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {name: pool.submit(fn, arg) for name, (fn, arg) in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}
 
 
 def state_dict_sha256(model: nn.Module) -> str:
