@@ -374,12 +374,10 @@ def export_merged(
         src_dir, digests = None, None
         n_total = sum(1 for _ in base.named_modules())
     else:
-        from transformers import AutoConfig
-
-        from qtulu.model import _safetensor_files, files_sha256, resolve_checkpoint
+        from qtulu.model import _safetensor_files, files_sha256, load_config, resolve_checkpoint
 
         src_dir, _rev = resolve_checkpoint(base)
-        config = AutoConfig.from_pretrained(str(src_dir))
+        config = load_config(src_dir)
         if getattr(config, "quantization_config", None):
             # a bitsandbytes-quantized checkpoint: its NF4 weights are the trained-against weights;
             # load it (it is 4-bit, so it fits) and dequantize layer by layer from memory

@@ -57,7 +57,7 @@ def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"compute_dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise ModelLoadError(f"compute_dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     return _DTYPES[dtype]
 
 
@@ -70,7 +70,7 @@ def quantization_info(quantize: str | None, *, blocksize: int = 64, double_quant
     if quantize is None:
         return None
     if quantize != "nf4":
-        raise ValueError(f"quantize must be 'nf4' or None, got {quantize!r}")
+        raise ModelLoadError(f"quantize must be 'nf4' or None, got {quantize!r}")
     return {"method": "nf4", "blocksize": int(blocksize), "double_quant": bool(double_quant), "skip": ["lm_head"]}
 
 
@@ -273,6 +273,17 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
     return directory, rev
 
 
+def load_config(directory: Path, *, trust_remote_code: bool = False):
+    """``AutoConfig`` of a model directory; a config transformers cannot read is a `ModelLoadError`
+    naming the file (an unknown ``model_type``, bad JSON, a missing key)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{Path(directory) / 'config.json'}: {type(e).__name__}: {e}") from None
+
+
 def looks_local(name: str) -> bool:
     """True when ``name`` is meant as a local path, not a hub id (``org/name`` or ``name``): it
     starts with ``./``, ``../``, ``/`` or ``~``, holds the OS separator where that is not ``/``,
@@ -398,9 +409,7 @@ def load_base(
         tok = _load_tokenizer(tokenizer, None, trust_remote_code)
     else:
         directory, rev = resolve_checkpoint(name_or_path, revision)
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+        config = load_config(directory, trust_remote_code=trust_remote_code)
         qcfg = getattr(config, "quantization_config", None)
         if qcfg is not None:
             qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()

@@ -239,3 +239,13 @@ def test_attach_lora_turns_the_kv_cache_off_for_packed_training():
     assert model.config.use_cache
     peft = attach_lora(model, toy_recipe(lora={"r": 4, "alpha": 8, "dropout": 0.0}).lora)
     assert peft.config.use_cache is False and model.config.use_cache is False
+
+
+def test_unreadable_config_is_a_one_line_error_naming_the_file(tmp_path):
+    import json
+
+    d = _save_dir(tmp_path, build_tiny_llama(0))
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "no-such-architecture"}))
+    with pytest.raises(ModelLoadError, match=r"config\.json: .*no-such-architecture"):
+        load_base(str(d))
