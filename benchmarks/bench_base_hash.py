@@ -78,7 +78,7 @@ def main() -> int:
             held = sum(t.numel() * t.element_size() for t in loaded.state_dict().values())  # bytes hashed
             rows.append({"base": quantize or "bf16", "load_s": load_s, "hash_s": hash_s,
                          "hash_over_load": hash_s / load_s, "hashed_mb": held / 1e6})
-            del loaded
+            loaded = None  # free it before the next load
 
         def old():
             os.environ["QTULU_CACHE_DIR"] = tempfile.mkdtemp(dir=tmp)  # a cold digest cache every time

@@ -20,11 +20,9 @@ missing file, truncated file, unreadable header, renamed key, changed shape, che
 base's quantization and identity (``weights_sha256``: what the adapter trained against, the NF4
 codes and quant state or the weights' values, see ``qtulu.model.state_dict_sha256``).
 
-A plain PEFT adapter (no ``qtulu.json``, e.g. from ``peft.save_pretrained`` or the Hub) loads
-once the user says what it was trained against: ``trained_on="nf4" | "bf16" | "fp16" | "fp32"``
-(CLI: ``--trained-on``). That choice is never made silently: without it such an adapter is
-refused (`AdapterError` naming ``--trained-on``), and with it the base is loaded as said (NF4,
-or unquantized in that dtype) and checked against it.
+A plain PEFT adapter (no ``qtulu.json``: ``peft.save_pretrained``, the Hub) loads once the user
+says what it was trained against (``trained_on=``, CLI ``--trained-on``; see `qtulu.trained_on`):
+never guessed, refused without it.
 
 Example::
 
@@ -45,6 +43,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from qtulu.errors import QtuluError
+from qtulu.trained_on import _TRAINED_ON_DTYPE, adapter_record, trained_on_of
+from qtulu.trained_on import TRAINED_ON, plain_peft_record  # noqa: F401 - re-exported
 
 FORMAT_VERSION = 1
 META_NAME = "qtulu.json"
@@ -57,10 +57,6 @@ class AdapterError(QtuluError, ValueError):
     """An adapter directory is corrupt, incomplete or bound to another base/quantization."""
 
 
-# what a plain PEFT adapter was trained against (the user says it: --trained-on / trained_on=)
-TRAINED_ON = ("nf4", "bf16", "fp16", "fp32")
-_TRAINED_ON_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-TRAINED_ON_HINT = "--trained-on nf4|bf16|fp16|fp32 (Python: trained_on=)"
 AUTO = "auto"  # load_model(quantize=AUTO): the base precision the adapters trained against
 
 
@@ -245,53 +241,6 @@ def read_meta(adapter_dir: str | os.PathLike) -> dict:
         raise AdapterError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or "files" not in meta:
         raise AdapterError(f"{path}: not a qtulu adapter manifest (no 'files' key)")
-    return meta
-
-
-def trained_on_of(meta: dict) -> str | None:
-    """``"nf4"`` / ``"bf16"`` / ... : what an adapter record says it was trained against."""
-    if meta.get("trained_on"):
-        return meta["trained_on"]
-    if meta.get("quantization", (meta.get("base") or {}).get("quantization")):
-        return "nf4"
-    dtype = recorded_compute_dtype(meta)
-    return {v: k for k, v in _TRAINED_ON_DTYPE.items()}.get(dtype) if dtype else None
-
-
-def plain_peft_record(adapter_dir: str | os.PathLike, trained_on: str | None) -> dict:
-    """The binding record of a plain PEFT adapter (no ``qtulu.json``) from what the user said it
-    was trained against; refuses (naming ``--trained-on``) when nothing was said."""
-    from qtulu.model import quantization_info
-
-    d = Path(adapter_dir)
-    if trained_on is None:
-        raise AdapterError(
-            f"{d}: plain PEFT adapter (no {META_NAME}): what it was trained against is unknown, and qtulu "
-            f"will not guess (an NF4 base changes its logits); say it with {TRAINED_ON_HINT}"
-        )
-    if trained_on not in TRAINED_ON:
-        raise AdapterError(f"trained_on must be one of {TRAINED_ON}, got {trained_on!r}")
-    return {
-        "trained_on": trained_on,
-        "quantization": quantization_info("nf4") if trained_on == "nf4" else None,
-        "compute_dtype": _TRAINED_ON_DTYPE.get(trained_on),
-        "base": {},
-    }
-
-
-def adapter_record(adapter_dir: str | os.PathLike, trained_on: str | None = None) -> dict:
-    """``qtulu.json`` of an adapter dir, or for a plain PEFT adapter `plain_peft_record`. A
-    ``trained_on`` that contradicts what ``qtulu.json`` records is refused."""
-    d = Path(adapter_dir)
-    if not (d / META_NAME).is_file():
-        return plain_peft_record(d, trained_on)
-    meta = read_meta(d)
-    recorded = trained_on_of(meta)
-    if trained_on is not None and recorded is not None and trained_on != recorded:
-        raise AdapterError(
-            f"{d / META_NAME}: the adapter was trained against {recorded}, but --trained-on/trained_on says "
-            f"{trained_on}"
-        )
     return meta
 
 

@@ -160,7 +160,7 @@ def _trained_against(weight: torch.Tensor, quant: dict | None, compute_dtype: to
                      digests: dict | None = None, name: str = "") -> torch.Tensor:
     """fp32 (out, in) weight exactly as the adapter saw it during training (see qtulu.model.load_base);
     its digest as `qtulu.model.tensor_digests` computes it goes to ``digests[name]``."""
-    from qtulu.model import _nf4_digest, _value_digest
+    from qtulu.base_hash import _nf4_digest, _value_digest
 
     if quant is None:
         w = weight.to(compute_dtype)
@@ -191,7 +191,8 @@ def _iter_dir_base(directory: Path, config, quant: dict | None, compute_dtype: t
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from qtulu.model import _safetensor_files, _value_digest
+    from qtulu.base_hash import _value_digest
+    from qtulu.model import _safetensor_files
 
     with init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(config)
@@ -391,7 +392,7 @@ def export_merged(
             )
         # the base is re-created as the adapter trained against it (`quant`, `cdtype`); its
         # weights_sha256 is built from the digests of the stream below and checked at the end
-        from qtulu.model import WEIGHTS_HASH
+        from qtulu.base_hash import WEIGHTS_HASH
 
         info = {"id": str(base), "revision": _rev, "weights_sha256": None, "weights_hash": WEIGHTS_HASH,
                 "quantization": quant}
@@ -442,7 +443,7 @@ def export_merged(
         if unused:
             raise ExportError(f"{adapter_dir}: adapter modules not found among the base's Linear layers: {unused[:5]}")
         if digests is not None and info.get("weights_hash"):
-            from qtulu.model import combine_digests
+            from qtulu.base_hash import combine_digests
 
             info["weights_sha256"] = combine_digests(digests)
             check_base(meta, info, where=str(adapter_dir), force=force)  # another base: nothing is kept
