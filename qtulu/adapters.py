@@ -464,10 +464,8 @@ def load_model(base, adapters: Sequence = (), *, quantize: str | None = AUTO, tr
     Returns ``(model, tokenizer)``: a ``PeftModel`` with the first adapter active, or the base
     model itself when ``adapters`` is empty.
     """
+    from qtulu.model import as_dtype, files_sha256, load_base
     from qtulu.model import base_info as get_base_info
-    from qtulu.model import files_sha256, load_base
-
-    from qtulu.model import as_dtype
 
     # every adapter's record before the base is loaded: a missing --trained-on fails in a second
     paths = [parse_adapter_spec(a)[1] for a in adapters]

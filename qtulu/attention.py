@@ -217,12 +217,12 @@ def varlen_attention_forward(
             is_causal=is_causal, **kwargs,
         )
     if dropout:
-        raise ValueError(
+        raise PackedAttentionError(
             f"attn_implementation={ATTN_IMPLEMENTATION!r} does not support attention dropout "
             f"(got {dropout}); set config.attention_dropout = 0.0"
         )
     if kwargs.get("output_attentions"):
-        raise ValueError(f"attn_implementation={ATTN_IMPLEMENTATION!r} cannot return attention weights")
+        raise PackedAttentionError(f"attn_implementation={ATTN_IMPLEMENTATION!r} cannot return attention weights")
     from qtulu.kernels.varlen_attention import varlen_attention
 
     batch, heads, seq, head_dim = query.shape
@@ -237,14 +237,14 @@ def varlen_attention_forward(
         cu_seqlens, max_seqlen = kwargs.get("cu_seqlens"), kwargs.get("max_seqlen")
     if cu_seqlens is not None:
         if int(cu_seqlens.numel()) < 2:
-            raise ValueError("cu_seqlens must hold at least [0, total]")
+            raise PackedAttentionError("cu_seqlens must hold at least [0, total]")
         max_seqlen = int(max_seqlen) if max_seqlen is not None else None
         cu_seqlens = cu_seqlens.to(device=query.device, dtype=torch.int32)
     else:
         position_ids = kwargs.get("position_ids")
         if position_ids is not None:
             if position_ids.shape[-1] != seq:
-                raise ValueError(
+                raise PackedAttentionError(
                     f"position_ids has {position_ids.shape[-1]} positions but the query has {seq}"
                 )
             if position_ids.dim() == 1:
