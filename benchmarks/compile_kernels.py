@@ -109,9 +109,10 @@ def varlen_cases(dtype: str, head_dim: int, window: bool = False, softcap: bool 
 
     tt = TT[dtype]
     kernels = {
-        "fwd": (va._varlen_fwd_kernel, ["Q", "K", "V", "O"], va._fwd_configs()),
-        "dq": (va._varlen_bwd_dq_kernel, ["Q", "K", "V", "DO", "DQ"], va._bwd_configs("dq")),
-        "dkdv": (va._varlen_bwd_dkdv_kernel, ["Q", "K", "V", "DO", "DK", "DV"], va._bwd_configs("dkdv")),
+        "fwd": (va._varlen_fwd_kernel, ["Q", "K", "V", "O"], va._fwd_configs(bool(variant))),
+        "dq": (va._varlen_bwd_dq_kernel, ["Q", "K", "V", "DO", "DQ"], va._bwd_configs("dq", bool(variant))),
+        "dkdv": (va._varlen_bwd_dkdv_kernel, ["Q", "K", "V", "DO", "DK", "DV"],
+                 va._bwd_configs("dkdv", bool(variant))),
     }
     for name, (fn, tensors, configs) in kernels.items():
         for cfg in configs:

@@ -50,28 +50,45 @@ if triton is not None:
     def _cfg(bm, bn, warps, stages):
         return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
-    def _fwd_configs():
+    # (BLOCK_M, BLOCK_N, warps, stages) configs that spill registers on sm_90 at head dim 128
+    # (bf16) once the window mask and the softcap tanh are in (`python benchmarks/compile_kernels.py
+    # --kernels varlen`: 6 of 20 did); the window/softcap variants are tuned without them
+    _SPILL_WITH_VARIANT = {
+        "fwd": {(128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)},
+        "dq": {(64, 32, 4, 3)},
+        "dkdv": {(32, 128, 8, 2), (32, 64, 4, 2)},
+    }
+
+    def _keep(kind: str, configs: list, variant: bool) -> list:
+        if not variant:
+            return configs
+        bad = _SPILL_WITH_VARIANT[kind]
+        return [c for c in configs
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) not in bad]
+
+    def _fwd_configs(variant: bool = False):
         if _interpreting():
             return [_cfg(*INTERPRET_BLOCKS["fwd"], 4, 1)]
         # BLOCK_N must divide BLOCK_M (the causal split of the key loop relies on it); a short
         # list, since every config is one more compile when a run starts. Each one compiles for
         # sm_90 at head dim 128 (bf16) without spilling registers; the 4-warp 128-row tiles and
         # others that did spill were dropped (`python benchmarks/compile_kernels.py` shows it)
-        return [
+        return _keep("fwd", [
             _cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(128, 128, 8, 2), _cfg(128, 128, 8, 3),
             _cfg(64, 64, 4, 3), _cfg(64, 64, 8, 3), _cfg(64, 32, 4, 2),
-        ]
+        ], variant)
 
-    def _bwd_configs(kind: str):
+    def _bwd_configs(kind: str, variant: bool = False):
         if _interpreting():
             return [_cfg(*INTERPRET_BLOCKS[kind], 4, 1)]
         # as for the forward: none of these spills at head dim 128 on sm_90
         if kind == "dkdv":  # loops over query blocks: BLOCK_M must divide BLOCK_N
-            return [_cfg(32, 64, 8, 2), _cfg(32, 64, 8, 3), _cfg(32, 128, 8, 2),
-                    _cfg(16, 128, 8, 2), _cfg(16, 64, 4, 2), _cfg(32, 64, 4, 2)]
+            return _keep(kind, [_cfg(32, 64, 8, 2), _cfg(32, 64, 8, 3), _cfg(32, 128, 8, 2),
+                                _cfg(16, 128, 8, 2), _cfg(16, 64, 4, 2), _cfg(32, 64, 4, 2)], variant)
         # dq loops over key blocks: BLOCK_N must divide BLOCK_M
-        return [_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 2),
-                _cfg(64, 64, 8, 2), _cfg(64, 32, 8, 2), _cfg(64, 32, 4, 3), _cfg(64, 16, 4, 2)]
+        return _keep(kind, [_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 2),
+                            _cfg(64, 64, 8, 2), _cfg(64, 32, 8, 2), _cfg(64, 32, 4, 3), _cfg(64, 16, 4, 2)],
+                     variant)
 
     @triton.jit
     def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -424,17 +441,19 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------
 
 
-def _kernel(name: str):
-    """The launcher for kernel ``name``: autotuned on a GPU, a single small config interpreted."""
-    if name not in _TUNED:
+def _kernel(name: str, variant: bool = False):
+    """The launcher for kernel ``name``: autotuned on a GPU, a single small config interpreted;
+    ``variant`` (a window or a softcap): over the configs that do not spill with them."""
+    if (name, variant) not in _TUNED:
         keys = ["HEAD_DIM", "GROUP", "IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "SEQ_BUCKET"]
         if name == "fwd":
-            _TUNED[name] = triton.autotune(_fwd_configs(), key=keys)(_varlen_fwd_kernel)
+            tuned = triton.autotune(_fwd_configs(variant), key=keys)(_varlen_fwd_kernel)
         elif name == "dq":
-            _TUNED[name] = triton.autotune(_bwd_configs("dq"), key=keys)(_varlen_bwd_dq_kernel)
+            tuned = triton.autotune(_bwd_configs("dq", variant), key=keys)(_varlen_bwd_dq_kernel)
         else:
-            _TUNED[name] = triton.autotune(_bwd_configs("dkdv"), key=keys)(_varlen_bwd_dkdv_kernel)
-    return _TUNED[name]
+            tuned = triton.autotune(_bwd_configs("dkdv", variant), key=keys)(_varlen_bwd_dkdv_kernel)
+        _TUNED[(name, variant)] = tuned
+    return _TUNED[(name, variant)]
 
 
 def _seq_bucket(max_seqlen: int) -> int:
@@ -493,7 +512,7 @@ def triton_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, windo
     def grid(meta):
         return (triton.cdiv(max_seqlen, meta["BLOCK_M"]), heads, num_seqs)
 
-    _kernel("fwd")[grid](
+    _kernel("fwd", flags["HAS_WINDOW"] or flags["HAS_SOFTCAP"])[grid](
         q, k, v, out, lse, cu_seqlens, qk_scale, cap_in, cap_out, win,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0), _seq_bucket(max_seqlen),
@@ -528,12 +547,13 @@ def triton_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softm
         INDEX64=_index64(max_seqlen, q, k, v, do, dq, dk, dv), **flags,
     )
     bucket = _seq_bucket(max_seqlen)
-    _kernel("dq")[lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), heads, num_seqs)](
+    variant = flags["HAS_WINDOW"] or flags["HAS_SOFTCAP"]
+    _kernel("dq", variant)[lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), heads, num_seqs)](
         q, k, v, do, dq, lse, delta, cu_seqlens, qk_scale, softmax_scale, cap_in, cap_out, win,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), bucket, **meta,
     )
-    _kernel("dkdv")[lambda m: (triton.cdiv(max_seqlen, m["BLOCK_N"]), kv_heads, num_seqs)](
+    _kernel("dkdv", variant)[lambda m: (triton.cdiv(max_seqlen, m["BLOCK_N"]), kv_heads, num_seqs)](
         q, k, v, do, dk, dv, lse, delta, cu_seqlens, qk_scale, softmax_scale, cap_in, cap_out, win,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
