@@ -296,7 +296,8 @@ def load_base(
 
 def _prepare_in_memory(model, *, quant: dict | None, dtype: torch.dtype, device: torch.device):
     existing = getattr(model, "qtulu_base_info", None)
-    if existing is not None:
+    raw_bnb = any(_is_nf4_layer(m) and not isinstance(m, Linear4bit) for m in model.modules())
+    if existing is not None and not raw_bnb:  # (base_info alone may have tagged a bnb model)
         if existing.get("quantization") != quant and not existing.get("prequantized"):
             raise ModelLoadError(
                 f"in-memory model was already loaded with quantization {existing.get('quantization')}, "
@@ -309,7 +310,7 @@ def _prepare_in_memory(model, *, quant: dict | None, dtype: torch.dtype, device:
         "weights_sha256": None,  # computed on first use (base_info), over what adapters train against
         "quantization": quant,
     }
-    if any(_is_nf4_layer(m) and not isinstance(m, Linear4bit) for m in model.modules()):
+    if raw_bnb:
         # a transformers + bitsandbytes 4-bit model: take over its NF4 bits as they are
         if quant is None:
             raise ModelLoadError(

@@ -189,7 +189,6 @@ def test_same_nf4_bits_are_the_same_base_from_every_source(tmp_path):
     assert type(bnb_layer).__module__.startswith("bitsandbytes")
     codes_ptr = bnb_layer.weight.data.data_ptr()
     assert base_info(mem)["weights_sha256"] == base_info(ours)["weights_sha256"]  # hashable as is
-    del mem.qtulu_base_info
     taken, _ = load_base(mem, compute_dtype=torch.float32, device="cpu", attn_implementation="sdpa")
     assert taken is mem and sum(isinstance(m, Linear4bit) for m in taken.modules()) == 14
     assert taken.model.layers[0].self_attn.q_proj.weight.data_ptr() == codes_ptr  # the same bits, not a copy
