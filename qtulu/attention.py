@@ -211,7 +211,7 @@ def varlen_attention_forward(
     if _needs_sdpa(query, key, attention_mask, kwargs):
         if softcap is not None:
             return _eager_softcap_attention(query, key, value, attention_mask, dropout, scaling, softcap,
-                                            training=module.training)
+                                            training=module.training, window=window)
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
             is_causal=is_causal, **kwargs,
@@ -268,7 +268,7 @@ def varlen_attention_forward(
     return out.reshape(batch, seq, heads, -1), None  # (B, T, H, D)
 
 
-def _eager_softcap_attention(query, key, value, attention_mask, dropout, scaling, softcap, training):
+def _eager_softcap_attention(query, key, value, attention_mask, dropout, scaling, softcap, training, window=None):
     """Padded batches and decoding of a softcapped model (Gemma-2): transformers' SDPA has no
     softcap, so the softmax is spelled out as Gemma-2's own eager attention does it."""
     from transformers.integrations.sdpa_attention import repeat_kv
@@ -285,8 +285,12 @@ def _eager_softcap_attention(query, key, value, attention_mask, dropout, scaling
     if attention_mask is not None:
         mask = attention_mask[:, :, :, :s]
         scores = scores.masked_fill(~mask, lowest) if mask.dtype == torch.bool else scores + mask
-    elif t > 1:  # no mask given for several queries: causal, the queries being the last t positions
-        keep = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(diagonal=s - t)
+    elif t > 1 or (window is not None and s > window):  # no mask given: causal (and the window),
+        q_pos = torch.arange(s - t, s, device=query.device)[:, None]  # the queries are the last t
+        k_pos = torch.arange(s, device=query.device)[None, :]
+        keep = k_pos <= q_pos
+        if window is not None:
+            keep &= q_pos - k_pos < window
         scores = scores.masked_fill(~keep, lowest)
     work = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype
     probs = torch.softmax(scores, dim=-1, dtype=work).to(query.dtype)
