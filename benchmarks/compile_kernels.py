@@ -98,21 +98,26 @@ def nf4_cases(dtype: str):
                        ("N", "K", "W_COLS", "stride_am", "stride_cm"))
 
 
-def varlen_cases(dtype: str, head_dim: int):
-    """The same for the varlen attention kernels (forward, dq, dk/dv)."""
+def varlen_cases(dtype: str, head_dim: int, window: bool = False, softcap: bool = False):
+    """The same for the varlen attention kernels (forward, dq, dk/dv); ``window`` / ``softcap``
+    build the sliding-window / logit-softcapping variants (Mistral, Gemma-2) instead."""
     import triton
 
-    import qtulu.kernels.varlen_attention as va
+    import qtulu.kernels.varlen_attention_triton as va
+
+    variant = "+".join(n for n, on in (("window", window), ("softcap", softcap)) if on)
 
     tt = TT[dtype]
     kernels = {
-        "fwd": (va._varlen_fwd_kernel, ["Q", "K", "V", "O"], va._fwd_configs()),
-        "dq": (va._varlen_bwd_dq_kernel, ["Q", "K", "V", "DO", "DQ"], va._bwd_configs("dq")),
-        "dkdv": (va._varlen_bwd_dkdv_kernel, ["Q", "K", "V", "DO", "DK", "DV"], va._bwd_configs("dkdv")),
+        "fwd": (va._varlen_fwd_kernel, ["Q", "K", "V", "O"], va._fwd_configs(bool(variant))),
+        "dq": (va._varlen_bwd_dq_kernel, ["Q", "K", "V", "DO", "DQ"], va._bwd_configs("dq", bool(variant))),
+        "dkdv": (va._varlen_bwd_dkdv_kernel, ["Q", "K", "V", "DO", "DK", "DV"],
+                 va._bwd_configs("dkdv", bool(variant))),
     }
     for name, (fn, tensors, configs) in kernels.items():
         for cfg in configs:
             consts = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), IS_CAUSAL=True,
+                          HAS_WINDOW=window, HAS_SOFTCAP=softcap,
                           PRECISION="ieee" if tt == "fp32" else None, UPCAST=False, INDEX64=False,
                           **cfg.kwargs)
             sig = {}
@@ -125,11 +130,11 @@ def varlen_cases(dtype: str, head_dim: int):
                     sig[arg] = "*fp32"
                 elif arg == "CU":
                     sig[arg] = "*i32"
-                elif arg in ("qk_scale", "sm_scale"):
+                elif arg in ("qk_scale", "sm_scale", "cap_in", "cap_out"):
                     sig[arg] = "fp32"
                 else:
                     sig[arg] = "i32"
-            yield (f"varlen {name} d{head_dim}", fn, sig, consts, cfg, {},
+            yield (f"varlen {name} d{head_dim}" + (f" {variant}" if variant else ""), fn, sig, consts, cfg, {},
                    tuple(a for a in fn.arg_names if a.startswith("stride_")))
 
 
@@ -145,6 +150,7 @@ def run(arch: int, dtype: str, kernels: list[str], head_dim: int, limit: int | N
         cases += list(nf4_cases(dtype))
     if "varlen" in kernels:
         cases += list(varlen_cases(dtype, head_dim))
+        cases += list(varlen_cases(dtype, head_dim, window=True, softcap=True))
     if limit:
         cases = cases[:limit]
     try:

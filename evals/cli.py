@@ -34,10 +34,13 @@ def _profile_arg(p: argparse.ArgumentParser) -> None:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="base model dir (safetensors) or hub id")
     p.add_argument("--adapter", action="append", default=[], help="adapter dir or NAME=DIR (repeatable)")
-    p.add_argument("--quantize", choices=("nf4", "none"), default="nf4", help="load the base in NF4 (default)")
+    p.add_argument("--quantize", choices=("nf4", "none"), default=None,
+                   help="load the base in NF4 or not (default: as the adapters were trained; NF4 without adapters)")
+    p.add_argument("--trained-on", choices=("nf4", "bf16", "fp16", "fp32"), default=None,
+                   help="what the adapters were trained against (required for plain PEFT adapters, no qtulu.json)")
     p.add_argument("--force", action="store_true", help="load adapters recorded for another base")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
-                   help="compute dtype of the base (default bfloat16)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="compute dtype of the base (default: the adapter's, else bfloat16)")
     p.add_argument("--tasks", help="comma-separated task names, or 'all' (see `qtulu eval --list-tasks`)")
     p.add_argument("--out", help="output dir")
     p.add_argument("--batch-size", type=int, default=8)
@@ -152,8 +155,8 @@ def _load(args):
         raise SystemExit("qtulu eval: error: --model is required")
     specs = [parse_adapter_spec(a) for a in args.adapter]
     model, tok = load_model(args.model, [(n, str(p)) for n, p in specs],
-                            quantize=None if args.quantize == "none" else args.quantize, force=args.force,
-                            compute_dtype=args.dtype)
+                            quantize={None: "auto", "none": None}.get(args.quantize, args.quantize), force=args.force,
+                            compute_dtype=args.dtype, trained_on=args.trained_on)
     return model, tok, [n for n, _ in specs]
 
 

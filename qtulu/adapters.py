@@ -17,7 +17,12 @@ An adapter directory is exactly what vanilla ``peft.PeftModel.from_pretrained`` 
 safetensors alone happily loads a file with a flipped byte in a tensor's data; the SHA-256
 manifest is what catches it. ``verify_adapter`` checks in an order that names the problem:
 missing file, truncated file, unreadable header, renamed key, changed shape, checksum, then the
-base (weights hash) and its quantization.
+base's quantization and identity (``weights_sha256``: what the adapter trained against, the NF4
+codes and quant state or the weights' values, see ``qtulu.model.state_dict_sha256``).
+
+A plain PEFT adapter (no ``qtulu.json``: ``peft.save_pretrained``, the Hub) loads once the user
+says what it was trained against (``trained_on=``, CLI ``--trained-on``; see `qtulu.trained_on`):
+never guessed, refused without it.
 
 Example::
 
@@ -38,6 +43,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from qtulu.errors import QtuluError
+from qtulu.trained_on import _TRAINED_ON_DTYPE, adapter_record, trained_on_of
+from qtulu.trained_on import TRAINED_ON, plain_peft_record  # noqa: F401 - re-exported
 
 FORMAT_VERSION = 1
 META_NAME = "qtulu.json"
@@ -48,6 +55,9 @@ BASE_NAME = "base"  # in adapter_names: this row runs with adapters disabled (pe
 
 class AdapterError(QtuluError, ValueError):
     """An adapter directory is corrupt, incomplete or bound to another base/quantization."""
+
+
+AUTO = "auto"  # load_model(quantize=AUTO): the base precision the adapters trained against
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,14 +244,17 @@ def read_meta(adapter_dir: str | os.PathLike) -> dict:
     return meta
 
 
-def verify_adapter(adapter_dir: str | os.PathLike, *, base_info: dict | None = None, force: bool = False) -> dict:
+def verify_adapter(adapter_dir: str | os.PathLike, *, base_info: dict | None = None, force: bool = False,
+                   trained_on: str | None = None) -> dict:
     """Check an adapter dir against its ``qtulu.json``; return that dict.
 
     Raises ``AdapterError`` naming the problem: missing file, truncated file, unreadable
     safetensors, renamed key, changed shape, checksum mismatch (e.g. one flipped byte), and,
-    when ``base_info`` (of the loaded base) is given, another base (weights hash) or another
-    quantization. ``force=True`` turns only the base/quantization refusals (and a missing
-    ``qtulu.json``, i.e. a plain peft adapter) into warnings: a corrupt adapter is always refused.
+    when ``base_info`` (of the loaded base) is given, another quantization or another base
+    (weights hash). ``force=True`` turns only the base/quantization refusals into warnings: a
+    corrupt adapter is always refused. A plain PEFT adapter (no ``qtulu.json``) needs
+    ``trained_on`` (see `plain_peft_record`); its files are checked for readability and its
+    record (returned) against the base's precision.
     """
     d = Path(adapter_dir)
     if not d.is_dir():
@@ -249,10 +262,19 @@ def verify_adapter(adapter_dir: str | os.PathLike, *, base_info: dict | None = N
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (d / name).is_file():
             raise AdapterError(f"{d / name}: missing (an adapter dir needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    if not (d / META_NAME).is_file() and force:
-        warnings.warn(f"{d / META_NAME} missing: plain peft adapter, not verified (force=True)", stacklevel=2)
-        return {}
-    meta = read_meta(d)
+    if not (d / META_NAME).is_file():
+        record = plain_peft_record(d, trained_on)
+        try:
+            _safetensors_layout(d / WEIGHTS_NAME)
+            json.loads((d / CONFIG_NAME).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise AdapterError(f"{d / CONFIG_NAME}: not valid JSON ({e})") from None
+        except Exception as e:  # safetensors' own error types
+            raise AdapterError(f"{d / WEIGHTS_NAME}: corrupt safetensors file ({e})") from None
+        if base_info is not None:
+            check_base(record, base_info, where=str(d), force=force)
+        return record
+    meta = adapter_record(d, trained_on)
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise AdapterError(f"{d / META_NAME}: format_version {version!r} not supported (expected {FORMAT_VERSION})")
@@ -322,9 +344,33 @@ def verify_adapter(adapter_dir: str | os.PathLike, *, base_info: dict | None = N
 
 
 def check_base(meta: dict, base_info: dict, *, where: str, force: bool = False) -> None:
-    """Refuse (or warn, with ``force``) when ``meta`` was trained on another base/quantization."""
+    """Refuse (or warn, with ``force``) when ``meta`` was trained on another quantization or base.
+
+    The quantization is compared first (the clearer message), then the identity: ``weights_sha256``
+    of the same kind (``weights_hash``) on both sides. An adapter saved before that kind existed
+    holds a hash of the checkpoint files: it is compared with ``base_info["files_sha256"]`` when
+    the loader computed it (`load_model` does, for such adapters). A plain PEFT adapter has only
+    the precision the user gave (``trained_on``) to check.
+    """
     rec = meta.get("base") or {}
+    q_want = meta.get("quantization", rec.get("quantization"))
+    q_have = base_info.get("quantization")
+    if meta.get("trained_on"):  # plain PEFT adapter: the user said nf4 or a float dtype, nothing more
+        if bool(q_want) != bool(q_have):
+            have = "an NF4 base" if q_have else "an unquantized base"
+            _mismatch(f"{where}: trained against {meta['trained_on']} (--trained-on), but the loaded base is {have}",
+                      force)
+        return
+    if _norm_quant(q_want) != _norm_quant(q_have):
+        _mismatch(
+            f"{where}: other quantization: adapter trained against {json.dumps(q_want, sort_keys=True)}, "
+            f"loaded base has {json.dumps(q_have, sort_keys=True, default=str)}",
+            force,
+        )
     want, have = rec.get("weights_sha256"), base_info.get("weights_sha256")
+    if rec.get("weights_hash") != base_info.get("weights_hash"):
+        # an adapter saved by an older qtulu: its hash is of the checkpoint files
+        have = base_info.get("files_sha256") if not rec.get("weights_hash") else None
     if want and have and want != have:
         _mismatch(
             f"{where}: other base: adapter trained on {rec.get('id')!r} (weights sha256 {want[:12]}...), "
@@ -333,14 +379,6 @@ def check_base(meta: dict, base_info: dict, *, where: str, force: bool = False) 
         )
     elif not (want and have):
         warnings.warn(f"{where}: base weights hash unknown on one side; base identity not checked", stacklevel=3)
-    q_want = meta.get("quantization", rec.get("quantization"))
-    q_have = base_info.get("quantization")
-    if _norm_quant(q_want) != _norm_quant(q_have):
-        _mismatch(
-            f"{where}: other quantization: adapter trained against {json.dumps(q_want, sort_keys=True)}, "
-            f"loaded base has {json.dumps(q_have, sort_keys=True, default=str)}",
-            force,
-        )
 
 
 def _norm_quant(q: Any) -> Any:
@@ -367,11 +405,14 @@ def parse_adapter_spec(spec: str | os.PathLike | tuple[str, str]) -> tuple[str, 
     return name, Path(path)
 
 
-def attach_adapters(model, adapters: Iterable, *, base_info: dict | None = None, force: bool = False):
+def attach_adapters(model, adapters: Iterable, *, base_info: dict | None = None, force: bool = False,
+                    trained_on: str | None = None):
     """Verify and load each adapter onto ``model`` under its name; the first one is active.
 
     ``model`` is a plain transformers model or a ``PeftModel`` (more adapters are added to it).
-    Returns the ``PeftModel`` (``model`` itself when no adapter is given and it is not one).
+    ``trained_on``: what plain PEFT adapters (no ``qtulu.json``) were trained against (see
+    `verify_adapter`). Returns the ``PeftModel`` (``model`` itself when no adapter is given and
+    it is not one).
     """
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict, load_peft_weights
@@ -390,7 +431,7 @@ def attach_adapters(model, adapters: Iterable, *, base_info: dict | None = None,
     from qtulu.integrity import check_adapter_weights, linear_dims
 
     for name, path in specs:
-        verify_adapter(path, base_info=base_info, force=force)
+        verify_adapter(path, base_info=base_info, force=force, trained_on=trained_on)
         check_adapter_weights(path, linear_dims(model))  # NaN/inf, or factors that do not fit: refused, naming the tensor
         if isinstance(model, PeftModel):
             if name in model.peft_config:
@@ -411,33 +452,60 @@ def attach_adapters(model, adapters: Iterable, *, base_info: dict | None = None,
     return model
 
 
-def load_model(base, adapters: Sequence = (), *, quantize: str | None = "nf4", force: bool = False, **load_kwargs):
+def load_model(base, adapters: Sequence = (), *, quantize: str | None = AUTO, trained_on: str | None = None,
+               force: bool = False, **load_kwargs):
     """Load a base (``qtulu.model.load_base``) and every adapter in ``adapters`` on it.
 
-    ``adapters`` are dirs (named by their basename) or ``"name=dir"`` strings. ``compute_dtype``
-    (a ``load_base`` keyword) defaults to the one recorded with the first adapter. Each is verified
-    against the loaded base (weights hash + quantization, see ``verify_adapter``; ``force=True``
-    loads a mismatched one with a warning). Returns ``(model, tokenizer)``: a ``PeftModel`` with
-    the first adapter active, or the base model itself when ``adapters`` is empty.
+    ``adapters`` are dirs (named by their basename) or ``"name=dir"`` strings. ``quantize``:
+    ``"auto"`` (default) loads the base as the first adapter trained against (NF4, or unquantized;
+    NF4 when there is no adapter), ``"nf4"`` / ``None`` force it (a mismatching adapter is then
+    refused unless ``force``). ``trained_on`` (``"nf4"|"bf16"|"fp16"|"fp32"``) says what plain
+    PEFT adapters were trained against (required for them; checked against ``qtulu.json`` for the
+    others). ``compute_dtype`` (a ``load_base`` keyword) defaults to the one recorded with the
+    first adapter (``trained_on``'s dtype for an unquantized base), else bfloat16. Each adapter is
+    verified against the loaded base (quantization + weights hash, see ``verify_adapter``).
+    Returns ``(model, tokenizer)``: a ``PeftModel`` with the first adapter active, or the base
+    model itself when ``adapters`` is empty.
     """
+    from qtulu.model import as_dtype, files_sha256, load_base
     from qtulu.model import base_info as get_base_info
-    from qtulu.model import load_base
 
-    if adapters and load_kwargs.get("compute_dtype") is None:
+    # every adapter's record before the base is loaded: a missing --trained-on fails in a second
+    paths = [parse_adapter_spec(a)[1] for a in adapters]
+    for path in paths:
+        if not path.is_dir():
+            raise AdapterError(f"{path}: adapter directory not found")
+    records = [adapter_record(path, trained_on) for path in paths]
+    first = records[0] if records else {}
+    if quantize == AUTO:
+        quantize = "nf4" if (not adapters or trained_on_of(first) in (None, "nf4")) else None
+    if adapters:
         # default to what the (first) adapter was trained with: same NF4 weights, same numerics
-        _, first = parse_adapter_spec(adapters[0])
-        meta = read_meta(first) if (Path(first) / META_NAME).is_file() else {}
-        load_kwargs["compute_dtype"] = recorded_compute_dtype(meta) or "bfloat16"
+        want = recorded_compute_dtype(first)
+        if load_kwargs.get("compute_dtype") is None:
+            load_kwargs["compute_dtype"] = want or "bfloat16"
+        elif first.get("trained_on") in _TRAINED_ON_DTYPE and as_dtype(load_kwargs["compute_dtype"]) != as_dtype(want):
+            raise AdapterError(
+                f"{paths[0]}: trained on {first['trained_on']} weights (--trained-on), but compute_dtype "
+                f"{load_kwargs['compute_dtype']} was asked for: the base would hold other values"
+            )
     load_kwargs = {k: v for k, v in load_kwargs.items() if v is not None}
     from qtulu.integrity import check_adapter_weights
 
-    for spec in adapters:  # a corrupt or garbage (NaN, misshapen) adapter is refused before the base loads
-        _, path = parse_adapter_spec(spec)
-        verify_adapter(path, force=force)
+    for path in paths:  # a corrupt or garbage (NaN, misshapen) adapter is refused before the base loads
+        verify_adapter(path, force=force, trained_on=trained_on)
         check_adapter_weights(path)
     model, tokenizer = load_base(base, quantize=quantize, **load_kwargs)
     info = get_base_info(model) if adapters else None
-    model = attach_adapters(model, adapters, base_info=info, force=force)
+    source = getattr(model, "qtulu_source_dir", None)
+    if info is not None and source is not None and any(
+        (r.get("base") or {}).get("weights_sha256") and not (r.get("base") or {}).get("weights_hash") for r in records
+    ):
+        # an adapter saved before weights_hash existed records a hash of the checkpoint files
+        from qtulu.model import _safetensor_files
+
+        info["files_sha256"] = files_sha256(_safetensor_files(Path(source)))
+    model = attach_adapters(model, adapters, base_info=info, force=force, trained_on=trained_on)
     model.eval()
     return model, tokenizer
 

@@ -14,6 +14,8 @@ import argparse
 import sys
 from typing import TextIO
 
+from qtulu.errors import QtuluError
+
 HELP = "commands: /adapter NAME, /base, /adapters, /reset, /quit"
 
 
@@ -119,7 +121,10 @@ def register(subparsers) -> None:
     )
     p.add_argument("--model", required=True, help="base model dir or hub id (safetensors)")
     p.add_argument("--adapter", action="append", default=[], help="adapter dir or NAME=DIR (repeatable)")
-    p.add_argument("--no-quantize", action="store_true", help="load the base unquantized (adapters trained so)")
+    p.add_argument("--trained-on", choices=("nf4", "bf16", "fp16", "fp32"), default=None,
+                   help="what the adapters were trained against (required for plain PEFT adapters, no qtulu.json)")
+    p.add_argument("--no-quantize", action="store_true",
+                   help="load the base unquantized (default: as the adapters were trained; NF4 without adapters)")
     p.add_argument("--compute-dtype", default=None, choices=("bfloat16", "float16", "float32"),
                    help="default: the one the first adapter was trained with, else bfloat16")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -130,22 +135,20 @@ def register(subparsers) -> None:
     p.set_defaults(func=_main)
 
 
-def _main(args: argparse.Namespace) -> int:
-    from qtulu.adapters import load_model
+class ChatError(QtuluError, ValueError):
+    """``qtulu chat`` cannot start (e.g. the model has no tokenizer)."""
 
-    try:
-        model, tok = load_model(
-            args.model, args.adapter, quantize=None if args.no_quantize else "nf4", force=args.force,
-            compute_dtype=args.compute_dtype, device=args.device,
-        )
-    except ValueError as e:  # AdapterError, and transformers' ValueErrors on a bad model id
-        if getattr(args, "debug", False):
-            raise
-        print(f"qtulu chat: error: {e}", file=sys.stderr)
-        return 2
+
+def _main(args: argparse.Namespace) -> int:
+    # errors are qtulu errors (AdapterError, ModelLoadError, ...): qtulu.cli prints them as one line
+    from qtulu.adapters import AUTO, load_model
+
+    model, tok = load_model(
+        args.model, args.adapter, quantize=None if args.no_quantize else AUTO, force=args.force,
+        compute_dtype=args.compute_dtype, device=args.device, trained_on=args.trained_on,
+    )
     if tok is None:
-        print("qtulu chat: error: the model has no tokenizer", file=sys.stderr)
-        return 2
+        raise ChatError(f"{args.model}: the model has no tokenizer (tokenizer.json / tokenizer.model)")
     max_pos = getattr(model.config, "max_position_embeddings", None)
     max_context = max(1, max_pos - args.max_new_tokens) if max_pos else None
     run_chat(model, tok, sys.stdin, sys.stdout, chat_format=args.chat_format, max_new_tokens=args.max_new_tokens,

@@ -14,6 +14,15 @@ so peak memory is about one shard plus one layer (a 65B merge runs on a workstat
 
 Written as bf16 the merged weights round (relative error ~2^-9 per weight); ``dtype="float32"``
 writes them unrounded, which is what the equivalence test uses.
+
+A plain PEFT adapter (no ``qtulu.json``) merges once the user says what it trained against:
+``trained_on="nf4"`` gives ``dequant(NF4(W)) + scale * B @ A``, ``"bf16"`` (``"fp16"``,
+``"fp32"``) gives ``W + scale * B @ A`` with W in that dtype.
+
+Libraries used: peft's ``lora.Linear.get_delta_weight`` computes each delta (`LoraDeltas`);
+huggingface_hub's ``split_torch_state_dict_into_shards`` plans the shards (and names them, and
+``parse_size_to_int`` reads ``max_shard_size``) from the output's layout on the meta device, so
+that the tensors themselves can still be produced and written one shard at a time.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import torch
 from torch import nn
 
 from qtulu.errors import QtuluError
+from qtulu.shards import ShardWriter, output_layout, parse_size  # noqa: F401 - parse_size is public here
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _TOKENIZER_FILES = (
@@ -49,17 +59,6 @@ MERGE_META = "qtulu_merge.json"
 
 class ExportError(QtuluError, ValueError):
     """An adapter/base pair that cannot be merged (unsupported adapter kind, keys not matching)."""
-
-
-def parse_size(size: int | str) -> int:
-    """``"5GB"`` / ``"500MB"`` / ``1000`` -> bytes."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), flags=re.I)
-    if not m:
-        raise ExportError(f"max_shard_size: cannot parse {size!r} (e.g. 5GB, 500MB, 1000000)")
-    unit = (m.group(2) or "B").upper().replace("I", "")
-    return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}[unit])
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,7 +99,8 @@ class LoraDeltas:
         self._get_pattern_key = get_pattern_key
         self.used: set[str] = set()
 
-    def scale(self, name: str) -> float:
+    def rank_alpha(self, name: str) -> tuple[int, float]:
+        """(r, lora_alpha) of module ``name`` (``rank_pattern`` / ``alpha_pattern`` as peft reads them)."""
         cfg = self.config
         r = cfg.rank_pattern.get(self._get_pattern_key(cfg.rank_pattern.keys(), name), cfg.r) if cfg.rank_pattern else cfg.r
         alpha = (
@@ -108,28 +108,65 @@ class LoraDeltas:
             if cfg.alpha_pattern
             else cfg.lora_alpha
         )
-        return alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
+        return int(r), alpha
+
+    def scale(self, name: str) -> float:
+        r, alpha = self.rank_alpha(name)
+        return alpha / math.sqrt(r) if self.config.use_rslora else alpha / r
 
     def delta(self, name: str) -> torch.Tensor | None:
-        """``scale * B @ A`` in fp32 for module ``name`` (None when the adapter does not touch it)."""
+        """``scale * B @ A`` in fp32 for module ``name`` (None when the adapter does not touch it),
+        computed by peft's own ``lora.Linear.get_delta_weight`` on a layer holding the factors."""
         ab = self.factors.get(name)
         if ab is None:
             return None
         self.used.add(name)
-        a, b = ab["A"].float(), ab["B"].float()  # (r, in), (out, r)
-        if a.shape[0] != b.shape[1]:
-            raise ExportError(f"{self.dir}: {name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} ranks differ")
-        return (b @ a) * self.scale(name)  # (out, in)
+        a, b = ab["A"].float(), ab["B"].float()  # (r, in), (out, r): fp32, so peft computes in fp32
+        r, alpha = self.rank_alpha(name)
+        if a.shape[0] != b.shape[1] or a.shape[0] != r:
+            raise ExportError(
+                f"{self.dir}: {name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not match the "
+                f"rank r={r} of {self.dir / 'adapter_config.json'}"
+            )
+        layer = _peft_lora_linear(a.shape[1], b.shape[0], r, alpha, self.config)
+        layer.lora_A["delta"].weight = nn.Parameter(a, requires_grad=False)
+        layer.lora_B["delta"].weight = nn.Parameter(b, requires_grad=False)
+        with torch.no_grad():
+            return layer.get_delta_weight("delta")  # (out, in)
+
+
+def _peft_lora_linear(in_features: int, out_features: int, r: int, alpha: float, config):
+    """A peft ``lora.Linear`` (adapter "delta") over a weightless (meta) base layer: only its
+    factors and scaling are used. The constructor changed in peft 0.18 (a ``config`` argument)."""
+    import copy
+
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    cfg = copy.copy(config)
+    cfg.init_lora_weights, cfg.lora_dropout = False, 0.0  # no init that would need the base weight
+    base = nn.Linear(in_features, out_features, bias=False, device="meta")
+    try:
+        return LoraLinear(base, "delta", config=cfg, r=r, lora_alpha=alpha)
+    except TypeError:  # peft < 0.18
+        return LoraLinear(base, "delta", r=r, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights=False,
+                          use_rslora=cfg.use_rslora, fan_in_fan_out=False)  # (out, in)
 
 
 # --------------------------------------------------------------------------------------------
 # the base side: (name, tensor) one at a time, Linear weights as the adapter saw them
 
 
-def _trained_against(weight: torch.Tensor, quant: dict | None, compute_dtype: torch.dtype) -> torch.Tensor:
-    """fp32 (out, in) weight exactly as the adapter saw it during training (see qtulu.model.load_base)."""
+def _trained_against(weight: torch.Tensor, quant: dict | None, compute_dtype: torch.dtype,
+                     digests: dict | None = None, name: str = "") -> torch.Tensor:
+    """fp32 (out, in) weight exactly as the adapter saw it during training (see qtulu.model.load_base);
+    its digest as `qtulu.model.tensor_digests` computes it goes to ``digests[name]``."""
+    from qtulu.base_hash import _nf4_digest, _value_digest
+
     if quant is None:
-        return weight.to(compute_dtype).float()
+        w = weight.to(compute_dtype)
+        if digests is not None:
+            digests[name] = _value_digest(w)
+        return w.float()
     from qtulu.quant import Linear4bit
 
     dense = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=compute_dtype)
@@ -138,35 +175,46 @@ def _trained_against(weight: torch.Tensor, quant: dict | None, compute_dtype: to
     q = Linear4bit.from_linear(
         dense, blocksize=quant["blocksize"], double_quant=quant["double_quant"], compute_dtype=compute_dtype
     )
+    if digests is not None:
+        digests[name] = _nf4_digest(q)
     return q.dequantize(torch.float32)  # (out, in)
 
 
-def _iter_dir_base(directory: Path, config, quant: dict | None, compute_dtype: torch.dtype, skip) -> Iterator:
-    """Yield ``(param_name, tensor, is_linear)`` reading the checkpoint's shards one tensor at a time."""
+def _iter_dir_base(directory: Path, config, quant: dict | None, compute_dtype: torch.dtype, skip,
+                   digests: dict | None = None, dry: bool = False) -> Iterator:
+    """Yield ``(param_name, tensor, is_linear)`` reading the checkpoint's shards one tensor at a time.
+
+    ``digests``: filled with each tensor's digest as the loaded base would have it (so the base's
+    ``weights_sha256`` comes out of this one read). ``dry``: yield meta tensors of the same names,
+    shapes and dtypes without reading any data (the shard plan)."""
     from accelerate import init_empty_weights
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
+    from qtulu.base_hash import _value_digest
     from qtulu.model import _safetensor_files
 
     with init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(config)
     linear = {n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] not in skip}
-    names = list(skeleton.state_dict().keys())
-    persistent = set(names)
+    shapes = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
+    names = list(shapes)
+    buffers = {n for n, _ in skeleton.named_buffers()}
     prefix = getattr(skeleton, "base_model_prefix", "") or "model"
     del skeleton
-    key_to_file: dict[str, Path] = {}
+    key_to_file: dict[Path, Path] = {}
     for f in _safetensor_files(directory):
         with safe_open(str(f), framework="pt") as fh:
             for k in fh.keys():
                 key_to_file[k] = f
     handles: dict[Path, Any] = {}
 
-    def read(name: str) -> torch.Tensor | None:
+    def key_of(name: str) -> str | None:
         key = name if name in key_to_file else name[len(prefix) + 1:] if name.startswith(prefix + ".") else None
-        if key is None or key not in key_to_file:
-            return None
+        return key if key in key_to_file else None
+
+    def read(name: str) -> torch.Tensor:
+        key = key_of(name)
         f = key_to_file[key]
         if f not in handles:
             handles[f] = safe_open(str(f), framework="pt", device="cpu")
@@ -174,23 +222,37 @@ def _iter_dir_base(directory: Path, config, quant: dict | None, compute_dtype: t
 
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for name in names:
-        if name not in persistent:
-            continue
-        t = read(name)
-        if t is None:
+        if key_of(name) is None:
             if tied and name.endswith("lm_head.weight"):
                 continue  # tied to the embeddings: from_pretrained re-ties it
             raise ExportError(f"{directory}: {name} missing from the safetensors files")
         module = name.rsplit(".", 1)[0]
-        if name.endswith(".weight") and module in linear:
-            yield name, _trained_against(t, quant, compute_dtype), True
-        else:
-            yield name, (t.to(compute_dtype).float() if t.is_floating_point() else t), False
+        is_linear = name.endswith(".weight") and module in linear
+        if dry:
+            shape, dtype = shapes[name]
+            floating = dtype.is_floating_point
+            yield name, torch.empty(shape, dtype=torch.float32 if floating else dtype, device="meta"), is_linear
+            continue
+        t = read(name)
+        if is_linear:
+            yield name, _trained_against(t, quant, compute_dtype, digests, name), True
+            continue
+        if name in buffers:  # load_base keeps a persistent buffer as stored
+            if digests is not None:
+                digests[name] = _value_digest(t)
+        elif t.is_floating_point():
+            t = t.to(compute_dtype)
+            if digests is not None:
+                digests[name] = _value_digest(t)
+        elif digests is not None:
+            digests[name] = _value_digest(t)
+        yield name, (t.float() if t.is_floating_point() else t), False
     handles.clear()
 
 
-def _iter_model_base(model) -> Iterator:
-    """Yield ``(param_name, tensor, is_linear)`` from an in-memory (possibly NF4) base model."""
+def _iter_model_base(model, dry: bool = False) -> Iterator:
+    """Yield ``(param_name, tensor, is_linear)`` from an in-memory (possibly NF4) base model
+    (``dry``: meta tensors of the same names, shapes and dtypes, nothing dequantized)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     try:
@@ -199,13 +261,20 @@ def _iter_model_base(model) -> Iterator:
         Linear4bit = ()
     if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
         raise ExportError("export_merged: pass the bare base model (no peft adapter layers) or a model dir")
+
+    def meta(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty(t.shape, dtype=torch.float32 if t.is_floating_point() else t.dtype, device="meta")
+
     seen: set[int] = set()
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
         if Linear4bit and isinstance(module, Linear4bit):
-            yield prefix + "weight", module.dequantize(torch.float32), True  # (out, in)
+            if dry:
+                yield prefix + "weight", torch.empty(module.out_features, module.in_features, device="meta"), True
+            else:
+                yield prefix + "weight", module.dequantize(torch.float32), True  # (out, in)
             if module.bias is not None:
-                yield prefix + "bias", module.bias.detach().float(), False
+                yield prefix + "bias", meta(module.bias) if dry else module.bias.detach().float(), False
             continue
         if Linear4bit and any(isinstance(p, Linear4bit) for p in _parents(model, mod_name)):
             continue  # sub-modules of an NF4 layer hold quantization state, not model weights
@@ -214,11 +283,12 @@ def _iter_model_base(model) -> Iterator:
                 continue  # tied weights are written once
             seen.add(id(p))
             t = p.detach()
-            yield prefix + p_name, (t.float() if t.is_floating_point() else t), isinstance(module, nn.Linear) and p_name == "weight"
+            linear = isinstance(module, nn.Linear) and p_name == "weight"
+            yield prefix + p_name, meta(t) if dry else (t.float() if t.is_floating_point() else t), linear
         for b_name, b in module.named_buffers(recurse=False):
             if b is None or b_name in module._non_persistent_buffers_set:
                 continue
-            yield prefix + b_name, b.detach(), False
+            yield prefix + b_name, meta(b) if dry else b.detach(), False
 
 
 def _parents(model, name: str):
@@ -229,48 +299,6 @@ def _parents(model, name: str):
 
 # --------------------------------------------------------------------------------------------
 # shard writer
-
-
-class _ShardWriter:
-    def __init__(self, out_dir: Path, max_bytes: int):
-        self.out_dir, self.max_bytes = out_dir, max_bytes
-        self.current: dict[str, torch.Tensor] = {}
-        self.size = 0
-        self.files: list[Path] = []
-        self.weight_map: dict[str, int] = {}
-        self.total = 0
-
-    def add(self, name: str, t: torch.Tensor) -> None:
-        nbytes = t.numel() * t.element_size()
-        if self.current and self.size + nbytes > self.max_bytes:
-            self.flush()
-        self.current[name] = t.contiguous()
-        self.size += nbytes
-        self.total += nbytes
-        self.weight_map[name] = len(self.files)
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.current:
-            return
-        path = self.out_dir / f"shard-{len(self.files):05d}.tmp"
-        save_file(self.current, str(path), metadata={"format": "pt"})
-        self.files.append(path)
-        self.current, self.size = {}, 0
-
-    def finish(self) -> list[str]:
-        self.flush()
-        n = len(self.files)
-        names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for path, name in zip(self.files, names):
-            os.replace(path, self.out_dir / name)
-        index = {
-            "metadata": {"total_size": self.total},
-            "weight_map": {k: names[i] for k, i in sorted(self.weight_map.items())},
-        }
-        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return names
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,6 +318,7 @@ def export_merged(
     force: bool = False,
     progress: bool = True,
     measure: bool = True,
+    trained_on: str | None = None,
 ) -> dict:
     """Merge the adapter in ``adapter_dir`` into ``base`` and write a plain model to ``out_dir``.
 
@@ -303,12 +332,15 @@ def export_merged(
     bitsandbytes, and ``qtulu.model.load_base``, load it as 4-bit); ``report["requantize"]`` has
     the weight error and, with ``measure`` (and a base dir), the logit error the re-quantization
     adds against base + adapter (``measure_logit_error``). The adapter is verified first
-    (``verify_adapter``; ``force`` as there). Writes atomically (stage dir + rename). Returns a
-    report dict (also saved as ``qtulu_merge.json`` in ``out_dir``).
+    (``verify_adapter``; ``force`` as there); from a base dir its identity (``weights_sha256`` of
+    the weights re-created, hashed as they stream by: the checkpoint is read once) is checked
+    before the result is moved into place. ``trained_on``: what a plain PEFT adapter (no
+    ``qtulu.json``) was trained against (required for one; see the module docstring). Writes
+    atomically (stage dir + rename). Returns a report dict (also saved as ``qtulu_merge.json``).
     """
     from transformers import PreTrainedModel
 
-    from qtulu.adapters import verify_adapter
+    from qtulu.adapters import trained_on_of, verify_adapter
 
     adapter_dir = Path(adapter_dir)
     out_dir = Path(out_dir)
@@ -321,15 +353,10 @@ def export_merged(
     if quantize not in (None, "nf4"):
         raise ExportError(f"quantize must be None or 'nf4', got {quantize!r}")
 
-    from qtulu.adapters import read_meta
+    from qtulu.adapters import check_base
 
-    if not (adapter_dir / "qtulu.json").is_file():
-        raise ExportError(
-            f"{adapter_dir / 'qtulu.json'}: missing; without it the weights the adapter trained against "
-            "(NF4 settings, compute dtype) are unknown, so a merge could not be exact. Save adapters "
-            "with qtulu.adapters.save_adapter."
-        )
-    meta = read_meta(adapter_dir)
+    # integrity, and for a plain PEFT adapter what --trained-on says (refused without it)
+    meta = verify_adapter(adapter_dir, trained_on=trained_on)
     quant = meta.get("quantization", (meta.get("base") or {}).get("quantization"))
     if compute_dtype is None:
         from qtulu.adapters import recorded_compute_dtype
@@ -342,18 +369,16 @@ def export_merged(
         from qtulu.model import base_info
 
         info = base_info(base)
-        verify_adapter(adapter_dir, base_info=info, force=force)
+        check_base(meta, info, where=str(adapter_dir), force=force)
         config = base.config
-        stream = _iter_model_base(base)
-        src_dir = None
+        stream, dry = _iter_model_base(base), _iter_model_base(base, dry=True)
+        src_dir, digests = None, None
         n_total = sum(1 for _ in base.named_modules())
     else:
-        from transformers import AutoConfig
-
-        from qtulu.model import _safetensor_files, files_sha256, resolve_checkpoint
+        from qtulu.model import _safetensor_files, files_sha256, load_config, resolve_checkpoint
 
         src_dir, _rev = resolve_checkpoint(base)
-        config = AutoConfig.from_pretrained(str(src_dir))
+        config = load_config(src_dir)
         if getattr(config, "quantization_config", None):
             # a bitsandbytes-quantized checkpoint: its NF4 weights are the trained-against weights;
             # load it (it is 4-bit, so it fits) and dequantize layer by layer from memory
@@ -363,11 +388,21 @@ def export_merged(
             return export_merged(
                 model, adapter_dir, out_dir, quantize=quantize, dtype=dtype, compute_dtype=cdtype,
                 max_shard_size=max_shard_size, tokenizer=tokenizer or tok, force=force, progress=progress,
-                measure=measure,
+                measure=measure, trained_on=trained_on,
             )
-        info = {"id": str(base), "weights_sha256": files_sha256(_safetensor_files(src_dir)), "quantization": quant}
-        verify_adapter(adapter_dir, base_info=info, force=force)
-        stream = _iter_dir_base(src_dir, config, quant, cdtype, skip)
+        # the base is re-created as the adapter trained against it (`quant`, `cdtype`); its
+        # weights_sha256 is built from the digests of the stream below and checked at the end
+        from qtulu.base_hash import WEIGHTS_HASH
+
+        info = {"id": str(base), "revision": _rev, "weights_sha256": None, "weights_hash": WEIGHTS_HASH,
+                "quantization": quant}
+        if (meta.get("base") or {}).get("weights_sha256") and not (meta.get("base") or {}).get("weights_hash"):
+            # saved before weights_hash: its hash is of the files (read once more, cached)
+            info.update(files_sha256=files_sha256(_safetensor_files(src_dir)), weights_hash=None)
+            check_base(meta, info, where=str(adapter_dir), force=force)
+        digests = {}
+        stream = _iter_dir_base(src_dir, config, quant, cdtype, skip, digests=digests)
+        dry = _iter_dir_base(src_dir, config, quant, cdtype, skip, dry=True)
         n_total = None
 
     from qtulu.integrity import check_adapter_weights, check_finite
@@ -381,7 +416,8 @@ def export_merged(
     try:
         from tqdm.auto import tqdm
 
-        writer = _ShardWriter(stage, parse_size(max_shard_size))
+        layout = output_layout(dry, out_dtype, quantize, skip, requant_cfg)
+        writer = ShardWriter(stage, layout, parse_size(max_shard_size))
         merged, rounding, requant = 0, [], []
         for name, t, is_linear in tqdm(stream, total=n_total, desc="merge+export", disable=not progress, leave=False):
             if is_linear:
@@ -411,6 +447,11 @@ def export_merged(
         unused = sorted(set(deltas.factors) - deltas.used)
         if unused:
             raise ExportError(f"{adapter_dir}: adapter modules not found among the base's Linear layers: {unused[:5]}")
+        if digests is not None and info.get("weights_hash"):
+            from qtulu.base_hash import combine_digests
+
+            info["weights_sha256"] = combine_digests(digests)
+            check_base(meta, info, where=str(adapter_dir), force=force)  # another base: nothing is kept
         shards = writer.finish()
 
         config = config.__class__.from_dict(config.to_dict())  # a copy: never mutate the caller's config
@@ -436,7 +477,8 @@ def export_merged(
             "compute_dtype": str(cdtype).replace("torch.", ""),
             "base": {k: info.get(k) for k in ("id", "revision", "weights_sha256")},
             "quantization": quant,
-            "adapter": {"dir": str(adapter_dir), "sha256": (meta.get("files") or {}).get("adapter_model.safetensors")},
+            "adapter": {"dir": str(adapter_dir), "sha256": (meta.get("files") or {}).get("adapter_model.safetensors"),
+                        "trained_on": trained_on_of(meta)},
             "recipe": meta.get("recipe"),
             "merged_layers": merged,
             "shards": shards,
@@ -462,14 +504,16 @@ def export_merged(
             report["requantize"]["logits"] = "not measured: in-memory base (pass the base dir to measure)"
         else:
             report["requantize"]["logits"] = measure_logit_error(
-                src_dir, adapter_dir, out_dir, quantize_base=quant is not None, compute_dtype=cdtype, tokenizer=tokenizer
+                src_dir, adapter_dir, out_dir, quantize_base=quant is not None, compute_dtype=cdtype, tokenizer=tokenizer,
+                trained_on=trained_on,
             )
         (out_dir / MERGE_META).write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report
 
 
 def measure_logit_error(base_dir, adapter_dir, merged_dir, *, quantize_base: bool = True, compute_dtype=torch.float32,
-                        tokenizer=None, n_rows: int = 2, n_tokens: int = 64, seed: int = 0) -> dict:
+                        tokenizer=None, n_rows: int = 2, n_tokens: int = 64, seed: int = 0,
+                        trained_on: str | None = None) -> dict:
     """Logit difference of a merged model against base + adapter, on seeded random token ids.
 
     Both are loaded with ``qtulu.model.load_base`` (a bitsandbytes-NF4 export loads as NF4, so
@@ -481,7 +525,7 @@ def measure_logit_error(base_dir, adapter_dir, merged_dir, *, quantize_base: boo
 
     kw = dict(compute_dtype=compute_dtype, attn_implementation=None, tokenizer=tokenizer)
     ref, _ = load_base(str(base_dir), quantize="nf4" if quantize_base else None, **kw)
-    ref = attach_adapters(ref, [("ref", adapter_dir)], force=True)
+    ref = attach_adapters(ref, [("ref", adapter_dir)], force=True, trained_on=trained_on)
     vocab = ref.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (n_rows, n_tokens), generator=gen)  # (B, T)

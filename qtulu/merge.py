@@ -191,8 +191,11 @@ def register(subparsers) -> None:
     p.add_argument("--no-measure", action="store_true",
                    help="(--quantize nf4) skip measuring the logit error against base + adapter")
     p.add_argument("--max-shard-size", default="5GB", help="(--full) shard size, e.g. 2GB, 500MB")
+    p.add_argument("--trained-on", choices=("nf4", "bf16", "fp16", "fp32"), default=None,
+                   help="what the adapters were trained against: required for plain PEFT adapters (no qtulu.json); "
+                        "--full gives dequant(NF4(W)) + BA for nf4, W + BA for a float dtype")
     p.add_argument("--no-quantize-base", action="store_true",
-                   help="the adapters were trained on an unquantized (bf16) base")
+                   help="load the base unquantized (default: as the adapters were trained)")
     p.add_argument("--compute-dtype", default=None, choices=("bfloat16", "float16", "float32"),
                    help="base compute dtype (default: the one the first adapter was trained with)")
     p.add_argument("--force", action="store_true", help="load adapters recorded for another base/quantization")
@@ -204,25 +207,32 @@ def _main(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from qtulu.adapters import load_model, parse_adapter_spec, save_adapter
+    from qtulu.adapters import AUTO, adapter_record, load_model, parse_adapter_spec, save_adapter
+    from qtulu.export import parse_size
 
     specs = [parse_adapter_spec(a) for a in args.adapter]
-    quantize = None if args.no_quantize_base else "nf4"
+    if len(specs) == 1 and not args.full:
+        raise MergeError("combining needs at least two --adapter (one adapter: use --full to export it)")
+    # cheap checks first: every adapter readable and its base precision known (--trained-on)
+    for _, path in specs:
+        if not path.is_dir():
+            raise MergeError(f"{path}: adapter directory not found")
+        adapter_record(path, args.trained_on)
+    parse_size(args.max_shard_size)
+    quantize = None if args.no_quantize_base else AUTO
     if args.full and len(specs) == 1:
         from qtulu.export import export_merged
 
         result = export_merged(
             args.model, specs[0][1], args.out, dtype=args.dtype, quantize=args.quantize,
             max_shard_size=args.max_shard_size, force=args.force, compute_dtype=args.compute_dtype,
-            measure=not args.no_measure,
+            measure=not args.no_measure, trained_on=args.trained_on,
         )
         print(json.dumps(result, default=str))
         return 0
-    if len(specs) == 1:
-        raise MergeError("combining needs at least two --adapter (one adapter: use --full to export it)")
     model, _tok = load_model(
         args.model, [(n, str(p)) for n, p in specs], quantize=quantize, force=args.force,
-        compute_dtype=args.compute_dtype, device="cpu", attn_implementation=None,
+        compute_dtype=args.compute_dtype, device="cpu", attn_implementation=None, trained_on=args.trained_on,
     )
     names = [n for n, _ in specs]
     new = combine_adapters(

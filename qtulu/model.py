@@ -13,25 +13,34 @@ Pickle checkpoints (``*.bin``, ``*.pt``) are refused: loading them can run arbit
 A checkpoint already quantized by bitsandbytes (``quantization_config.load_in_4bit``) is loaded
 through transformers and its ``bnb.nn.Linear4bit`` layers are converted to qtulu's module.
 
-``base_info(model)`` identifies the base an adapter was trained on (id, revision, SHA-256 of the
-original weights, quantization); adapters refuse to load on another base.
+``base_info(model)`` identifies the base an adapter was trained on (id, revision, quantization and
+``weights_sha256``: the SHA-256 of what the adapter trains against, i.e. the NF4 codes and quant
+state of every quantized layer and the values of every other tensor, see `state_dict_sha256`);
+adapters refuse to load on another base. The same NF4 bits give the same hash whether they come
+from a qtulu quantization, a bitsandbytes checkpoint or an in-memory bitsandbytes model.
 ``attach_lora(model, lora_spec)`` wraps the model with a peft LoRA adapter (QLoRA is the same call
 on a quantized base).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from qtulu.base_hash import (  # noqa: F401 - re-exported: the base identity lives there
+    WEIGHTS_HASH,
+    _is_nf4_layer,
+    combine_digests,
+    files_sha256,
+    state_dict_sha256,
+    tensor_digests,
+)
 from qtulu.errors import QtuluError
 from qtulu.quant import Linear4bit, is_quantized
 
@@ -55,7 +64,7 @@ def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"compute_dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise ModelLoadError(f"compute_dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     return _DTYPES[dtype]
 
 
@@ -68,60 +77,8 @@ def quantization_info(quantize: str | None, *, blocksize: int = 64, double_quant
     if quantize is None:
         return None
     if quantize != "nf4":
-        raise ValueError(f"quantize must be 'nf4' or None, got {quantize!r}")
+        raise ModelLoadError(f"quantize must be 'nf4' or None, got {quantize!r}")
     return {"method": "nf4", "blocksize": int(blocksize), "double_quant": bool(double_quant), "skip": ["lm_head"]}
-
-
-def state_dict_sha256(model: nn.Module) -> str:
-    """SHA-256 over the model's tensors in name order (name, dtype, shape and raw bytes of each)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        # view as bytes: numpy has no bfloat16, a uint8 view of the storage does the job for every dtype
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("QTULU_CACHE_DIR", Path.home() / ".cache" / "qtulu"))
-
-
-def files_sha256(files: list[Path]) -> str:
-    """SHA-256 over the weight files (each file's digest, in name order), cached by path/size/mtime.
-
-    Hashing a 65B checkpoint takes minutes, so the per-file digests are cached in
-    ``$QTULU_CACHE_DIR/weights_sha256.json`` (default ``~/.cache/qtulu``).
-    """
-    cache_path = _cache_dir() / "weights_sha256.json"
-    try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        cache = {}
-    changed = False
-    total = hashlib.sha256()
-    for f in sorted(files, key=lambda p: p.name):
-        real = f.resolve()
-        st = real.stat()
-        key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
-        digest = cache.get(key)
-        if digest is None:
-            h = hashlib.sha256()
-            with open(real, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 24), b""):
-                    h.update(block)
-            digest = cache[key] = h.hexdigest()
-            changed = True
-        total.update(f"{f.name}:{digest}\n".encode())
-    if changed:
-        try:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache, indent=0, sort_keys=True))
-            os.replace(tmp, cache_path)
-        except OSError as e:  # a read-only home must not stop training; the hash is recomputed next time
-            log.warning("could not write the weights-hash cache %s: %s", cache_path, e)
-    return total.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,13 +89,16 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
     """A local directory holding config + safetensors for ``name_or_path``; returns (dir, revision).
 
     Hub ids are downloaded (json, safetensors and tokenizer files only: never pickles).
-    Raises `ModelLoadError` when only pickle weights exist.
+    Raises `ModelLoadError` when only pickle weights exist, and "not found" (no hub lookup) for a
+    name that looks like a local path (see `looks_local`) but does not exist.
     """
     p = Path(os.path.expanduser(str(name_or_path)))
     if p.is_dir():
         directory, rev = p, revision
     elif p.exists():
         raise ModelLoadError(f"{p}: expected a model directory (config.json + *.safetensors), got a file")
+    elif looks_local(str(name_or_path)):
+        raise ModelLoadError(f"{p}: base model directory not found")
     else:
         try:
             from huggingface_hub import snapshot_download
@@ -163,6 +123,38 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
             )
         raise ModelLoadError(f"{directory}: no *.safetensors weight files")
     return directory, rev
+
+
+def load_config(directory: Path, *, trust_remote_code: bool = False):
+    """``AutoConfig`` of a model directory; a config transformers cannot read is a `ModelLoadError`
+    naming the file (an unknown ``model_type``, bad JSON, a missing key)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{Path(directory) / 'config.json'}: {type(e).__name__}: {e}") from None
+
+
+def looks_local(name: str) -> bool:
+    """True when ``name`` is meant as a local path, not a hub id (``org/name`` or ``name``): it
+    starts with ``./``, ``../``, ``/`` or ``~``, holds the OS separator where that is not ``/``,
+    has more than one ``/``, its first component exists here (``runs/base`` beside ``runs/``), or
+    it is not a valid hub id at all."""
+    s = str(name)
+    if s in (".", "..", "~") or s.startswith(("./", "../", "/", "~", ".\\", "..\\")):
+        return True
+    if (os.sep != "/" and os.sep in s) or (os.altsep and os.altsep != "/" and os.altsep in s):
+        return True
+    if s.count("/") > 1 or ("/" in s and Path(s.split("/", 1)[0]).is_dir()):
+        return True
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(s)
+    except Exception:  # noqa: BLE001 - HFValidationError: not a hub id, so a (missing) path
+        return True
+    return False
 
 
 def _safetensor_files(directory: Path) -> list[Path]:
@@ -200,12 +192,14 @@ def _load_tokenizer(tokenizer, directory: Path | None, trust_remote_code: bool):
 
 
 def set_attention(model, attn_implementation: str | None) -> str | None:
-    """Make ``model`` use ``attn_implementation`` (registering qtulu's varlen kernel when asked)."""
+    """Make ``model`` use ``attn_implementation`` (registering qtulu's varlen kernel when asked;
+    a model whose attention the kernel cannot reproduce is refused, naming the config key)."""
     if attn_implementation is None:
         return None
     if attn_implementation == "qtulu_varlen":
-        from qtulu.attention import register_attention
+        from qtulu.attention import check_packed_support, register_attention
 
+        check_packed_support(model.config)
         attn_implementation = register_attention()
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(attn_implementation)
@@ -267,35 +261,32 @@ def load_base(
         tok = _load_tokenizer(tokenizer, None, trust_remote_code)
     else:
         directory, rev = resolve_checkpoint(name_or_path, revision)
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+        config = load_config(directory, trust_remote_code=trust_remote_code)
         qcfg = getattr(config, "quantization_config", None)
         if qcfg is not None:
             qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
         weight_files = _safetensor_files(directory)
-        info = {
-            "id": str(name_or_path),
-            "revision": rev,
-            "weights_sha256": files_sha256(weight_files),
-            "quantization": None,
-        }
+        info = {"id": str(name_or_path), "revision": rev, "weights_sha256": None, "quantization": None}
         if qcfg and qcfg.get("quant_method") == "bitsandbytes" and qcfg.get("load_in_4bit"):
-            model = _load_bnb_4bit(directory, config, qcfg, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-            info["quantization"] = quantization_info(
-                "nf4", blocksize=_bnb_blocksize(model), double_quant=bool(qcfg.get("bnb_4bit_use_double_quant"))
-            )
-            info["prequantized"] = "bitsandbytes"
             if qcfg.get("bnb_4bit_quant_type", "fp4") != "nf4":
-                raise ModelLoadError(f"{directory}: bitsandbytes quant type {qcfg.get('bnb_4bit_quant_type')!r}; only nf4 is supported")
+                raise ModelLoadError(f"{directory / 'config.json'}: quantization_config.bnb_4bit_quant_type "
+                                     f"{qcfg.get('bnb_4bit_quant_type')!r}; only nf4 is supported")
+            if quantize is None:
+                raise ModelLoadError(f"{directory}: a bitsandbytes 4-bit checkpoint cannot be loaded unquantized "
+                                     "(quantize=None); load it with quantize='nf4'")
+            model = _load_bnb_4bit(directory, config, qcfg, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            info["quantization"] = _nf4_settings(model, where=str(directory))
+            info["prequantized"] = "bitsandbytes"
         elif qcfg:
-            raise ModelLoadError(f"{directory}: unsupported quantization_config {qcfg.get('quant_method')!r} (only bitsandbytes 4-bit)")
+            raise ModelLoadError(f"{directory / 'config.json'}: unsupported quantization_config "
+                                 f"{qcfg.get('quant_method')!r} (only bitsandbytes 4-bit)")
         else:
             model = _stream_load(
                 directory, config, weight_files, quant=quant, dtype=dtype, device=device, trust_remote_code=trust_remote_code
             )
             info["quantization"] = quant
         model.qtulu_base_info = info
+        model.qtulu_source_dir = directory  # for adapters saved before WEIGHTS_HASH (files hash)
         tok = _load_tokenizer(tokenizer, directory, trust_remote_code)
 
     set_attention(model, attn_implementation)
@@ -305,22 +296,36 @@ def load_base(
 
 def _prepare_in_memory(model, *, quant: dict | None, dtype: torch.dtype, device: torch.device):
     existing = getattr(model, "qtulu_base_info", None)
-    if existing is not None:
-        if existing.get("quantization") != quant:
+    raw_bnb = any(_is_nf4_layer(m) and not isinstance(m, Linear4bit) for m in model.modules())
+    if existing is not None and not raw_bnb:  # (base_info alone may have tagged a bnb model)
+        if existing.get("quantization") != quant and not existing.get("prequantized"):
             raise ModelLoadError(
                 f"in-memory model was already loaded with quantization {existing.get('quantization')}, "
                 f"asked for {quant}: build a fresh model instead"
             )
         return model
-    if is_quantized(model):
-        raise ModelLoadError("in-memory model already holds NF4 layers but was not loaded by qtulu.model.load_base")
     info = {
         "id": getattr(model.config, "_name_or_path", "") or f"in-memory:{type(model).__name__}",
         "revision": None,
-        # hash of the original (pre-quantization) weights: adapters bind to these
-        "weights_sha256": state_dict_sha256(model),
+        "weights_sha256": None,  # computed on first use (base_info), over what adapters train against
         "quantization": quant,
     }
+    if raw_bnb:
+        # a transformers + bitsandbytes 4-bit model: take over its NF4 bits as they are
+        if quant is None:
+            raise ModelLoadError(
+                f"in-memory model {info['id']!r} is bitsandbytes 4-bit: it cannot be loaded unquantized "
+                "(quantize=None); load it with quantize='nf4'"
+            )
+        _convert_bnb_layers(model, dtype)
+        info["quantization"] = _nf4_settings(model, where=f"in-memory model {info['id']!r}")
+        info["prequantized"] = "bitsandbytes"
+        model.to(device)
+        _cast_floating_(model, dtype)
+        model.qtulu_base_info = info
+        return model
+    if is_quantized(model):
+        raise ModelLoadError("in-memory model already holds NF4 layers but was not loaded by qtulu.model.load_base")
     model.to(device)
     if quant is not None:
         from qtulu.quant import quantize_model_
@@ -424,28 +429,31 @@ def _stream_load(directory: Path, config, weight_files: list[Path], *, quant, dt
     return model
 
 
-def _bnb_blocksize(model) -> int:
-    for m in model.modules():
-        if isinstance(m, Linear4bit):
-            state = getattr(m, "quant_state", None) or getattr(m, "state", None)
-            bs = getattr(state, "blocksize", None)
-            if bs:
-                return int(bs)
-    return 64
+def _nf4_settings(model, *, where: str) -> dict:
+    """The quantization record of a model whose NF4 layers came from bitsandbytes (one blocksize
+    and double-quant setting for all; the Linear layers left in float are its ``skip``)."""
+    settings = {(m.quant_state.blocksize, m.quant_state.nested) for m in model.modules() if isinstance(m, Linear4bit)}
+    if len(settings) != 1:
+        raise ModelLoadError(f"{where}: NF4 layers with different settings {sorted(settings)} (blocksize, double quant)")
+    (blocksize, nested), = settings
+    skip = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and not isinstance(m, Linear4bit)})
+    return {"method": "nf4", "blocksize": int(blocksize), "double_quant": bool(nested), "skip": skip}
 
 
-def _load_bnb_4bit(directory: Path, config, qcfg: dict, *, dtype, device, trust_remote_code):
-    """A checkpoint quantized by bitsandbytes: load it through transformers, convert its layers."""
-    import bitsandbytes as bnb
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        str(directory), dtype=dtype, device_map={"": str(device)}, trust_remote_code=trust_remote_code
-    )
+def _convert_bnb_layers(model, dtype: torch.dtype | None) -> None:
+    """Replace every quantized ``bitsandbytes.nn.Linear4bit`` by qtulu's `Linear4bit` over the
+    same codes (no copy); the model stops presenting itself as bitsandbytes-quantized."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, bnb.nn.Linear4bit):
+        if _is_nf4_layer(module) and not isinstance(module, Linear4bit):
+            try:
+                q = Linear4bit.from_bnb(module)
+            except ValueError as e:  # FP4, or not quantized yet
+                raise ModelLoadError(f"{name}: {e}") from None
+            if dtype is not None:
+                q.compute_dtype = dtype
             parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, name.rsplit(".", 1)[-1], Linear4bit.from_bnb(module))
+            setattr(parent, name.rsplit(".", 1)[-1], q)
     # transformers marks the model as bnb-quantized; it now holds qtulu modules instead
     for attr in ("is_loaded_in_4bit", "is_quantized"):
         if getattr(model, attr, False):
@@ -454,29 +462,44 @@ def _load_bnb_4bit(directory: Path, config, qcfg: dict, *, dtype, device, trust_
             except AttributeError:
                 pass
     model.hf_quantizer = None
+
+
+def _load_bnb_4bit(directory: Path, config, qcfg: dict, *, dtype, device, trust_remote_code):
+    """A checkpoint quantized by bitsandbytes: load it through transformers, convert its layers."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(directory), dtype=dtype, device_map={"": str(device)}, trust_remote_code=trust_remote_code
+    )
+    _convert_bnb_layers(model, dtype)
     return model
 
 
 def base_info(model) -> dict:
-    """``{"id", "revision", "weights_sha256", "quantization"}`` of the base under ``model``.
+    """``{"id", "revision", "weights_sha256", "weights_hash", "quantization"}`` of the base under
+    ``model`` (a peft model too): ``weights_sha256`` is `state_dict_sha256` of the base as loaded,
+    computed on the first call and kept (an adapter saved on this base records it).
 
-    Works on a peft model too. For a model not loaded by `load_base`, the hash is computed now over
-    its current tensors (with a warning: for a quantized model those are not the original weights).
+    For a model not loaded by `load_base` it is computed over its current tensors; the
+    quantization is then read from its NF4 layers.
     """
     m = model
     if hasattr(m, "get_base_model"):
         m = m.get_base_model()
     info = getattr(m, "qtulu_base_info", None)
-    if info is not None:
-        return dict(info)
-    warnings.warn("base_info: model was not loaded by qtulu.model.load_base; hashing its current weights", stacklevel=2)
-    info = {
-        "id": getattr(m.config, "_name_or_path", "") or f"in-memory:{type(m).__name__}",
-        "revision": None,
-        "weights_sha256": state_dict_sha256(m),
-        "quantization": quantization_info("nf4") if is_quantized(m) else None,
-    }
-    m.qtulu_base_info = info
+    if info is None:
+        quant = None
+        if is_quantized(m) or any(_is_nf4_layer(x) for x in m.modules()):
+            quant = quantization_info("nf4")
+            states = [x.quant_state for x in m.modules() if isinstance(x, Linear4bit)]
+            if states:
+                quant.update(blocksize=int(states[0].blocksize), double_quant=bool(states[0].nested))
+        info = {"id": getattr(m.config, "_name_or_path", "") or f"in-memory:{type(m).__name__}",
+                "revision": None, "weights_sha256": None, "quantization": quant}
+        m.qtulu_base_info = info
+    if not info.get("weights_sha256") or info.get("weights_hash") != WEIGHTS_HASH:
+        info["weights_sha256"] = state_dict_sha256(m)
+        info["weights_hash"] = WEIGHTS_HASH
     return dict(info)
 
 
@@ -485,6 +508,8 @@ def attach_lora(model, lora, *, adapter_name: str = "default", gradient_checkpoi
 
     QLoRA is this same call on a model whose linears are NF4 (`load_base(quantize="nf4")`).
     The LM head is never adapted (TRL's fused LM head reads ``lm_head.weight`` directly).
+    Training is packed: ``config.use_cache`` is set False, so no forward of the run builds a KV
+    cache (which packed rows must never feed; generation still asks for one explicitly).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -497,6 +522,7 @@ def attach_lora(model, lora, *, adapter_name: str = "default", gradient_checkpoi
         exclude_modules=["lm_head"],
         task_type="CAUSAL_LM",
     )
+    model.config.use_cache = False
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # the frozen embedding output has no grad; checkpointed blocks need an input that does

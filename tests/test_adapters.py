@@ -162,12 +162,18 @@ def test_changed_shape_refused(saved, tmp_path):
 
 
 def test_missing_manifest_and_missing_file(saved, tmp_path):
+    """A plain PEFT adapter (no qtulu.json) needs --trained-on; force does not replace it."""
     d = _copy(saved, tmp_path)
     (d / META_NAME).unlink()
-    with pytest.raises(AdapterError, match="qtulu.json: missing"):
-        verify_adapter(d)
-    with pytest.warns(UserWarning, match="plain peft adapter"):
-        assert verify_adapter(d, force=True) == {}
+    for force in (False, True):
+        with pytest.raises(AdapterError, match="plain PEFT adapter.*--trained-on nf4.bf16.fp16.fp32"):
+            verify_adapter(d, force=force)
+    rec = verify_adapter(d, trained_on="fp32", base_info=dict(BASE_INFO, quantization=None))
+    assert rec["trained_on"] == "fp32" and rec["quantization"] is None and rec["compute_dtype"] == "float32"
+    with pytest.raises(AdapterError, match="trained against nf4 .*unquantized base"):
+        verify_adapter(d, trained_on="nf4", base_info=dict(BASE_INFO, quantization=None))
+    with pytest.raises(AdapterError, match="trained_on must be one of"):
+        verify_adapter(d, trained_on="int8")
     (d / "adapter_config.json").unlink()
     with pytest.raises(AdapterError, match="adapter_config.json: missing"):
         verify_adapter(d, force=True)
@@ -290,3 +296,85 @@ def test_mixed_batch_on_nf4_base_and_generate(two_adapters):
         one = model.generate(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1], max_new_tokens=4,
                              do_sample=False, pad_token_id=3)
         assert torch.equal(gen[j], one[0])
+
+
+# ------------------------------------------------------------------ plain PEFT adapters, --trained-on
+
+
+@pytest.fixture(scope="module")
+def plain_peft(tmp_path_factory):
+    """A base dir (fp32) and a plain peft adapter made on it by peft alone (no qtulu.json)."""
+    from qtulu.tiny import build_char_tokenizer, build_tiny_llama
+
+    root = tmp_path_factory.mktemp("plain")
+    base_dir = root / "base"
+    build_tiny_llama(seed=0, dtype=torch.float32).save_pretrained(base_dir)
+    build_char_tokenizer().save_pretrained(base_dir)
+    pm = lora_model(seed=4)
+    pm.save_pretrained(root / "peft")
+    assert not (root / "peft" / META_NAME).exists()
+    with torch.no_grad():
+        ref = pm(_batch()[0]).logits
+    return base_dir, root / "peft", ref
+
+
+def test_plain_peft_adapter_needs_trained_on_before_the_base_loads(plain_peft, monkeypatch):
+    import qtulu.model
+    from qtulu.adapters import load_model
+
+    base_dir, adir, _ = plain_peft
+    monkeypatch.setattr(qtulu.model, "load_base", lambda *a, **k: pytest.fail("base loaded before the refusal"))
+    with pytest.raises(AdapterError, match="--trained-on"):
+        load_model(str(base_dir), [adir], device="cpu")
+    with pytest.raises(AdapterError, match="--trained-on"):
+        load_model(str(base_dir), [adir], device="cpu", force=True)
+    with pytest.raises(AdapterError, match="adapter directory not found"):
+        load_model(str(base_dir), [adir.parent / "nope"], trained_on="fp32", device="cpu")
+
+
+def test_plain_peft_adapter_loads_as_told(plain_peft):
+    """trained_on=fp32: unquantized fp32 base, the logits of the adapter's author; nf4: an NF4 base."""
+    from qtulu.adapters import load_model
+    from qtulu.quant import Linear4bit
+
+    base_dir, adir, ref = plain_peft
+    model, _ = load_model(str(base_dir), [adir], trained_on="fp32", device="cpu", attn_implementation="sdpa")
+    assert not any(isinstance(m, Linear4bit) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(_batch()[0]).logits, ref, rtol=0, atol=1e-5)
+    q, _ = load_model(str(base_dir), [adir], trained_on="nf4", compute_dtype="float32", device="cpu",
+                      attn_implementation="sdpa")
+    assert sum(isinstance(m, Linear4bit) for m in q.modules()) == 14
+    with torch.no_grad():
+        assert (q(_batch()[0]).logits - ref).abs().max() > 1e-3  # NF4 is another base: told, not guessed
+    with pytest.raises(AdapterError, match="trained against nf4 .*unquantized base"):
+        load_model(str(base_dir), [adir], trained_on="nf4", quantize=None, device="cpu")
+    with pytest.raises(AdapterError, match="compute_dtype bfloat16 was asked for"):
+        load_model(str(base_dir), [adir], trained_on="fp32", compute_dtype="bfloat16", device="cpu")
+
+
+def test_trained_on_contradicting_qtulu_json_is_refused(two_adapters):
+    from qtulu.adapters import adapter_record
+
+    a, _ = two_adapters
+    assert adapter_record(a, "nf4")["quantization"] == BASE_INFO["quantization"]
+    with pytest.raises(AdapterError, match="trained against nf4, but --trained-on/trained_on says bf16"):
+        adapter_record(a, "bf16")
+
+
+def test_adapter_saved_before_weights_hash_is_checked_against_the_files(tmp_path):
+    """Adapters saved by an older qtulu recorded a hash of the checkpoint files: still checked."""
+    from qtulu.adapters import load_model
+    from qtulu.model import _safetensor_files, files_sha256
+    from qtulu.tiny import build_tiny_llama
+
+    base_dir = tmp_path / "base"
+    build_tiny_llama(seed=0, dtype=torch.float32).save_pretrained(base_dir)
+    legacy = {"id": str(base_dir), "revision": None, "weights_sha256": files_sha256(_safetensor_files(base_dir)),
+              "quantization": None}
+    good = save_adapter(lora_model(seed=5), tmp_path / "good", base_info=legacy, recipe={"model": {"compute_dtype": "float32"}})
+    load_model(str(base_dir), [good], device="cpu", attn_implementation="sdpa")
+    bad = save_adapter(lora_model(seed=5), tmp_path / "bad", base_info=dict(legacy, weights_sha256="d" * 64),
+                       recipe={"model": {"compute_dtype": "float32"}})
+    with pytest.raises(AdapterError, match="other base"):
+        load_model(str(base_dir), [bad], device="cpu", attn_implementation="sdpa")

@@ -269,3 +269,175 @@ def test_triton_backend_inside_the_model():
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------- other architectures: window, softcap, refusals
+
+_COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+
+
+def _arch_config(arch):
+    import transformers as tf
+
+    if arch == "llama":
+        return tf.LlamaConfig(**_COMMON)
+    if arch == "qwen2":  # layer 1 is a sliding-window layer, layer 0 full
+        return tf.Qwen2Config(**_COMMON, use_sliding_window=True, sliding_window=5, max_window_layers=1)
+    if arch == "mistral":  # every layer sliding
+        return tf.MistralConfig(**_COMMON, sliding_window=5)
+    if arch == "gemma2":  # sliding + full layers, and a softcap small enough to bend the scores
+        return tf.Gemma2Config(**_COMMON, head_dim=16, sliding_window=5, attn_logit_softcapping=2.0,
+                               query_pre_attn_scalar=16)
+    if arch == "phi3":
+        return tf.Phi3Config(**_COMMON, sliding_window=6)
+    raise AssertionError(arch)
+
+
+def _arch_model(arch, impl=ATTN_IMPLEMENTATION, dtype=torch.float64):
+    from transformers import AutoModelForCausalLM
+
+    register_attention()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(_arch_config(arch))
+    with torch.no_grad():  # scores of a few units (random init gives ~0.1): softmax and softcap bite
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
+                p.mul_(10.0)
+    model = model.to(dtype).eval()
+    model.set_attn_implementation(impl)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma2", "phi3"])
+def test_three_packed_examples_equal_each_alone_across_architectures(arch):
+    """Three examples packed in one row (default use_cache=True, the setting that used to leak
+    through SDPA's mask for windowed models) give, example by example, the logits of transformers'
+    own eager attention on that example alone: the window and the softcap are applied, and nothing
+    crosses an example boundary."""
+    lens = (7, 12, 9)  # every example longer than the window (5 / 6)
+    examples = _examples(lens, seed=3)
+    ids, pos = _pack(examples)
+    model = _arch_model(arch)
+    eager = _arch_model(arch, "eager")
+    assert model.config.use_cache
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos).logits  # (1, total, V)
+        for ex, got in zip(examples, _split(packed, lens)):
+            alone = model(input_ids=ex[None]).logits[0]
+            torch.testing.assert_close(got, alone, rtol=1e-12, atol=1e-12)
+            # transformers' eager softmax runs in fp32 even for float64 models: ~1e-8 apart
+            torch.testing.assert_close(got, eager(input_ids=ex[None]).logits[0], rtol=1e-6, atol=1e-6)
+
+
+def test_window_and_softcap_change_the_result():
+    """Guard against a vacuous comparison: dropping the window or the softcap changes the logits."""
+    examples = _examples((12,), seed=4)
+    ids = examples[0][None]
+    with torch.no_grad():
+        ref = _arch_model("gemma2")(input_ids=ids).logits
+        for key, value in (("sliding_window", 4096), ("attn_logit_softcapping", None)):
+            model = _arch_model("gemma2")
+            model.config.__dict__[key] = value
+            for layer in model.model.layers:
+                if key == "sliding_window" and layer.self_attn.sliding_window is not None:
+                    layer.self_attn.sliding_window = 4096
+                if key == "attn_logit_softcapping":
+                    layer.self_attn.attn_logit_softcapping = None
+            assert (model(input_ids=ids).logits - ref).abs().max() > 1e-3, key
+
+
+def test_gemma2_padded_batch_and_generation_match_eager():
+    """The fallback for padded rows and decoding keeps the softcap (transformers' SDPA has none).
+    fp32: transformers' eager softmax runs in fp32, where float64's mask value becomes -inf (NaN)."""
+    ours, eager = _arch_model("gemma2", dtype=torch.float32), _arch_model("gemma2", "eager", dtype=torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(4, 128, (2, 11), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        valid = mask.bool()
+        torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits[valid],
+                                   eager(input_ids=ids, attention_mask=mask).logits[valid], rtol=1e-5, atol=1e-5)
+        kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=3)
+        assert torch.equal(ours.generate(ids, attention_mask=mask, **kw), eager.generate(ids, attention_mask=mask, **kw))
+
+
+def test_gemma2_packed_gradients_triton_equal_eager_alone():
+    """Window + softcap gradients through the model: the Triton kernels (interpreted on CPU, fp32)
+    on the packed row against transformers' eager attention run on each example alone."""
+    lens = (3, 14, 9)
+    examples = _examples(lens, seed=6)
+    ids, pos = _pack(examples)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    model = _arch_model("gemma2", dtype=torch.float32).to(device)
+    with attention_backend("triton"):
+        logits = model(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False).logits
+        sum(_sum_loss(lg, ex.to(device)) for lg, ex in zip(_split(logits, lens), examples)).backward()
+    ours = _grads(model)
+
+    eager = _arch_model("gemma2", "eager", dtype=torch.float32).to(device)
+    for ex in examples:
+        _sum_loss(eager(input_ids=ex[None].to(device)).logits[0], ex.to(device)).backward()
+    want = _grads(eager)
+    assert ours.keys() == want.keys() and len(ours) > 0
+    for name in want:
+        torch.testing.assert_close(ours[name], want[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_unsupported_attention_is_refused_by_name():
+    from transformers import LlamaConfig
+
+    from qtulu.attention import PackedAttentionError, check_packed_support
+    from qtulu.errors import QtuluError
+
+    for arch in ("llama", "qwen2", "mistral", "gemma2", "phi3"):
+        check_packed_support(_arch_config(arch))
+    chunked = LlamaConfig(**_COMMON)
+    chunked.attention_chunk_size = 8  # Llama-4's chunked local attention
+    with pytest.raises(PackedAttentionError, match="attention_chunk_size=8") as err:
+        check_packed_support(chunked)
+    assert isinstance(err.value, QtuluError)
+    odd = LlamaConfig(**_COMMON)
+    odd.layer_types = ["full_attention", "chunked_attention"]
+    with pytest.raises(PackedAttentionError, match="chunked_attention"):
+        check_packed_support(odd)
+    # at run time too (a model switched with set_attn_implementation directly)
+    model = _model()
+    model.config.attention_chunk_size = 8
+    ids, pos = _pack(_examples())
+    with pytest.raises(PackedAttentionError, match="chunked"):
+        model(input_ids=ids, position_ids=pos)
+
+
+def test_cu_seqlens_agrees_with_transformers_helpers():
+    """Issue 14, point 6: transformers' packed-sequence helpers give our answer where their rules
+    apply (every example restarts at position 0; one row or rows restarting at 0) — and where
+    prepare_fa_kwargs_from_position_ids does not (a row continuing the previous row's positions)
+    it would let the rows attend to each other, which is why qtulu keeps its own."""
+    from transformers.masking_utils import find_packed_sequence_indices
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        rows = []
+        for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
+            lens = torch.randint(1, 9, (int(torch.randint(1, 5, (1,), generator=gen)),), generator=gen).tolist()
+            rows.append(torch.cat([torch.arange(n) for n in lens]))
+        width = max(len(r) for r in rows)
+        # pad each row with one more example so that all rows have the same width
+        pos = torch.stack([torch.cat([r, torch.arange(width - len(r))]) for r in rows])  # (B, T)
+        cu, mx = cu_seqlens_from_position_ids(pos)
+        (lib_cu, _), (lib_mx, _) = prepare_fa_kwargs_from_position_ids(pos)
+        assert cu.tolist() == lib_cu.tolist() and mx == int(lib_mx)
+        seq_idx = find_packed_sequence_indices(pos)
+        if seq_idx is None:  # nothing packed: one example per row
+            seq_idx = torch.zeros_like(pos)
+        starts = torch.ones_like(pos, dtype=torch.bool)
+        starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+        assert cu[:-1].tolist() == starts.reshape(-1).nonzero().reshape(-1).tolist()
+    continued = torch.tensor([[0, 1, 2], [3, 4, 0]])
+    assert cu_seqlens_from_position_ids(continued)[0].tolist() == [0, 3, 5, 6]
+    assert prepare_fa_kwargs_from_position_ids(continued)[0][0].tolist() == [0, 5, 6]  # rows merged

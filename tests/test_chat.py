@@ -92,3 +92,26 @@ def test_chat_cli_refuses_adapter_of_other_base(base_and_adapters, tmp_path):
     build_tiny_llama(seed=5, dtype=torch.float32).save_pretrained(other)
     rc = main(["chat", "--model", str(other), "--adapter", str(dirs["alpha"]), "--device", "cpu"])
     assert rc == 2
+
+
+def test_chat_cli_plain_peft_adapter_needs_and_takes_trained_on(base_and_adapters, tmp_path, monkeypatch, capsys):
+    """A plain PEFT adapter (no qtulu.json): refused without --trained-on (one line, exit 2), loaded
+    as said with it; a flag contradicting it (--no-quantize with nf4) is refused too."""
+    import shutil
+
+    from qtulu.cli import main
+
+    base_dir, dirs = base_and_adapters
+    plain = tmp_path / "plain"
+    shutil.copytree(dirs["alpha"], plain)
+    (plain / "qtulu.json").unlink()
+    args = ["chat", "--model", str(base_dir), "--adapter", str(plain), "--device", "cpu", "--max-new-tokens", "2"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n/quit\n"))
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--trained-on" in err and len(err.splitlines()) == 1
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n/quit\n"))
+    assert main(args + ["--trained-on", "nf4", "--compute-dtype", "float32"]) == 0
+    assert any(line.startswith("[plain] ") for line in capsys.readouterr().out.splitlines())
+    assert main(args + ["--trained-on", "nf4", "--no-quantize"]) == 2
+    assert "unquantized base" in capsys.readouterr().err

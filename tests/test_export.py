@@ -177,8 +177,134 @@ def test_other_base_refused_and_bad_args(trained, tmp_path):
     plain = tmp_path / "plain"
     shutil.copytree(trained["adapter"], plain)
     (plain / "qtulu.json").unlink()
-    with pytest.raises(ExportError, match="qtulu.json: missing"):
+    with pytest.raises(AdapterError, match="plain PEFT adapter.*--trained-on"):
         export_merged(trained["base_dir"], plain, tmp_path / "x", force=True)
+    assert not (tmp_path / "x").exists()
     assert parse_size("5GB") == 5 * 10**9 and parse_size("500KB") == 500_000 and parse_size(7) == 7
-    with pytest.raises(ExportError, match="max_shard_size"):
-        parse_size("five")
+    for bad in ("five", "5GiB", "5 bytes"):
+        with pytest.raises(ExportError, match="max_shard_size"):
+            parse_size(bad)
+
+
+# ------------------------------------------- plain PEFT adapters (--trained-on) and the libraries
+
+
+def test_plain_peft_adapter_merges_as_told(trained, tmp_path):
+    """--trained-on nf4: dequant(NF4(W)) + delta, the same merge as the qtulu-saved adapter with the
+    same factors; --trained-on fp32: W + delta, what peft's own merge_and_unload gives on W."""
+    import shutil
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from qtulu.tiny import build_tiny_llama
+
+    plain = tmp_path / "plain"
+    shutil.copytree(trained["adapter"], plain)
+    (plain / "qtulu.json").unlink()
+
+    def tensors(d):
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
+
+    export_merged(trained["base_dir"], trained["adapter"], tmp_path / "q", dtype="float32", progress=False)
+    rep = export_merged(trained["base_dir"], plain, tmp_path / "p4", dtype="float32", progress=False,
+                        trained_on="nf4", compute_dtype="float32")
+    assert rep["adapter"]["trained_on"] == "nf4" and rep["merged_layers"] == 14
+    want, got = tensors(tmp_path / "q"), tensors(tmp_path / "p4")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+    export_merged(trained["base_dir"], plain, tmp_path / "p32", dtype="float32", progress=False, trained_on="fp32")
+    peft_merged = PeftModel.from_pretrained(build_tiny_llama(seed=0, dtype=torch.float32), str(plain)).merge_and_unload()
+    got = tensors(tmp_path / "p32")
+    for k, v in peft_merged.state_dict().items():
+        torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def _old_delta(b, a, scale):  # qtulu's formula before it called peft (export.py, commit 4c709b7)
+    return (b.float() @ a.float()) * scale
+
+
+@pytest.mark.parametrize("kind", ["plain", "rslora", "patterns"])
+def test_delta_is_pefts_get_delta_weight_and_equals_the_old_formula(tmp_path, kind):
+    from peft import LoraConfig, get_peft_model
+
+    from qtulu.export import LoraDeltas
+    from qtulu.tiny import build_tiny_llama
+
+    extra = {"plain": {}, "rslora": {"use_rslora": True},
+             "patterns": {"rank_pattern": {"v_proj": 2}, "alpha_pattern": {"down_proj": 3}}}[kind]
+    torch.manual_seed(7)
+    pm = get_peft_model(build_tiny_llama(seed=0, dtype=torch.float32),
+                        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0,
+                                   init_lora_weights=False, **extra))
+    pm.save_pretrained(tmp_path)
+    deltas = LoraDeltas(tmp_path)
+    layers = {n[len("base_model.model."):]: m for n, m in pm.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert len(layers) == 14 and set(layers) == set(deltas.factors)
+    for name, layer in layers.items():
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        new = deltas.delta(name)
+        assert torch.equal(new, _old_delta(b, a, deltas.scale(name))), name  # bit for bit
+        assert torch.equal(new, layer.get_delta_weight("default")), name  # = peft's model-level answer
+    assert deltas.rank_alpha("model.layers.0.self_attn.v_proj")[0] == (2 if kind == "patterns" else 4)
+
+
+def test_shard_plan_is_huggingface_hubs_and_the_old_greedy_split(trained, tmp_path):
+    """The shards are huggingface_hub's plan (read back: the same names and index as its
+    split_torch_state_dict_into_shards on the written tensors), and where no tensor exceeds the
+    limit that plan equals qtulu's former greedy split (re-implemented below from export.py at
+    4c709b7). Two deliberate differences: a tensor over the limit gets its own shard without
+    closing the current one, and a single shard is model.safetensors without an index, as
+    transformers' save_pretrained writes them."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors import safe_open
+
+    rep = export_merged(trained["base_dir"], trained["adapter"], tmp_path / "m", dtype="bfloat16",
+                        max_shard_size="60KB", progress=False)
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    written = {}
+    for shard in rep["shards"]:
+        with safe_open(str(tmp_path / "m" / shard), framework="pt") as f:
+            written.update({k: f.get_slice(k) for k in f.keys()})
+    # the export streams the model's state dict in its order (bf16 here, nothing tied)
+    from qtulu.tiny import build_tiny_llama
+
+    meta = {k: torch.empty(v.shape, dtype=torch.bfloat16, device="meta")
+            for k, v in build_tiny_llama(seed=0).state_dict().items()}
+    assert set(meta) == set(written) and all(list(written[k].get_shape()) == list(meta[k].shape) for k in meta)
+    lib = split_torch_state_dict_into_shards(meta, filename_pattern="model{suffix}.safetensors", max_shard_size=60_000)
+    assert lib.tensor_to_filename == index["weight_map"]
+    assert max(t.numel() * t.element_size() for t in meta.values()) <= 60_000  # no oversize tensor here
+
+    def old_split(sizes, max_bytes):
+        shards, cur, size = [], [], 0
+        for name, nbytes in sizes:
+            if cur and size + nbytes > max_bytes:
+                shards.append(cur)
+                cur, size = [], 0
+            cur.append(name)
+            size += nbytes
+        return shards + ([cur] if cur else [])
+
+    old = old_split([(k, t.numel() * t.element_size()) for k, t in meta.items()], 60_000)
+    assert [sorted(g) for g in old] == [sorted(lib.filename_to_tensors[f]) for f in lib.filename_to_tensors]
+    assert len(rep["shards"]) == len(old) > 1
+
+
+def test_parse_size_is_huggingface_hubs_and_equals_the_old_parser():
+    import re
+
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    def old(size):  # export.parse_size before it called huggingface_hub (commit 4c709b7)
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), flags=re.I)
+        unit = (m.group(2) or "B").upper().replace("I", "")
+        return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}[unit])
+
+    for text in ("5GB", "500MB", "1.5GB", "7KB", "2TB", " 60KB ", "10gb"):
+        assert parse_size(text) == parse_size_to_int(text) == old(text), text
+    assert parse_size("1000") == old("1000") == 1000
+    assert old("5GiB") == 5 * 10**9  # the old parser read GiB as GB (wrong by 7%): now refused

@@ -2,7 +2,7 @@
 
 On this machine the kernels only run under the Triton interpreter, which cannot show GPU-only
 compile errors or register pressure. This builds the first autotune config of each kernel
-(forward, dq, dk/dv; bf16, head dim 128) with Triton's real compiler and bundled ptxas, through
+(forward, dq, dk/dv; bf16, head dim 128; plain causal, and with sliding window + softcap) with Triton's real compiler and bundled ptxas, through
 ``benchmarks/compile_kernels.py``, and reads their resource usage from the cubin. (Before the
 dk/dv kernel was reduced to one query loop, every one of its configs spilled registers.) The NF4
 kernel has the same kind of check in ``test_nf4.py``.
@@ -26,7 +26,8 @@ sys.path.insert(0, sys.argv[1])
 import compile_kernels as ck
 
 seen, rows = set(), []
-for label, fn, sig, consts, cfg, extra, aligned in ck.varlen_cases("bfloat16", 128):
+cases = list(ck.varlen_cases("bfloat16", 128)) + list(ck.varlen_cases("bfloat16", 128, window=True, softcap=True))
+for label, fn, sig, consts, cfg, extra, aligned in cases:
     if label in seen:
         continue
     seen.add(label)
@@ -49,7 +50,8 @@ def test_varlen_kernels_compile_for_sm90_without_spills():
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads(res.stdout.strip().splitlines()[-1])
-    assert [r["kernel"] for r in rows] == ["varlen fwd d128", "varlen dq d128", "varlen dkdv d128"]
+    assert [r["kernel"] for r in rows] == [f"varlen {k} d128{v}" for v in ("", " window+softcap")
+                                           for k in ("fwd", "dq", "dkdv")]
     for r in rows:
         assert r["mma"], f"{r['kernel']}: no tensor-core instruction in the PTX"
         assert r["shared"] <= 232448, f"{r['kernel']} {r['config']}: {r['shared']} B of shared memory"

@@ -19,6 +19,10 @@ import torch
 
 from qtulu.kernels.varlen_attention import varlen_attention, varlen_attention_torch
 
+triton = pytest.importorskip("triton")
+tl = triton.language
+from qtulu.kernels.varlen_attention_triton import _tanh  # noqa: E402
+
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 
 # CPU: the Triton interpreter (TRITON_INTERPRET=1, set by conftest); with a GPU, the real kernels
@@ -32,8 +36,11 @@ def _cu(lens, device=DEVICE):
     return torch.tensor(cu, dtype=torch.int32, device=device)
 
 
-def naive_attention(q, k, v, cu_seqlens, causal=True, scale=None):
-    """Plain torch in the inputs' dtype (no fused kernel, no upcast): the error baseline."""
+def naive_attention(q, k, v, cu_seqlens, causal=True, scale=None, window=None, softcap=None):
+    """Plain torch in the inputs' dtype (no fused kernel, no upcast): the error baseline, and in
+    float64 the independent oracle. Window and softcap as transformers defines them
+    (masking_utils.sliding_window_overlay: ``kv_idx > q_idx - sliding_window``; gemma2's
+    eager_attention_forward: ``tanh(scores / softcap) * softcap`` before the mask), transformers 5.24."""
     total, heads, dim = q.shape
     group = heads // k.shape[1]
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
@@ -46,8 +53,13 @@ def naive_attention(q, k, v, cu_seqlens, causal=True, scale=None):
         ki = k[s:e].transpose(0, 1).repeat_interleave(group, 0)  # (H, L, D)
         vi = v[s:e].transpose(0, 1).repeat_interleave(group, 0)  # (H, L, D)
         scores = (qi @ ki.transpose(1, 2)) * scale  # (H, L, L)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         if causal:
             keep = torch.ones(e - s, e - s, dtype=torch.bool, device=q.device).tril()
+            if window is not None:
+                idx = torch.arange(e - s, device=q.device)
+                keep &= idx[None, :] > idx[:, None] - window
             scores = scores.masked_fill(~keep, float("-inf"))
         outs.append((scores.softmax(-1) @ vi).transpose(0, 1))  # (L, H, D)
     return torch.cat(outs)
@@ -60,7 +72,7 @@ def _run(fn, q, k, v, do):
     return out.detach(), dq, dk, dv
 
 
-def _check(lens, heads, kv_heads, dim, dtype, causal=True, seed=0):
+def _check(lens, heads, kv_heads, dim, dtype, causal=True, seed=0, window=None, softcap=None):
     torch.manual_seed(seed)
     total = sum(lens)
     cu = _cu(lens)
@@ -69,12 +81,17 @@ def _check(lens, heads, kv_heads, dim, dtype, causal=True, seed=0):
     v = torch.randn(total, kv_heads, dim, dtype=torch.float64).to(DEVICE)
     do = torch.randn(total, heads, dim, dtype=torch.float64).to(DEVICE)
     low = [t.to(dtype) for t in (q, k, v, do)]
-    ref = _run(lambda a, b, c: varlen_attention(a, b, c, cu, max(lens), causal, backend="torch"),
+    kw = dict(window=window, softcap=softcap)
+    ref = _run(lambda a, b, c: varlen_attention(a, b, c, cu, max(lens), causal, backend="torch", **kw),
                q, k, v, do)
-    ours = _run(lambda a, b, c: varlen_attention(a, b, c, cu, max(lens), causal, backend="triton"),
+    if window is not None or softcap is not None:  # the reference itself, against the oracle
+        oracle = _run(lambda a, b, c: naive_attention(a, b, c, cu, causal, **kw), q, k, v, do)
+        for r, o in zip(ref, oracle):
+            torch.testing.assert_close(r, o, rtol=1e-10, atol=1e-10)
+    ours = _run(lambda a, b, c: varlen_attention(a, b, c, cu, max(lens), causal, backend="triton", **kw),
                 *low)
-    naive = _run(lambda a, b, c: naive_attention(a, b, c, cu, causal), *low)
-    sdpa = _run(lambda a, b, c: varlen_attention(a, b, c, cu, max(lens), causal, backend="torch"),
+    naive = _run(lambda a, b, c: naive_attention(a, b, c, cu, causal, **kw), *low)
+    sdpa = _run(lambda a, b, c: varlen_attention(a, b, c, cu, max(lens), causal, backend="torch", **kw),
                 *low)
     for name, r, o, p1, p2 in zip(("out", "dq", "dk", "dv"), ref, ours, naive, sdpa):
         assert o.dtype == dtype and o.shape == r.shape
@@ -111,7 +128,7 @@ def test_non_causal():
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_uneven_tilings(monkeypatch, causal):
     """The GPU configs' shapes: dK/dV key blocks 2x the query blocks, dQ the other way round."""
-    from qtulu.kernels import varlen_attention as va
+    from qtulu.kernels import varlen_attention_triton as va
 
     monkeypatch.setattr(va, "INTERPRET_BLOCKS", {"fwd": (64, 32), "dq": (64, 32), "dkdv": (32, 64)})
     monkeypatch.setattr(va, "_TUNED", {})
@@ -121,7 +138,7 @@ def test_uneven_tilings(monkeypatch, causal):
 def test_int64_offsets_path(monkeypatch):
     """Offsets inside a sequence are int32 unless ``max_seqlen x stride`` could overflow; force
     the int64 path (normally only for sequences of ~262k+ tokens) and check it gives the same."""
-    from qtulu.kernels import varlen_attention as va
+    from qtulu.kernels import varlen_attention_triton as va
 
     monkeypatch.setattr(va, "_INDEX32_LIMIT", 1)
     calls = []
@@ -129,6 +146,62 @@ def test_int64_offsets_path(monkeypatch):
     monkeypatch.setattr(va, "_index64", lambda *a: calls.append(real(*a)) or calls[-1])
     _check([1, 17, 100, 129], 4, 2, 32, torch.bfloat16, seed=3)
     assert calls and all(calls), "the int64 path was not taken"
+
+
+# ------------------------------------------------------- sliding window and logit softcapping
+
+
+def test_sliding_window():
+    """Mistral/Qwen2-style window, narrower than the tile (13 < 32) and crossing tile edges."""
+    _check([1, 17, 70], 4, 2, 32, torch.bfloat16, seed=8, window=13)
+
+
+def test_softcap():
+    """Gemma-2's softcap, small enough (2.0 on unit-variance scores) that tanh bends the scores."""
+    _check([1, 17, 70], 4, 2, 32, torch.float32, seed=9, softcap=2.0)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="tilings are autotuned on a GPU")
+def test_window_and_softcap_uneven_tilings(monkeypatch):
+    """Both at once (Gemma-2's sliding layers), on the GPU configs' uneven tile shapes; a window
+    wider than a query tile plus a key tile (so the loop has masked, unmasked and diagonal
+    parts) but shorter than the example."""
+    from qtulu.kernels import varlen_attention_triton as va
+
+    monkeypatch.setattr(va, "INTERPRET_BLOCKS", {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32)})
+    monkeypatch.setattr(va, "_TUNED", {})
+    _check([3, 70], 2, 1, 16, torch.float16, seed=10, window=50, softcap=1.5)
+
+
+def test_window_of_one_and_wider_than_every_example():
+    """window=1: each token sees only itself (out == v); a window >= every length is plain causal."""
+    torch.manual_seed(11)
+    cu = _cu([5, 9])
+    q, k, v = (torch.randn(14, 2, 16).to(DEVICE) for _ in range(3))
+    for backend in ("torch", "triton"):
+        out = varlen_attention(q, k, v, cu, 9, backend=backend, window=1)
+        torch.testing.assert_close(out, v, rtol=1e-6, atol=1e-6)
+        wide = varlen_attention(q, k, v, cu, 9, backend=backend, window=9)
+        torch.testing.assert_close(wide, varlen_attention(q, k, v, cu, 9, backend=backend), rtol=1e-6, atol=1e-6)
+
+
+@triton.jit
+def _tanh_probe(X, Y, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(Y + offs, _tanh(tl.load(X + offs)))
+
+
+def test_triton_tanh_accuracy():
+    """The kernel's tanh (no tl.tanh runs both compiled and interpreted): <= 2 ulp in fp32."""
+    x = torch.cat([torch.linspace(-12, 12, 3905), torch.logspace(-7, 0, 95), -torch.logspace(-7, 0, 96)])
+    x = x.to(DEVICE)  # 4096 values (tl.arange wants a power of two)
+    y = torch.empty_like(x)
+    _tanh_probe[(1,)](x, y, N=x.numel())
+    ref = torch.tanh(x.double())
+    r32 = ref.float().abs()
+    spacing = (torch.nextafter(r32, torch.full_like(r32, float("inf"))) - r32).double()  # 1 ulp at ref
+    ulp = (y.double() - ref).abs() / spacing
+    assert ulp.max().item() <= 2.0, ulp.max().item()
 
 
 def test_single_long_sequence_head_dim_64():
@@ -173,7 +246,7 @@ def test_custom_op_registration():
     k = torch.randn(8, 1, 16).to(DEVICE).requires_grad_()
     v = torch.randn(8, 1, 16).to(DEVICE).requires_grad_()
     cu = _cu([3, 5])
-    torch.library.opcheck(_varlen_fwd_op, (q, k, v, cu, 5, True, 0.25),
+    torch.library.opcheck(_varlen_fwd_op, (q, k, v, cu, 5, True, 0.25, 3, 4.0),
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
 
@@ -211,3 +284,9 @@ def test_bad_inputs_raise_clear_errors():
         varlen_attention(q.double(), q.double(), q.double(), cu, 6, backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
         varlen_attention(q, q, q, cu, 6, backend="cuda")
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        varlen_attention(q, q, q, cu, 6, window=0)
+    with pytest.raises(ValueError, match="only defined for causal"):
+        varlen_attention(q, q, q, cu, 6, causal=False, window=3)
+    with pytest.raises(ValueError, match="softcap must be a positive"):
+        varlen_attention(q, q, q, cu, 6, softcap=float("inf"))
