@@ -140,11 +140,17 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
     elif p.exists():
         raise ModelLoadError(f"{p}: expected a model directory (config.json + *.safetensors), got a file")
     else:
+        from qtulu.hub import offline_reason, unreachable
+
+        offline = offline_reason()  # offline: the hub cache only, and a miss fails at once (no retries)
         try:
             from huggingface_hub import snapshot_download
 
-            directory = Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=_HF_FILE_PATTERNS))
+            directory = Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=_HF_FILE_PATTERNS,
+                                               local_files_only=offline is not None))
         except Exception as e:  # noqa: BLE001 - re-raised with the id and a hint
+            if offline:
+                raise unreachable(f"base model {str(name_or_path)!r}", offline) from e
             raise ModelLoadError(
                 f"cannot find base model {str(name_or_path)!r}: not a local directory, and the hub download "
                 f"failed ({type(e).__name__}: {e})"
