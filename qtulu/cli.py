@@ -21,6 +21,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("merge", "qtulu.merge"),
     ("chat", "qtulu.chat"),
     ("bench", "qtulu.bench.cli"),
+    ("recipe", "qtulu.recipe_cli"),
     # COMMANDS-END (keep this marker: one line per command above it)
 ]
 
@@ -50,7 +51,7 @@ def _command_name(argv: list[str]) -> str:
 
 
 # commands whose second word is a sub-command (for the error prefix)
-_NESTED = {"data", "eval", "bench"}
+_NESTED = {"data", "eval", "bench", "recipe"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -188,6 +188,41 @@ def _checkpointing_args(config_cls, enabled: bool) -> dict:
     return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
+def check_run_name(name: str) -> str:
+    """``name`` if it can name the adapter in chat/eval/merge; `TrainError` otherwise."""
+    from qtulu.adapters import adapter_name_problem
+
+    problem = adapter_name_problem(name)
+    if problem:
+        raise TrainError(f"run name: {problem}; choose another with --name (or -o name=...)")
+    return name
+
+
+def check_base_source(recipe) -> None:
+    """Fail now, not after the data build, when ``model.base`` is missing or is a local path that
+    is not a loadable model directory (no config.json / safetensors, pickles only)."""
+    base = recipe.model.base
+    if base is None:
+        raise TrainError(f"{recipe.path or recipe.name}: model.base: no base model given (set model.base or pass a model)")
+    p = Path(os.path.expanduser(str(base)))
+    if p.exists() or str(base).startswith(("/", "./", "../", "~")):
+        from qtulu.model import resolve_checkpoint
+
+        resolve_checkpoint(p, recipe.model.revision)  # local: file checks only, no weights read
+
+
+def interrupted_message(out: Path, steps: list[dict], is_main: bool = True) -> str:
+    """What Ctrl-C left behind: the last complete checkpoint (resume point) and the steps so far."""
+    from qtulu import checkpoint as ck
+
+    if is_main and steps:
+        ck.atomic_write_text(out / "steps.jsonl", "".join(json.dumps(s) + "\n" for s in steps))
+    last = ck.last_complete_checkpoint(out / CHECKPOINTS_DIRNAME)
+    where = (f"last complete checkpoint {last}; run the same command again to resume from it" if last
+             else "no checkpoint was complete yet (train.save_steps); a new run starts over")
+    return f"stopped after {len(steps)} optimizer step(s); {where}"
+
+
 # --------------------------------------------------------------------------------------------
 # the trainer
 
@@ -306,6 +341,7 @@ def train(
     progress: bool = True,
     adapter_name: str = "default",
     callbacks=(),
+    name: str | None = None,
 ) -> TrainResult:
     """Train one LoRA/QLoRA adapter for ``recipe``; returns a `TrainResult` (adapter in ``OUT/adapter``).
 
@@ -316,6 +352,12 @@ def train(
     ``resume``: ``"auto"`` (newest complete checkpoint in ``OUT/checkpoints`` if any), ``"never"``,
     or a checkpoint path. A checkpoint from a different recipe/data is refused (`ResumeMismatch`)
     unless ``force``. Raises `NonFiniteError` when the run stopped on non-finite steps.
+    ``name``: the run's name, recorded in the adapter (chat/eval/merge call it so); default the
+    recipe's name.
+
+    Order: everything that can fail without the model is checked first (recipe, run name, base
+    path, tokenizer, data build), so that a typo costs seconds, not a base load. Ctrl-C stops with
+    a `KeyboardInterrupt` naming the last complete checkpoint (the same command resumes from it).
     """
     import torch
     from transformers import set_seed
@@ -353,17 +395,23 @@ def train(
             ck.remove_checkpoint(old)
             say(f"resume=never: removed {old}")
 
-    # ---- model, LoRA, data
+    # ---- checks and data before the base is loaded (a typo must not cost a base load)
+    run_name = check_run_name(name or recipe.name)
+    if model is None:
+        check_base_source(recipe)
+    if data is None:
+        from qtulu.data.build import build_dataset, resolve_tokenizer
+
+        tokenizer = resolve_tokenizer(recipe, tokenizer)  # data.tokenizer, else the base's own files
+        data = build_dataset(recipe, tokenizer, progress=progress)
+
+    # ---- model, LoRA
     set_seed(t.seed)
     base, tok = load_for_recipe(recipe, model=model, tokenizer=tokenizer)
     if tok is None:
         raise TrainError("no tokenizer: pass tokenizer= or set data.tokenizer in the recipe")
     info = base_info(base)
     manifest = None
-    if data is None:
-        from qtulu.data.build import build_dataset
-
-        data = build_dataset(recipe, tok, progress=progress)
     if hasattr(data, "dataset"):
         manifest = getattr(data, "manifest", None)
         data = data.dataset
@@ -459,7 +507,10 @@ def train(
         trainer.state.global_step = done
         say(f"{resume_from.name} already reached train.max_steps={t.max_steps}: nothing left to train")
     else:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(interrupted_message(out, guard.steps, is_main)) from None
 
     steps = guard.steps
     if is_main:
@@ -497,6 +548,7 @@ def train(
             },
             # FSDP2 serves peft_model.state_dict() as local shards: save from the gathered tensors
             state_dict=gathered,
+            name=run_name,
         )
         png = plot_losses(steps, out / "loss.png", title=f"{recipe.name}: training loss")
         say(f"adapter saved to {adapter_dir}" + (f"; loss curve {png}" if png else ""))
@@ -529,8 +581,14 @@ def register(subparsers) -> None:
     p.add_argument("recipe", help="recipe name (recipes/<name>.yaml) or path")
     p.add_argument("--set", "-o", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set train.learning_rate=2e-4 (repeatable)")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="apply a settings preset before the overrides, e.g. smoke (a CPU try-out of any recipe "
+                        "in about a minute); `qtulu recipe presets` lists them")
+    p.add_argument("--name", default=None,
+                   help="the run's name: the adapter's name in chat/eval/merge and the default run directory "
+                        "(default: the recipe's name)")
     p.add_argument("--output-dir", "--out", dest="output_dir", default=None,
-                   help="run directory (default: runs/<recipe name>); the adapter goes to OUT/adapter")
+                   help="run directory (default: runs/<name>); the adapter goes to OUT/adapter")
     p.add_argument("--resume", default="auto",
                    help="auto (newest complete checkpoint in OUT/checkpoints), never, or a checkpoint path")
     p.add_argument("--force", action="store_true", help="resume even if the recipe/data changed since the checkpoint")
@@ -539,13 +597,16 @@ def register(subparsers) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
+    from qtulu.presets import preset_overrides
     from qtulu.recipes import load_recipe
 
     # errors (RecipeError, CheckpointError, TrainError, NonFiniteError, ModelLoadError, ...) are
     # qtulu errors: qtulu.cli prints them as one line, exit 2
-    recipe = load_recipe(args.recipe, args.overrides)
-    out = args.output_dir or os.path.join("runs", recipe.name)
-    result = train(recipe, output_dir=out, resume=args.resume, force=args.force, progress=not args.no_progress)
+    recipe = load_recipe(args.recipe, preset_overrides(args.preset, args.recipe) + list(args.overrides))
+    name = check_run_name(args.name or recipe.name)
+    out = args.output_dir or os.path.join("runs", name)
+    result = train(recipe, output_dir=out, resume=args.resume, force=args.force, progress=not args.no_progress,
+                   name=name)
     if result.adapter_dir is not None:
         last = next((s["loss"] for s in reversed(result.steps) if s["loss"] is not None), float("nan"))
         print(
