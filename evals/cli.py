@@ -28,8 +28,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", action="append", default=[], help="adapter dir or NAME=DIR (repeatable)")
     p.add_argument("--quantize", choices=("nf4", "none"), default="nf4", help="load the base in NF4 (default)")
     p.add_argument("--force", action="store_true", help="load adapters recorded for another base")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
-                   help="compute dtype of the base (default bfloat16)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="compute dtype of the base (default: the one the first adapter was trained with, else bfloat16)")
     p.add_argument("--tasks", help="comma-separated task names, or 'all' (see `qtulu eval --list-tasks`)")
     p.add_argument("--out", help="output dir")
     p.add_argument("--batch-size", type=int, default=8)
@@ -37,8 +37,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="examples per subject/task/language/group (per task where it has none)")
     p.add_argument("--chat-format", choices=("tulu", "tokenizer", "none"), default="tulu",
                    help="prompt format: tulu (tuned models), tokenizer (its chat template), none (base models)")
-    p.add_argument("--task-option", action="append", default=[], metavar="TASK.KEY=VALUE",
-                   help="per-task option, value YAML-parsed, e.g. mmlu.subjects=[anatomy] (repeatable)")
+    p.add_argument("--set", "-o", "--task-option", dest="task_option", action="append", default=[],
+                   metavar="TASK.KEY=VALUE",
+                   help="per-task option, value YAML-parsed, e.g. -o mmlu.subjects=[anatomy] (repeatable; "
+                        "`qtulu eval --list-tasks` lists each task's options)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: a few subtasks, short generations, 1 sample, --limit 5 unless given "
+                        "(results.md says so; not comparable numbers)")
 
 
 def register(subparsers) -> None:
@@ -49,7 +54,12 @@ def register(subparsers) -> None:
     _model_args(p)
     _common(p, tasks_required=True)
     p.add_argument("--include-base", action="store_true", help="also evaluate the base (adapters disabled)")
-    p.add_argument("--list-tasks", action="store_true", help="print the task names and versions, then exit")
+    p.add_argument("--list-tasks", action="store_true",
+                   help="print every task with its version, options (defaults, meanings) and quick-mode values")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-resume", action="store_true",
+                   help="recompute every (adapter, task) cell; by default a cell already complete in --out with "
+                        "the same model, adapter, task, options, data and code is read back")
     p.set_defaults(func=_run)
     sub = p.add_subparsers(dest="eval_command", metavar="{score,merge-search}")
 
@@ -57,7 +67,8 @@ def register(subparsers) -> None:
     s.add_argument("--task", required=True)
     s.add_argument("--predictions", required=True)
     s.add_argument("--out", help="write the metrics JSON here (default: print only)")
-    s.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--set", "-o", "--task-option", dest="task_option", action="append", default=[],
+                   metavar="KEY=VALUE", help="task option (repeatable)")
     _common(s, tasks_required=False)
     s.set_defaults(func=_score)
 
@@ -135,6 +146,58 @@ def _judge(args):
     return None
 
 
+def _preflight(args, names: list[str], task_options: dict) -> None:
+    """Every check that needs no model, before the base is loaded: a typo costs seconds, not a load.
+
+    Task names, every task option (unknown ones refused, naming the valid ones), the data of each
+    task (read with limit 1), the judge/classifier/code-execution requirements, each adapter's
+    files and manifest (checksums; the base match is checked once the base is loaded), adapter
+    names, and the base path (file checks only) or, offline, the hub cache.
+    """
+    from pathlib import Path
+
+    from qtulu.adapters import adapter_name_problem, parse_adapter_spec, verify_adapter
+
+    from .runner import check_requirements, resolve_task
+
+    unknown = sorted(set(task_options) - set(names))
+    if unknown:
+        raise SystemExit(f"qtulu eval: error: --set names task(s) {unknown} that are not in --tasks {','.join(names)}")
+    if not Path(args.data_dir).is_dir():
+        raise SystemExit(f"qtulu eval: error: --data-dir {args.data_dir}: not a directory")
+    if getattr(args, "quick", False):
+        from .quick import apply_quick
+
+        task_options, _ = apply_quick(names, task_options, args.limit)
+    for name in names:
+        task = resolve_task(name, task_options.get(name))
+        task.module.load(args.data_dir, limit=1, **task.opts)  # TaskDataError names the missing file
+    check_requirements(names, judge=_judge(args), classifier=args.toxigen_classifier,
+                       allow_code_execution=args.allow_code_execution)
+    specs = [parse_adapter_spec(a) for a in args.adapter]
+    for name, path in specs:
+        problem = adapter_name_problem(name)
+        if problem:
+            raise SystemExit(f"qtulu eval: error: {path}: {problem} (rename it: --adapter NAME=DIR)")
+        verify_adapter(path, force=args.force)
+    dup = sorted({n for n, _ in specs if [m for m, _ in specs].count(n) > 1})
+    if dup:
+        raise SystemExit(f"qtulu eval: error: two adapters are named {dup} (name them: --adapter NAME=DIR)")
+    _check_model_path(args.model)
+
+
+def _check_model_path(model: str) -> None:
+    """A local base: its directory checks (config.json, safetensors) without reading weights."""
+    import os
+    from pathlib import Path
+
+    p = Path(os.path.expanduser(model))
+    if p.exists() or model.startswith(("/", "./", "../", "~")):
+        from qtulu.model import resolve_checkpoint
+
+        resolve_checkpoint(p)
+
+
 def _load(args):
     from qtulu.adapters import load_model, parse_adapter_spec
 
@@ -144,6 +207,9 @@ def _load(args):
     model, tok = load_model(args.model, [(n, str(p)) for n, p in specs],
                             quantize=None if args.quantize == "none" else args.quantize, force=args.force,
                             compute_dtype=args.dtype)
+    from qtulu.threads import fit_threads
+
+    fit_threads(model)  # one intra-op thread for a small model: more only oversubscribe the cores
     return model, tok, [n for n, _ in specs]
 
 
@@ -153,27 +219,42 @@ def _require(args, *names):
         raise SystemExit(f"qtulu eval: error: missing {' '.join(missing)}")
 
 
-@_clean_errors
-def _run(args) -> int:
+def list_tasks() -> str:
+    """Every task variant: version, options with defaults and meanings, the values --quick uses."""
+    from .quick import quick_options
     from .tasks import TASKS, get_task
 
+    lines = []
+    for name, (module_name, preset) in TASKS.items():
+        task = get_task(name)
+        quick = quick_options(name)
+        lines.append(f"{name}  v{task.version}  (module {module_name}"
+                     + (f"; {', '.join(f'{k}={v!r}' for k, v in preset.items())}" if preset else "") + ")")
+        for opt, (default, meaning) in getattr(task.module, "OPTIONS", {}).items():
+            value = task.opts.get(opt, default)
+            q = f"  [--quick: {quick[opt]!r}]" if opt in quick else ""
+            lines.append(f"    {name}.{opt} = {value!r}  {meaning}{q}")
+    lines.append("set one with -o/--set TASK.OPTION=VALUE (YAML value), e.g. -o bbh.subtasks=[navigate]")
+    return "\n".join(lines)
+
+
+@_clean_errors
+def _run(args) -> int:
     if args.list_tasks:
-        for name in TASKS:
-            print(f"{name}\tv{get_task(name).version}")
+        print(list_tasks())
         return 0
     _require(args, "model", "tasks", "data_dir", "out")
-    from .runner import check_requirements, evaluate
+    from .runner import evaluate
     from .tasks import parse_task_list
 
     names = parse_task_list(args.tasks)
+    if args.include_base and not args.adapter:
+        raise SystemExit("qtulu eval: error: --include-base needs at least one --adapter")
+    task_options = _task_options(args.task_option)
+    _preflight(args, names, task_options)  # everything checkable without the model, first
     judge = _judge(args)
-    # refuse before loading weights when a task lacks its judge/classifier/opt-in
-    check_requirements(names, judge=judge, classifier=args.toxigen_classifier,
-                       allow_code_execution=args.allow_code_execution)
     model, tok, adapter_names = _load(args)
     labels = (["base"] if args.include_base else []) + adapter_names
-    if args.include_base and not adapter_names:
-        raise SystemExit("qtulu eval: error: --include-base needs at least one --adapter")
     from pathlib import Path
 
     results = evaluate(
@@ -181,7 +262,8 @@ def _run(args) -> int:
         batch_size=args.batch_size, limit=args.limit,
         chat_format=None if args.chat_format == "none" else args.chat_format, judge=judge,
         classifier=args.toxigen_classifier, allow_code_execution=args.allow_code_execution, workers=args.workers,
-        task_options=_task_options(args.task_option), model_name=Path(args.model).name or "model",
+        task_options=task_options, model_name=Path(args.model).name or "model",
+        quick=args.quick, resume=not args.no_resume, progress=not args.no_progress,
     )
     print((Path(args.out) / "results.md").read_text(encoding="utf-8"))
     print(json.dumps({lab: {t: m.get("score") for t, m in r.items()} for lab, r in results["results"].items()}))
@@ -226,6 +308,7 @@ def _merge_search(args) -> int:
     judge = _judge(args)
     check_requirements(names, judge=judge, classifier=args.toxigen_classifier,
                        allow_code_execution=args.allow_code_execution)
+    _preflight(args, names, _task_options(args.task_option))  # everything checkable without the model, first
     model, tok, adapter_names = _load(args)
     grid = [[float(x) for x in w.split(",")] for w in args.weights] if args.weights else None
     result = merge_search(

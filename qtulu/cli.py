@@ -72,10 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     prefix = _command_name(argv)
     try:
         rc = args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
-        print(f"{prefix}: interrupted", file=sys.stderr)
+        # a command may say what Ctrl-C left behind (the last checkpoint, the eval cells saved)
+        detail = one_line(e) if e.args else ""
+        print(f"{prefix}: interrupted" + (f": {detail}" if detail else ""), file=sys.stderr)
         return 130
     except (QtuluError, OSError) as e:
         # OSError: a missing or unreadable file, a directory where a file was expected, a full disk;

@@ -150,11 +150,25 @@ def _list(args: argparse.Namespace) -> int:
 
     for name in list_recipes():
         try:
-            desc = load_recipe(name).description
+            recipe = load_recipe(name)
+            desc = recipe.description or _header_line(recipe.path)
         except Exception as e:  # noqa: BLE001 - a broken recipe is listed with its error, not hidden
             desc = f"(does not load: {e})"
-        print(f"{name:<28} {desc}")
+        print(f"{name:<24} {desc}")
     return 0
+
+
+def _header_line(path) -> str:
+    """The first line of a recipe file's header comment that is not its launch command."""
+    from pathlib import Path
+
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if text and not text.startswith(("Run:", "Data only:")):
+            return text
+    return ""
 
 
 def _show(args: argparse.Namespace) -> int:

@@ -411,6 +411,9 @@ def train(
     if tok is None:
         raise TrainError("no tokenizer: pass tokenizer= or set data.tokenizer in the recipe")
     info = base_info(base)
+    from qtulu.threads import fit_threads
+
+    fit_threads(base)  # one intra-op thread for a small model (a smoke run): more only oversubscribe
     manifest = None
     if hasattr(data, "dataset"):
         manifest = getattr(data, "manifest", None)
