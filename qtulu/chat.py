@@ -5,7 +5,9 @@
 Lines typed are user turns (Tulu chat format, multi-turn history kept); commands:
 ``/adapter NAME`` switches adapter (the base stays loaded), ``/base`` disables adapters,
 ``/adapters`` lists them, ``/reset`` clears the history, ``/quit`` (or end of input) leaves.
-Works with piped stdin (no tty), which is how it is tested.
+Ctrl-C during a reply stops it (the turn is dropped) and the session stays open; Ctrl-C at the
+prompt says how to leave, and a second one in a row leaves. Works with piped stdin (no tty),
+which is how it is tested.
 """
 
 from __future__ import annotations
@@ -70,11 +72,21 @@ def run_chat(model, tokenizer, stdin: TextIO, stdout: TextIO, *, chat_format: st
     say(f"qtulu chat: adapters {names or '(none)'}; active: {active()}. {HELP}")
     messages: list[dict[str, str]] = []
     n = 0
+    interrupted_at_prompt = False
     while True:
         if interactive:
             stdout.write(f"[{active()}] > ")
             stdout.flush()
-        line = stdin.readline()
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:
+            if interrupted_at_prompt:  # a second Ctrl-C in a row: leave
+                say("")
+                break
+            interrupted_at_prompt = True
+            say("\n(Ctrl-C again, /quit or Ctrl-D leaves)")
+            continue
+        interrupted_at_prompt = False
         if not line:
             break
         line = line.strip()
@@ -103,8 +115,13 @@ def run_chat(model, tokenizer, stdin: TextIO, stdout: TextIO, *, chat_format: st
                 say(f"unknown command {cmd!r}; {HELP}")
             continue
         messages.append({"role": "user", "content": line})
-        text = reply(model, tokenizer, messages, chat_format=chat_format, max_new_tokens=max_new_tokens,
-                     temperature=temperature, max_context=max_context)
+        try:
+            text = reply(model, tokenizer, messages, chat_format=chat_format, max_new_tokens=max_new_tokens,
+                         temperature=temperature, max_context=max_context)
+        except KeyboardInterrupt:  # stop this reply, keep the session (and the history before it)
+            messages.pop()
+            say(f"[{active()}] (reply stopped)")
+            continue
         messages.append({"role": "assistant", "content": text or "..."})
         say(f"[{active()}] {text}")
         n += 1
@@ -130,9 +147,37 @@ def register(subparsers) -> None:
     p.set_defaults(func=_main)
 
 
+def check_before_load(model: str, adapters) -> None:
+    """What chat/merge can check before loading the base: each adapter's files and manifest
+    (checksums; the base match needs the base), unique usable names, the base directory's files."""
+    import os
+    from pathlib import Path
+
+    from qtulu.adapters import AdapterError, adapter_name_problem, parse_adapter_spec, verify_adapter
+
+    specs = [parse_adapter_spec(a) for a in adapters]
+    for name, path in specs:
+        problem = adapter_name_problem(name)
+        if problem:
+            raise AdapterError(f"{path}: {problem} (rename it: --adapter NAME=DIR)")
+        if not (Path(path) / "qtulu.json").is_file() and (Path(path) / "adapter_config.json").is_file():
+            continue  # a plain peft adapter: load_model decides (--force)
+        verify_adapter(path)
+    names = [n for n, _ in specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise AdapterError(f"two adapters are named {dup}; name them: --adapter NAME=DIR")
+    p = Path(os.path.expanduser(str(model)))
+    if p.exists() or str(model).startswith(("/", "./", "../", "~")):
+        from qtulu.model import resolve_checkpoint
+
+        resolve_checkpoint(p)  # config.json + safetensors present; no weights read
+
+
 def _main(args: argparse.Namespace) -> int:
     from qtulu.adapters import load_model
 
+    check_before_load(args.model, args.adapter)  # a typo costs seconds, not a base load
     try:
         model, tok = load_model(
             args.model, args.adapter, quantize=None if args.no_quantize else "nf4", force=args.force,
