@@ -160,9 +160,13 @@ def _preflight(args, names: list[str], task_options: dict) -> None:
 
     from .runner import check_requirements, resolve_task
 
-    unknown = sorted(set(task_options) - set(names))
-    if unknown:
-        raise SystemExit(f"qtulu eval: error: --set names task(s) {unknown} that are not in --tasks {','.join(names)}")
+    from .tasks import TASKS
+
+    unknown = sorted(set(task_options) - set(TASKS))
+    if unknown:  # a misspelt task in -o TASK.KEY=VALUE must not pass silently either
+        raise SystemExit(f"qtulu eval: error: --set names unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")
+    for name in sorted(set(task_options) - set(names)):  # options for a task not run: still checked
+        resolve_task(name, task_options[name])
     if not Path(args.data_dir).is_dir():
         raise SystemExit(f"qtulu eval: error: --data-dir {args.data_dir}: not a directory")
     if getattr(args, "quick", False):
@@ -228,7 +232,7 @@ def list_tasks() -> str:
     for name, (module_name, preset) in TASKS.items():
         task = get_task(name)
         quick = quick_options(name)
-        lines.append(f"{name}  v{task.version}  (module {module_name}"
+        lines.append(f"{name}\tv{task.version}  (module {module_name}"
                      + (f"; {', '.join(f'{k}={v!r}' for k, v in preset.items())}" if preset else "") + ")")
         for opt, (default, meaning) in getattr(task.module, "OPTIONS", {}).items():
             value = task.opts.get(opt, default)

@@ -209,7 +209,7 @@ def check_arguments(args: argparse.Namespace, n_adapters: int) -> None:
         raise MergeError(f"--weights: {len(args.weights)} weights for {n_adapters} adapters")
     if n_adapters > 1 and args.method in _NEEDS_DENSITY:
         if args.density is None:
-            raise MergeError(f"--method {args.method} needs --density (fraction of each delta kept, in (0, 1])")
+            raise MergeError(f"method {args.method!r} needs a density: --density (fraction of each delta kept, in (0, 1])")
         if not 0.0 < args.density <= 1.0:
             raise MergeError(f"--density must be in (0, 1], got {args.density}")
     if args.rank is not None and args.rank < 1:
