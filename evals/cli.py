@@ -11,6 +11,12 @@ import argparse
 import json
 import sys
 
+from qtulu.errors import QtuluError
+
+
+class EvalUsageError(QtuluError, ValueError):
+    """A `qtulu eval` request that cannot run as given (printed as one line, exit 2)."""
+
 
 def _common(p: argparse.ArgumentParser, *, tasks_required: bool) -> None:
     p.add_argument("--data-dir", help="eval data root (mmlu/, gsm/, bbh/, ...; see docs)")
@@ -124,11 +130,11 @@ def _task_options(items: list[str], *, prefixed: bool = True) -> dict:
     out: dict = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"qtulu eval: error: --task-option {item!r}: expected {'TASK.' if prefixed else ''}KEY=VALUE")
+            raise EvalUsageError(f"--task-option {item!r}: expected {'TASK.' if prefixed else ''}KEY=VALUE")
         key, value = item.split("=", 1)
         if prefixed:
             if "." not in key:
-                raise SystemExit(f"qtulu eval: error: --task-option {item!r}: expected TASK.KEY=VALUE")
+                raise EvalUsageError(f"--task-option {item!r}: expected TASK.KEY=VALUE")
             task, key = key.split(".", 1)
             out.setdefault(task, {})[key] = _yaml_value(value)
         else:
@@ -139,7 +145,7 @@ def _task_options(items: list[str], *, prefixed: bool = True) -> dict:
 def _judge(args):
     if args.judge_url or args.judge_model:
         if not (args.judge_url and args.judge_model):
-            raise SystemExit("qtulu eval: error: give both --judge-url and --judge-model")
+            raise EvalUsageError("give both --judge-url and --judge-model")
         from .judge import Judge
 
         return Judge(args.judge_url, args.judge_model, api_key_env=args.judge_api_key_env)
@@ -164,11 +170,11 @@ def _preflight(args, names: list[str], task_options: dict) -> None:
 
     unknown = sorted(set(task_options) - set(TASKS))
     if unknown:  # a misspelt task in -o TASK.KEY=VALUE must not pass silently either
-        raise SystemExit(f"qtulu eval: error: --set names unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")
+        raise EvalUsageError(f"--set names unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")
     for name in sorted(set(task_options) - set(names)):  # options for a task not run: still checked
         resolve_task(name, task_options[name])
     if not Path(args.data_dir).is_dir():
-        raise SystemExit(f"qtulu eval: error: --data-dir {args.data_dir}: not a directory")
+        raise EvalUsageError(f"--data-dir {args.data_dir}: not a directory")
     if getattr(args, "quick", False):
         from .quick import apply_quick
 
@@ -182,11 +188,11 @@ def _preflight(args, names: list[str], task_options: dict) -> None:
     for name, path in specs:
         problem = adapter_name_problem(name)
         if problem:
-            raise SystemExit(f"qtulu eval: error: {path}: {problem} (rename it: --adapter NAME=DIR)")
+            raise EvalUsageError(f"{path}: {problem} (rename it: --adapter NAME=DIR)")
         verify_adapter(path, force=args.force)
     dup = sorted({n for n, _ in specs if [m for m, _ in specs].count(n) > 1})
     if dup:
-        raise SystemExit(f"qtulu eval: error: two adapters are named {dup} (name them: --adapter NAME=DIR)")
+        raise EvalUsageError(f"two adapters are named {dup} (name them: --adapter NAME=DIR)")
     _check_model_path(args.model)
 
 
@@ -206,7 +212,7 @@ def _load(args):
     from qtulu.adapters import load_model, parse_adapter_spec
 
     if not args.model:
-        raise SystemExit("qtulu eval: error: --model is required")
+        raise EvalUsageError("--model is required")
     specs = [parse_adapter_spec(a) for a in args.adapter]
     model, tok = load_model(args.model, [(n, str(p)) for n, p in specs],
                             quantize=None if args.quantize == "none" else args.quantize, force=args.force,
@@ -220,7 +226,7 @@ def _load(args):
 def _require(args, *names):
     missing = [f"--{n.replace('_', '-')}" for n in names if not getattr(args, n)]
     if missing:
-        raise SystemExit(f"qtulu eval: error: missing {' '.join(missing)}")
+        raise EvalUsageError(f"missing {' '.join(missing)}")
 
 
 def list_tasks() -> str:
@@ -253,7 +259,7 @@ def _run(args) -> int:
 
     names = parse_task_list(args.tasks)
     if args.include_base and not args.adapter:
-        raise SystemExit("qtulu eval: error: --include-base needs at least one --adapter")
+        raise EvalUsageError("--include-base needs at least one --adapter")
     task_options = _task_options(args.task_option)
     _preflight(args, names, task_options)  # everything checkable without the model, first
     judge = _judge(args)
@@ -303,7 +309,7 @@ def _score(args) -> int:
 def _merge_search(args) -> int:
     _require(args, "model", "tasks", "data_dir", "out")
     if len(args.adapter) < 2:
-        raise SystemExit("qtulu eval merge-search: error: give at least two --adapter")
+        raise EvalUsageError("give at least two --adapter")
     from .merge_search import merge_search, search_table
     from .runner import check_requirements
     from .tasks import parse_task_list

@@ -351,9 +351,12 @@ def _stream_load(directory: Path, config, weight_files: list[Path], *, quant, dt
 
     key_to_file: dict[str, Path] = {}
     for f in weight_files:
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                key_to_file[k] = f
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    key_to_file[k] = f
+        except Exception as e:  # noqa: BLE001 - safetensors' own error type: one line naming the file
+            raise ModelLoadError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e})") from e
     model_keys = set(model.state_dict().keys())
 
     def file_key(param_name: str) -> str | None:

@@ -205,10 +205,20 @@ def check_base_source(recipe) -> None:
     if base is None:
         raise TrainError(f"{recipe.path or recipe.name}: model.base: no base model given (set model.base or pass a model)")
     p = Path(os.path.expanduser(str(base)))
-    if p.exists() or str(base).startswith(("/", "./", "../", "~")):
+    if not p.exists() and str(base).startswith(("/", "./", "../", "~")):
+        raise TrainError(f"{recipe.path or recipe.name}: model.base: {p}: no such directory")
+    if p.exists():
         from qtulu.model import resolve_checkpoint
 
         resolve_checkpoint(p, recipe.model.revision)  # local: file checks only, no weights read
+    else:
+        from qtulu.hub import offline_reason
+
+        offline = offline_reason()
+        if offline:  # a hub id: offline, only the cache can serve it (a miss fails now, in one line)
+            from qtulu.model import resolve_checkpoint
+
+            resolve_checkpoint(str(base), recipe.model.revision)
 
 
 def interrupted_message(out: Path, steps: list[dict], is_main: bool = True) -> str:

@@ -54,6 +54,7 @@ def demo_run(tmp_path_factory):
     return work, report, buf.getvalue()
 
 
+@pytest.mark.slow  # the demo itself, ~30 s of CPU: the README's first command, with its settings
 def test_demo_learns_each_skill(demo_run):
     work, report, printed = demo_run
     out = work / "demo_out"
@@ -89,6 +90,7 @@ def tour_commands() -> list[str]:
     return [line.strip() for line in joined.splitlines() if line.strip().startswith("qtulu ")]
 
 
+@pytest.mark.slow  # every tour command on the demo's base (~20 s)
 def test_readme_tour_runs_as_written_on_the_demo_artefacts(demo_run, monkeypatch, capsys):
     """Each tour command of the README, as written, from the folder `qtulu demo` ran in."""
     from qtulu.cli import main
