@@ -369,13 +369,7 @@ def train(
     path, tokenizer, data build), so that a typo costs seconds, not a base load. Ctrl-C stops with
     a `KeyboardInterrupt` naming the last complete checkpoint (the same command resumes from it).
     """
-    import torch
-    from transformers import set_seed
-    from trl import SFTConfig
-
     from qtulu import checkpoint as ck
-    from qtulu.callbacks import GuardCallback, NonFiniteError, StepGuard, plot_losses
-    from qtulu.model import attach_lora, base_info
     from qtulu.recipes import Recipe, load_recipe
 
     t0 = time.time()
@@ -385,6 +379,10 @@ def train(
         raise TrainError("pass overrides with a recipe path/name, not with a Recipe object")
     t = recipe.train
     check_fsdp(t, world_size())
+    # checks that need neither the model nor torch/transformers/trl (a typo costs a fraction of a second)
+    run_name = check_run_name(name or recipe.name)
+    if model is None:
+        check_base_source(recipe)
     out = Path(output_dir)
     run_dir = out / CHECKPOINTS_DIRNAME
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -405,10 +403,14 @@ def train(
             ck.remove_checkpoint(old)
             say(f"resume=never: removed {old}")
 
-    # ---- checks and data before the base is loaded (a typo must not cost a base load)
-    run_name = check_run_name(name or recipe.name)
-    if model is None:
-        check_base_source(recipe)
+    # ---- data, built before the base is loaded (a bad row must not cost a base load)
+    import torch
+    from transformers import set_seed
+    from trl import SFTConfig
+
+    from qtulu.callbacks import GuardCallback, NonFiniteError, StepGuard, plot_losses
+    from qtulu.model import attach_lora, base_info
+
     if data is None:
         from qtulu.data.build import build_dataset, resolve_tokenizer
 
