@@ -5,13 +5,14 @@ only add synchronisation, and on a machine whose cores are shared they oversubsc
 tiny QLoRA step took 27.6 s wall with torch's default 2 threads against 2.8 s with 1 while another
 process was busy (2 cores, issue 19). Models from ~20M parameters up get torch's default.
 
-``fit_threads(model)`` is called where qtulu has just loaded or built a model (demo, train, eval).
-It does nothing when the user chose: ``OMP_NUM_THREADS`` or ``QTULU_THREADS`` set in the environment
-(``QTULU_THREADS=N`` forces N).
+``fitted_threads(model)`` sets them for a block and restores them after (train's optimizer steps);
+``fit_threads(model)`` sets them for the rest of the process (the eval CLI). Neither does anything
+when the user chose: ``OMP_NUM_THREADS`` set in the environment, or ``QTULU_THREADS=N`` (forces N).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 SMALL_MODEL_PARAMS = 20_000_000  # below this, one intra-op thread is fastest (module docstring)
@@ -37,3 +38,17 @@ def fit_threads(model) -> int:
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
     return n
+
+
+@contextlib.contextmanager
+def fitted_threads(model):
+    """`fit_threads` for the duration of a block; torch's previous setting is restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    fit_threads(model)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)

@@ -423,9 +423,6 @@ def train(
     if tok is None:
         raise TrainError("no tokenizer: pass tokenizer= or set data.tokenizer in the recipe")
     info = base_info(base)
-    from qtulu.threads import fit_threads
-
-    fit_threads(base)  # one intra-op thread for a small model (a smoke run): more only oversubscribe
     manifest = None
     if hasattr(data, "dataset"):
         manifest = getattr(data, "manifest", None)
@@ -522,8 +519,11 @@ def train(
         trainer.state.global_step = done
         say(f"{resume_from.name} already reached train.max_steps={t.max_steps}: nothing left to train")
     else:
+        from qtulu.threads import fitted_threads
+
         try:
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            with fitted_threads(base):  # one intra-op thread for a small model: more only oversubscribe
+                trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except KeyboardInterrupt:
             raise KeyboardInterrupt(interrupted_message(out, guard.steps, is_main)) from None
 
