@@ -162,10 +162,9 @@ def _preflight(args, names: list[str], task_options: dict) -> None:
     """
     from pathlib import Path
 
-    from qtulu.adapters import adapter_name_problem, parse_adapter_spec, verify_adapter
+    from qtulu.preflight import check_before_load
 
     from .runner import check_requirements, resolve_task
-
     from .tasks import TASKS
 
     unknown = sorted(set(task_options) - set(TASKS))
@@ -184,28 +183,7 @@ def _preflight(args, names: list[str], task_options: dict) -> None:
         task.module.load(args.data_dir, limit=1, **task.opts)  # TaskDataError names the missing file
     check_requirements(names, judge=_judge(args), classifier=args.toxigen_classifier,
                        allow_code_execution=args.allow_code_execution)
-    specs = [parse_adapter_spec(a) for a in args.adapter]
-    for name, path in specs:
-        problem = adapter_name_problem(name)
-        if problem:
-            raise EvalUsageError(f"{path}: {problem} (rename it: --adapter NAME=DIR)")
-        verify_adapter(path, force=args.force)
-    dup = sorted({n for n, _ in specs if [m for m, _ in specs].count(n) > 1})
-    if dup:
-        raise EvalUsageError(f"two adapters are named {dup} (name them: --adapter NAME=DIR)")
-    _check_model_path(args.model)
-
-
-def _check_model_path(model: str) -> None:
-    """A local base: its directory checks (config.json, safetensors) without reading weights."""
-    import os
-    from pathlib import Path
-
-    p = Path(os.path.expanduser(model))
-    if p.exists() or model.startswith(("/", "./", "../", "~")):
-        from qtulu.model import resolve_checkpoint
-
-        resolve_checkpoint(p)
+    check_before_load(args.model, args.adapter)  # adapters (files, checksums, names) and the base's files
 
 
 def _load(args):

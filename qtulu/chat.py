@@ -147,35 +147,9 @@ def register(subparsers) -> None:
     p.set_defaults(func=_main)
 
 
-def check_before_load(model: str, adapters) -> None:
-    """What chat/merge can check before loading the base: each adapter's files and manifest
-    (checksums; the base match needs the base), unique usable names, the base directory's files."""
-    import os
-    from pathlib import Path
-
-    from qtulu.adapters import AdapterError, adapter_name_problem, parse_adapter_spec, verify_adapter
-
-    specs = [parse_adapter_spec(a) for a in adapters]
-    for name, path in specs:
-        problem = adapter_name_problem(name)
-        if problem:
-            raise AdapterError(f"{path}: {problem} (rename it: --adapter NAME=DIR)")
-        if not (Path(path) / "qtulu.json").is_file() and (Path(path) / "adapter_config.json").is_file():
-            continue  # a plain peft adapter: load_model decides (--force)
-        verify_adapter(path)
-    names = [n for n, _ in specs]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise AdapterError(f"two adapters are named {dup}; name them: --adapter NAME=DIR")
-    p = Path(os.path.expanduser(str(model)))
-    if p.exists() or str(model).startswith(("/", "./", "../", "~")):
-        from qtulu.model import resolve_checkpoint
-
-        resolve_checkpoint(p)  # config.json + safetensors present; no weights read
-
-
 def _main(args: argparse.Namespace) -> int:
     from qtulu.adapters import load_model
+    from qtulu.preflight import check_before_load
 
     check_before_load(args.model, args.adapter)  # a typo costs seconds, not a base load
     try:

@@ -312,10 +312,12 @@ def _run(out: Path, *, seed: int, progress: bool, cfg: dict[str, Any]) -> dict:
 
 
 def _rel(path: Path) -> str:
+    """``path`` relative to the working directory when it lies under it, else absolute."""
     try:
-        return os.path.relpath(path)
+        rel = os.path.relpath(path)
     except ValueError:  # another drive
         return str(path)
+    return str(path) if rel.startswith("..") else rel
 
 
 def _print_table(results: dict[str, dict[str, float]], copy_acc: float | None) -> None:

@@ -236,7 +236,7 @@ def _main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from qtulu.adapters import load_model, parse_adapter_spec, save_adapter
-    from qtulu.chat import check_before_load
+    from qtulu.preflight import check_before_load
 
     specs = [parse_adapter_spec(a) for a in args.adapter]
     check_arguments(args, len(specs))

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from qtulu.errors import QtuluError
+from qtulu.preflight import check_base_source, check_run_name, interrupted_message
 from qtulu.distributed import (
     fsdp_from_env,
     fsdp_refusal,
@@ -186,51 +187,6 @@ def _checkpointing_args(config_cls, enabled: bool) -> dict:
     names = {f.name for f in dataclasses.fields(config_cls)}
     prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
-
-
-def check_run_name(name: str) -> str:
-    """``name`` if it can name the adapter in chat/eval/merge; `TrainError` otherwise."""
-    from qtulu.adapters import adapter_name_problem
-
-    problem = adapter_name_problem(name)
-    if problem:
-        raise TrainError(f"run name: {problem}; choose another with --name (or -o name=...)")
-    return name
-
-
-def check_base_source(recipe) -> None:
-    """Fail now, not after the data build, when ``model.base`` is missing or is a local path that
-    is not a loadable model directory (no config.json / safetensors, pickles only)."""
-    base = recipe.model.base
-    if base is None:
-        raise TrainError(f"{recipe.path or recipe.name}: model.base: no base model given (set model.base or pass a model)")
-    p = Path(os.path.expanduser(str(base)))
-    if not p.exists() and str(base).startswith(("/", "./", "../", "~")):
-        raise TrainError(f"{recipe.path or recipe.name}: model.base: {p}: no such directory")
-    if p.exists():
-        from qtulu.model import resolve_checkpoint
-
-        resolve_checkpoint(p, recipe.model.revision)  # local: file checks only, no weights read
-    else:
-        from qtulu.hub import offline_reason
-
-        offline = offline_reason()
-        if offline:  # a hub id: offline, only the cache can serve it (a miss fails now, in one line)
-            from qtulu.model import resolve_checkpoint
-
-            resolve_checkpoint(str(base), recipe.model.revision)
-
-
-def interrupted_message(out: Path, steps: list[dict], is_main: bool = True) -> str:
-    """What Ctrl-C left behind: the last complete checkpoint (resume point) and the steps so far."""
-    from qtulu import checkpoint as ck
-
-    if is_main and steps:
-        ck.atomic_write_text(out / "steps.jsonl", "".join(json.dumps(s) + "\n" for s in steps))
-    last = ck.last_complete_checkpoint(out / CHECKPOINTS_DIRNAME)
-    where = (f"last complete checkpoint {last}; run the same command again to resume from it" if last
-             else "no checkpoint was complete yet (train.save_steps); a new run starts over")
-    return f"stopped after {len(steps)} optimizer step(s); {where}"
 
 
 # --------------------------------------------------------------------------------------------
