@@ -8,7 +8,8 @@ The key covers:
   format), its compute dtype, and for an adapter label the SHA-256 of that adapter's LoRA tensors as
   loaded plus its peft config (so a retrained adapter under the same name is not mistaken);
 - the task: name, version, resolved options (profile included), ``limit``;
-- how it ran: chat format, batch size (sampling is seeded per batch), max length;
+- how it ran: chat format, batch size (sampling is seeded per batch), max length, and what scoring
+  used (judge endpoint and model, toxicity classifier, code execution allowed);
 - the data: SHA-256 of the files under the task's data folder;
 - the code: SHA-256 of the task module, its helpers, ``evals/lm.py`` and ``evals/metrics.py``.
 
@@ -103,12 +104,15 @@ def _canonical(obj):
     return str(obj)
 
 
-def cell_key(identity: dict, task, *, data_dir, limit, chat_format, batch_size, max_length) -> tuple[str, dict]:
-    """``(sha256, the dict hashed)`` for one cell."""
+def cell_key(identity: dict, task, *, data_dir, limit, chat_format, batch_size, max_length,
+             scoring: dict | None = None) -> tuple[str, dict]:
+    """``(sha256, the dict hashed)`` for one cell. ``scoring``: what scores depend on beyond the
+    predictions (the judge's endpoint and model, the toxicity classifier, code execution allowed)."""
     what = {
         "model": identity,
         "task": {"name": task.name, "version": task.version, "options": _canonical(task.opts), "limit": limit},
-        "run": {"chat_format": chat_format, "batch_size": batch_size, "max_length": max_length},
+        "run": {"chat_format": chat_format, "batch_size": batch_size, "max_length": max_length,
+                "scoring": _canonical(scoring or {})},
         "data": data_sha256(task, data_dir),
         "code": code_sha256(task),
     }

@@ -155,6 +155,9 @@ def evaluate(model, tokenizer, tasks, *, data_dir, out_dir, adapters: Sequence[s
 
     from .cells import cell_key, load_cell, model_identity, seal_cell
 
+    scoring = {"judge": None if judge is None else {"url": judge.url, "model": judge.model},
+               "classifier": classifier if isinstance(classifier, (str, type(None))) else repr(classifier),
+               "allow_code_execution": allow_code_execution}
     bar = tqdm(total=len(labels) * len(names), desc="eval", unit="cell", disable=not progress)
     done = reused = 0
     try:
@@ -168,7 +171,8 @@ def evaluate(model, tokenizer, tasks, *, data_dir, out_dir, adapters: Sequence[s
                 bar.set_description(f"eval {label} · {name}")  # which adapter, which task
                 cell_dir, opts = out_dir / label / name, (task_options or {}).get(name)
                 key, what = cell_key(identity, resolve_task(name, opts), data_dir=data_dir, limit=limit,
-                                     chat_format=lm.chat_format, batch_size=batch_size, max_length=max_length)
+                                     chat_format=lm.chat_format, batch_size=batch_size, max_length=max_length,
+                                     scoring=scoring)
                 metrics = load_cell(cell_dir, key, cache_dir) if resume else None
                 if metrics is not None:
                     reused += 1
