@@ -1,6 +1,12 @@
 """``qtulu eval``: run the suite, re-score saved predictions, or search merges.
 
+Everything that needs no model (task names and options, each task's data, judge/classifier
+settings, adapters, the base's files) is checked before the base is loaded; finished (adapter,
+task) cells are read back on a re-run (`evals.cells`).
+
     qtulu eval --model BASE [--adapter DIR ...] [--include-base] --tasks mmlu,gsm8k --data-dir DIR --out DIR
+        [--quick] [--limit N] [-o TASK.KEY=VALUE ...] [--no-resume]
+    qtulu eval --list-tasks     # every task: version, options (defaults, meanings), --quick values
     qtulu eval score --task gsm8k --predictions OUT/label/gsm8k/predictions.jsonl [--data-dir DIR]
     qtulu eval merge-search --model BASE --adapter A --adapter B --tasks mmlu,gsm8k --data-dir DIR --out DIR
 """
