@@ -1,6 +1,12 @@
 """``qtulu eval``: run the suite, re-score saved predictions, or search merges.
 
+Everything that needs no model (task names and options, each task's data, judge/classifier
+settings, adapters, the base's files) is checked before the base is loaded; finished (adapter,
+task) cells are read back on a re-run (`evals.cells`).
+
     qtulu eval --model BASE [--adapter DIR ...] [--include-base] --tasks mmlu,gsm8k --data-dir DIR --out DIR
+        [--quick] [--limit N] [-o TASK.KEY=VALUE ...] [--no-resume]
+    qtulu eval --list-tasks     # every task: version, options (defaults, meanings), --quick values
     qtulu eval score --task gsm8k --predictions OUT/label/gsm8k/predictions.jsonl [--data-dir DIR]
     qtulu eval merge-search --model BASE --adapter A --adapter B --tasks mmlu,gsm8k --data-dir DIR --out DIR
 """
@@ -10,6 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from qtulu.errors import QtuluError
+
+
+class EvalUsageError(QtuluError, ValueError):
+    """A `qtulu eval` request that cannot run as given (printed as one line, exit 2)."""
 
 
 def _common(p: argparse.ArgumentParser, *, tasks_required: bool) -> None:
@@ -40,7 +52,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="what the adapters were trained against (required for plain PEFT adapters, no qtulu.json)")
     p.add_argument("--force", action="store_true", help="load adapters recorded for another base")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
-                   help="compute dtype of the base (default: the adapter's, else bfloat16)")
+                   help="compute dtype of the base (default: the one the first adapter was trained with, else bfloat16)")
     p.add_argument("--tasks", help="comma-separated task names, or 'all' (see `qtulu eval --list-tasks`)")
     p.add_argument("--out", help="output dir")
     p.add_argument("--batch-size", type=int, default=8)
@@ -48,8 +60,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="examples per subject/task/language/group (per task where it has none)")
     p.add_argument("--chat-format", choices=("tulu", "tokenizer", "none"), default="tulu",
                    help="prompt format: tulu (tuned models), tokenizer (its chat template), none (base models)")
-    p.add_argument("--task-option", action="append", default=[], metavar="TASK.KEY=VALUE",
-                   help="per-task option, value YAML-parsed, e.g. mmlu.subjects=[anatomy] (repeatable)")
+    p.add_argument("--set", "-o", "--task-option", dest="task_option", action="append", default=[],
+                   metavar="TASK.KEY=VALUE",
+                   help="per-task option, value YAML-parsed, e.g. -o mmlu.subjects=[anatomy] (repeatable; "
+                        "`qtulu eval --list-tasks` lists each task's options)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: a few subtasks, short generations, 1 sample, --limit 5 unless given "
+                        "(results.md says so; not comparable numbers)")
 
 
 def register(subparsers) -> None:
@@ -61,7 +78,12 @@ def register(subparsers) -> None:
     _common(p, tasks_required=True)
     _profile_arg(p)
     p.add_argument("--include-base", action="store_true", help="also evaluate the base (adapters disabled)")
-    p.add_argument("--list-tasks", action="store_true", help="print the task names and versions, then exit")
+    p.add_argument("--list-tasks", action="store_true",
+                   help="print every task with its version, options (defaults, meanings) and quick-mode values")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-resume", action="store_true",
+                   help="recompute every (adapter, task) cell; by default a cell already complete in --out with "
+                        "the same model, adapter, task, options, data and code is read back")
     p.set_defaults(func=_run)
     sub = p.add_subparsers(dest="eval_command", metavar="{score,merge-search}")
 
@@ -69,7 +91,8 @@ def register(subparsers) -> None:
     s.add_argument("--task", required=True)
     s.add_argument("--predictions", required=True)
     s.add_argument("--out", help="write the metrics JSON here (default: print only)")
-    s.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--set", "-o", "--task-option", dest="task_option", action="append", default=[],
+                   metavar="KEY=VALUE", help="task option (repeatable)")
     _profile_arg(s)
     _common(s, tasks_required=False)
     s.set_defaults(func=_score)
@@ -126,11 +149,11 @@ def _task_options(items: list[str], *, prefixed: bool = True) -> dict:
     out: dict = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"qtulu eval: error: --task-option {item!r}: expected {'TASK.' if prefixed else ''}KEY=VALUE")
+            raise EvalUsageError(f"--task-option {item!r}: expected {'TASK.' if prefixed else ''}KEY=VALUE")
         key, value = item.split("=", 1)
         if prefixed:
             if "." not in key:
-                raise SystemExit(f"qtulu eval: error: --task-option {item!r}: expected TASK.KEY=VALUE")
+                raise EvalUsageError(f"--task-option {item!r}: expected TASK.KEY=VALUE")
             task, key = key.split(".", 1)
             out.setdefault(task, {})[key] = _yaml_value(value)
         else:
@@ -141,52 +164,106 @@ def _task_options(items: list[str], *, prefixed: bool = True) -> dict:
 def _judge(args):
     if args.judge_url or args.judge_model:
         if not (args.judge_url and args.judge_model):
-            raise SystemExit("qtulu eval: error: give both --judge-url and --judge-model")
+            raise EvalUsageError("give both --judge-url and --judge-model")
         from .judge import Judge
 
         return Judge(args.judge_url, args.judge_model, api_key_env=args.judge_api_key_env)
     return None
 
 
+def _preflight(args, names: list[str], task_options: dict) -> None:
+    """Every check that needs no model, before the base is loaded: a typo costs seconds, not a load.
+
+    Task names, every task option (unknown ones refused, naming the valid ones), the data of each
+    task (read with limit 1), the judge/classifier/code-execution requirements, each adapter's
+    files and manifest (checksums; the base match is checked once the base is loaded), adapter
+    names, and the base path (file checks only) or, offline, the hub cache.
+    """
+    from pathlib import Path
+
+    from qtulu.preflight import check_before_load
+
+    from .runner import check_requirements, resolve_task
+    from .tasks import TASKS
+
+    unknown = sorted(set(task_options) - set(TASKS))
+    if unknown:  # a misspelt task in -o TASK.KEY=VALUE must not pass silently either
+        raise EvalUsageError(f"--set names unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")
+    for name in sorted(set(task_options) - set(names)):  # options for a task not run: still checked
+        resolve_task(name, task_options[name], getattr(args, "profile", None))
+    if not Path(args.data_dir).is_dir():
+        raise EvalUsageError(f"--data-dir {args.data_dir}: not a directory")
+    if getattr(args, "quick", False):
+        from .quick import apply_quick
+
+        task_options, _ = apply_quick(names, task_options, args.limit)
+    for name in names:
+        task = resolve_task(name, task_options.get(name), getattr(args, "profile", None))
+        task.module.load(args.data_dir, limit=1, **task.opts)  # TaskDataError names the missing file
+    check_requirements(names, judge=_judge(args), classifier=args.toxigen_classifier,
+                       allow_code_execution=args.allow_code_execution,
+                       unsafe_no_isolation=getattr(args, "unsafe_no_isolation", False))
+    # adapters (files, checksums, names, --trained-on for plain PEFT ones) and the base's files
+    check_before_load(args.model, args.adapter, getattr(args, "trained_on", None))
+
+
 def _load(args):
     from qtulu.adapters import load_model, parse_adapter_spec
 
     if not args.model:
-        raise SystemExit("qtulu eval: error: --model is required")
+        raise EvalUsageError("--model is required")
     specs = [parse_adapter_spec(a) for a in args.adapter]
     model, tok = load_model(args.model, [(n, str(p)) for n, p in specs],
                             quantize={None: "auto", "none": None}.get(args.quantize, args.quantize), force=args.force,
                             compute_dtype=args.dtype, trained_on=args.trained_on)
+    from qtulu.threads import fit_threads
+
+    fit_threads(model)  # one intra-op thread for a small model: more only oversubscribe the cores
     return model, tok, [n for n, _ in specs]
 
 
 def _require(args, *names):
     missing = [f"--{n.replace('_', '-')}" for n in names if not getattr(args, n)]
     if missing:
-        raise SystemExit(f"qtulu eval: error: missing {' '.join(missing)}")
+        raise EvalUsageError(f"missing {' '.join(missing)}")
+
+
+def list_tasks() -> str:
+    """Every task variant: version, options with defaults and meanings, the values --quick uses."""
+    from .quick import quick_options
+    from .tasks import TASKS, get_task
+
+    lines = []
+    for name, (module_name, preset) in TASKS.items():
+        task = get_task(name)
+        quick = quick_options(name)
+        lines.append(f"{name}\tv{task.version}  (module {module_name}"
+                     + (f"; {', '.join(f'{k}={v!r}' for k, v in preset.items())}" if preset else "") + ")")
+        for opt, (default, meaning) in getattr(task.module, "OPTIONS", {}).items():
+            value = task.opts.get(opt, default)
+            q = f"  [--quick: {quick[opt]!r}]" if opt in quick else ""
+            lines.append(f"    {name}.{opt} = {value!r}  {meaning}{q}")
+    lines.append("set one with -o/--set TASK.OPTION=VALUE (YAML value), e.g. -o bbh.subtasks=[navigate]")
+    return "\n".join(lines)
 
 
 @_clean_errors
 def _run(args) -> int:
-    from .tasks import TASKS, get_task
-
     if args.list_tasks:
-        for name in TASKS:
-            print(f"{name}\tv{get_task(name).version}")
+        print(list_tasks())
         return 0
     _require(args, "model", "tasks", "data_dir", "out")
-    from .runner import check_requirements, evaluate
+    from .runner import evaluate
     from .tasks import parse_task_list
 
     names = parse_task_list(args.tasks)
+    if args.include_base and not args.adapter:
+        raise EvalUsageError("--include-base needs at least one --adapter")
+    task_options = _task_options(args.task_option)
+    _preflight(args, names, task_options)  # everything checkable without the model, first
     judge = _judge(args)
-    # refuse before loading weights when a task lacks its judge/classifier/opt-in
-    check_requirements(names, judge=judge, classifier=args.toxigen_classifier,
-                       allow_code_execution=args.allow_code_execution, unsafe_no_isolation=args.unsafe_no_isolation)
     model, tok, adapter_names = _load(args)
     labels = (["base"] if args.include_base else []) + adapter_names
-    if args.include_base and not adapter_names:
-        raise SystemExit("qtulu eval: error: --include-base needs at least one --adapter")
     from pathlib import Path
 
     results = evaluate(
@@ -194,8 +271,9 @@ def _run(args) -> int:
         batch_size=args.batch_size, limit=args.limit,
         chat_format=None if args.chat_format == "none" else args.chat_format, judge=judge,
         classifier=args.toxigen_classifier, allow_code_execution=args.allow_code_execution, workers=args.workers,
-        unsafe_no_isolation=args.unsafe_no_isolation, task_options=_task_options(args.task_option),
+        unsafe_no_isolation=args.unsafe_no_isolation, task_options=task_options,
         model_name=Path(args.model).name or "model", profile=args.profile,
+        quick=args.quick, resume=not args.no_resume, progress=not args.no_progress,
     )
     print((Path(args.out) / "results.md").read_text(encoding="utf-8"))
     print(json.dumps({lab: {t: m.get("score") for t, m in r.items()} for lab, r in results["results"].items()}))
@@ -232,7 +310,7 @@ def _score(args) -> int:
 def _merge_search(args) -> int:
     _require(args, "model", "tasks", "data_dir", "out")
     if len(args.adapter) < 2:
-        raise SystemExit("qtulu eval merge-search: error: give at least two --adapter")
+        raise EvalUsageError("give at least two --adapter")
     from .merge_search import merge_search, search_table
     from .runner import check_requirements
     from .tasks import parse_task_list
@@ -241,6 +319,7 @@ def _merge_search(args) -> int:
     judge = _judge(args)
     check_requirements(names, judge=judge, classifier=args.toxigen_classifier,
                        allow_code_execution=args.allow_code_execution, unsafe_no_isolation=args.unsafe_no_isolation)
+    _preflight(args, names, _task_options(args.task_option))  # everything checkable without the model, first
     model, tok, adapter_names = _load(args)
     grid = [[float(x) for x in w.split(",")] for w in args.weights] if args.weights else None
     result = merge_search(

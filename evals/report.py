@@ -29,7 +29,7 @@ def markdown_table(results: dict) -> str:
         ver = results.get("versions", {}).get(t, "?")
         cells = [_fmt(results["results"][lab].get(t, {}).get("score")) for lab in labels]
         lines.append(f"| {t} v{ver} ({HEADLINE.get(t, 'score')}) | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n" + settings_table(results) + _isolation_note(results)
+    return "\n".join(lines) + "\n" + run_notes(results) + settings_table(results) + _isolation_note(results)
 
 
 def settings_table(results: dict) -> str:
@@ -63,6 +63,19 @@ def _isolation_note(results: dict) -> str:
                     what = f"NOT isolated (--unsafe-no-isolation: {iso.get('reason', '')})"
                 seen.setdefault(what, []).append(f"{lab}/{t}")
     return "".join(f"\nCode execution ({', '.join(where)}): {what}\n" for what, where in seen.items())
+
+
+def run_notes(results: dict) -> str:
+    """What makes these numbers partial (``--limit``, ``--quick``), said under the table."""
+    cfg = results.get("config") or {}
+    notes = []
+    if cfg.get("quick"):
+        notes.append("**Quick mode** (`--quick`): a few subtasks/subjects, short generations, one sample per "
+                     "problem; a smoke run, not comparable to full-suite numbers.")
+    if cfg.get("limit") is not None:
+        notes.append(f"**Limited run** (`--limit {cfg['limit']}`): at most {cfg['limit']} examples per "
+                     "subject/subtask/language/group; not comparable to full-suite numbers.")
+    return "".join(f"\n{n}\n" for n in notes)
 
 
 def bar_chart(results: dict, path: Path) -> Path:

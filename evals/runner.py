@@ -86,13 +86,19 @@ def check_requirements(task_names: Sequence[str], *, judge=None, classifier=None
             raise ClassifierNotConfigured(HOW_TO_CONFIGURE)
 
 
+def resolve_task(task_name: str, task_options: dict | None = None, profile: str | None = None):
+    """The `Task` that `run_task` runs for these options (the eval cell's key hashes the same one).
+    ``profile`` (None: the task's default, open_instruct) applies unless ``task_options`` names one."""
+    return get_task(task_name, **{**({"profile": profile} if profile else {}), **(task_options or {})})
+
+
 def run_task(lm: LM, task_name: str, *, data_dir, out_dir: Path | None = None, limit=None,
              task_options: dict | None = None, score_context: dict | None = None, profile: str | None = None) -> dict:
     """Load, predict, score one task with ``lm``; save predictions.jsonl + metrics.json in ``out_dir``.
 
     ``profile`` (None: the task's default, open_instruct) applies unless ``task_options`` names one.
     """
-    task = get_task(task_name, **{**({"profile": profile} if profile else {}), **(task_options or {})})
+    task = resolve_task(task_name, task_options, profile)
     ctx = dict(score_context or {})
     t0 = time.time()
     examples = task.module.load(data_dir, limit=limit, **task.opts)
@@ -123,7 +129,7 @@ def evaluate(model, tokenizer, tasks, *, data_dir, out_dir, adapters: Sequence[s
              unsafe_no_isolation: bool = False, task_options: dict[str, dict] | None = None,
              model_name: str = "model", max_length: int | None = None,
              base_chat_format: str | None = None, progress: bool = True, report: bool = True,
-             profile: str = "open_instruct") -> dict:
+             profile: str = "open_instruct", quick: bool = False, resume: bool = True, cache_dir=None) -> dict:
     """Evaluate ``model`` (optionally under each of ``adapters``) on ``tasks``; returns the results dict.
 
     ``tasks``: names from ``qtulu.evals.tasks.TASKS`` (list or "a,b"). ``adapters``: names already
@@ -133,6 +139,11 @@ def evaluate(model, tokenizer, tasks, *, data_dir, out_dir, adapters: Sequence[s
     ``task_options``: per-task option overrides, e.g. ``{"mmlu": {"subjects": ["anatomy"]}}``.
     ``profile``: "open_instruct" (reproduces the paper's evaluation) or "corrected", for every task
     (a task's own ``profile`` option wins).
+    ``quick``: a smoke run (`evals.quick`: few subtasks, short generations, one sample, a small
+    default ``limit``). ``resume``: a (label, task) cell already complete in ``out_dir`` with the
+    same key (`evals.cells`: model/adapter, task, options, data, code) is read back, not recomputed;
+    ``cache_dir``: also look cells up in / store them to that content-addressed folder.
+    Ctrl-C raises `KeyboardInterrupt` saying how many cells are complete (a re-run resumes).
     The returned dict (also ``out_dir/results.json``) is
     ``{"results": {label: {task: metrics}}, "versions": {task: version}, "config": {...}}``.
     """
@@ -142,6 +153,12 @@ def evaluate(model, tokenizer, tasks, *, data_dir, out_dir, adapters: Sequence[s
     check_profile(profile)
     check_requirements(names, judge=judge, classifier=classifier, allow_code_execution=allow_code_execution,
                        unsafe_no_isolation=unsafe_no_isolation)
+    if quick:
+        from .quick import apply_quick
+
+        task_options, limit = apply_quick(names, task_options, limit)
+    for name in names:  # an unknown option fails here, before any generation
+        resolve_task(name, (task_options or {}).get(name), profile)
     out_dir = Path(out_dir)
     labels = list(adapters) if adapters else [model_name]
     if adapters:
@@ -153,23 +170,52 @@ def evaluate(model, tokenizer, tasks, *, data_dir, out_dir, adapters: Sequence[s
     results: dict[str, dict] = {}
     was_training = getattr(model, "training", False)
     model.eval()
+    from tqdm.auto import tqdm
+
+    from .cells import cell_key, load_cell, model_identity, seal_cell
+
+    scoring = {"judge": None if judge is None else {"url": judge.url, "model": judge.model},
+               "classifier": classifier if isinstance(classifier, (str, type(None))) else repr(classifier),
+               "allow_code_execution": allow_code_execution}
+    bar = tqdm(total=len(labels) * len(names), desc="eval", unit="cell", disable=not progress)
+    done = reused = 0
     try:
         for label in labels:
             if adapters:
                 set_active(model, label)
             lm = make_lm(base_chat_format if label == "base" else chat_format)
+            identity = model_identity(model, label if adapters else None)
             results[label] = {}
             for name in names:
-                results[label][name] = run_task(
-                    lm, name, data_dir=data_dir, out_dir=out_dir / label / name, limit=limit,
-                    task_options=(task_options or {}).get(name), score_context=ctx, profile=profile)
+                bar.set_description(f"eval {label} · {name}")  # which adapter, which task
+                cell_dir, opts = out_dir / label / name, (task_options or {}).get(name)
+                key, what = cell_key(identity, resolve_task(name, opts, profile), data_dir=data_dir, limit=limit,
+                                     chat_format=lm.chat_format, batch_size=batch_size, max_length=max_length,
+                                     scoring=scoring)
+                metrics = load_cell(cell_dir, key, cache_dir) if resume else None
+                if metrics is not None:
+                    reused += 1
+                else:
+                    metrics = run_task(lm, name, data_dir=data_dir, out_dir=cell_dir, limit=limit,
+                                       task_options=opts, score_context=ctx, profile=profile)
+                    metrics = seal_cell(cell_dir, key, what, metrics, cache_dir)
+                results[label][name] = metrics
+                done += 1
+                bar.update()
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{done} of {len(labels) * len(names)} eval cells complete in {out_dir}; "
+                                "run the same command again to resume") from None
     finally:
+        bar.close()
         if was_training:
             model.train()
+    if reused:
+        print(f"[qtulu eval] {reused} of {len(labels) * len(names)} cells were complete in {out_dir} "
+              "(same model, adapter, task, options, data and code): read back, not recomputed", flush=True)
     out = {
         "results": results,
         "versions": {n: get_task(n).version for n in names},
-        "config": {"tasks": names, "labels": labels, "batch_size": batch_size, "limit": limit,
+        "config": {"tasks": names, "labels": labels, "batch_size": batch_size, "limit": limit, "quick": quick,
                    "chat_format": chat_format, "base_chat_format": base_chat_format, "data_dir": str(data_dir),
                    "profile": profile,
                    "judge": None if judge is None else {"url": judge.url, "model": judge.model},

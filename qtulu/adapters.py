@@ -5,6 +5,8 @@ An adapter directory is exactly what vanilla ``peft.PeftModel.from_pretrained`` 
 (``adapter_config.json`` + ``adapter_model.safetensors``) plus ``qtulu.json``::
 
     {"format_version": 1,
+     "name": "dolly",                   # the run's name (recipe name or `qtulu train --name`): the
+                                        # adapter's default name in chat/eval/merge (else the dir name)
      "base": {"id", "revision", "weights_sha256", "quantization"},   # from qtulu.model.base_info
      "quantization": {...} | null,      # what the adapter was trained against (NF4 blocksize, ...)
      "recipe": {...} | null,            # the resolved recipe (Recipe.to_dict())
@@ -129,6 +131,7 @@ def save_adapter(
     manifest: dict | None = None,
     extra: dict | None = None,
     state_dict: dict | None = None,
+    name: str | None = None,
 ) -> Path:
     """Save one adapter of ``peft_model`` as a PEFT adapter dir plus ``qtulu.json``; return its path.
 
@@ -138,6 +141,7 @@ def save_adapter(
     ``base_info`` is ``qtulu.model.base_info(model)``: it binds the adapter to its base.
     ``state_dict``: the model's state dict to save from, when ``peft_model.state_dict()`` would not
     give full tensors (FSDP2 serves local shards: `qtulu.train` passes the gathered ones).
+    ``name``: the adapter's name for chat/eval/merge (`parse_adapter_spec`), e.g. the run's name.
     """
     from safetensors.torch import load_file
 
@@ -176,6 +180,7 @@ def save_adapter(
         meta = {
             "format_version": FORMAT_VERSION,
             "adapter_name": adapter_name,
+            "name": name,
             "base": base_info,
             "quantization": base_info.get("quantization"),
             # the dtype the base weights were cast to before NF4 quantization / used in the matmuls:
@@ -390,8 +395,34 @@ def _norm_quant(q: Any) -> Any:
 # load several adapters on one base, swap, mixed batches
 
 
+def adapter_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a loaded adapter (None when it can)."""
+    if not name:
+        return "empty name"
+    if name in (BASE_NAME, "__base__"):
+        return f"adapter name {name!r} is reserved (it means: adapters disabled)"
+    if name in "lora_":
+        # peft matches adapter names inside state-dict keys: a name that is part of its "lora_"
+        # prefix can re-initialise weights on load
+        return f"adapter name {name!r} is part of peft's 'lora_' prefix"
+    if "." in name or "/" in name or any(c.isspace() for c in name):
+        return f"adapter name {name!r} contains '.', '/' or a space (torch module names cannot)"
+    return None
+
+
+def recorded_name(adapter_dir: str | os.PathLike) -> str | None:
+    """The run name recorded in ``qtulu.json`` (None when absent or unreadable: `verify_adapter` reports that)."""
+    try:
+        meta = json.loads((Path(adapter_dir) / META_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    name = meta.get("name") if isinstance(meta, dict) else None
+    return name if isinstance(name, str) and adapter_name_problem(name) is None else None
+
+
 def parse_adapter_spec(spec: str | os.PathLike | tuple[str, str]) -> tuple[str, Path]:
-    """``"dir"`` -> (basename, dir); ``"name=dir"`` -> (name, dir); ``(name, dir)`` as is."""
+    """``"dir"`` -> (its recorded run name, else its basename, dir); ``"name=dir"`` -> (name, dir);
+    ``(name, dir)`` as is."""
     if isinstance(spec, tuple):
         name, path = spec
         return str(name), Path(path)
@@ -399,7 +430,7 @@ def parse_adapter_spec(spec: str | os.PathLike | tuple[str, str]) -> tuple[str, 
     if "=" in s and not Path(s).exists():
         name, path = s.split("=", 1)
     else:
-        name, path = Path(s).resolve().name, s
+        name, path = recorded_name(s) or Path(s).resolve().name, s
     if not name:
         raise AdapterError(f"adapter spec {s!r}: empty name (use NAME=DIR)")
     return name, Path(path)

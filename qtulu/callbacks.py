@@ -138,7 +138,7 @@ def plot_losses(steps: list[dict[str, Any]], path: str | Path, title: str = "tra
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.11, right=0.98, bottom=0.13, top=0.92)  # fixed: tight_layout costs ~0.4 s of CPU
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)

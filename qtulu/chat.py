@@ -5,7 +5,9 @@
 Lines typed are user turns (Tulu chat format, multi-turn history kept); commands:
 ``/adapter NAME`` switches adapter (the base stays loaded), ``/base`` disables adapters,
 ``/adapters`` lists them, ``/reset`` clears the history, ``/quit`` (or end of input) leaves.
-Works with piped stdin (no tty), which is how it is tested.
+Ctrl-C during a reply stops it (the turn is dropped) and the session stays open; Ctrl-C at the
+prompt says how to leave, and a second one in a row leaves. Works with piped stdin (no tty),
+which is how it is tested.
 """
 
 from __future__ import annotations
@@ -72,11 +74,21 @@ def run_chat(model, tokenizer, stdin: TextIO, stdout: TextIO, *, chat_format: st
     say(f"qtulu chat: adapters {names or '(none)'}; active: {active()}. {HELP}")
     messages: list[dict[str, str]] = []
     n = 0
+    interrupted_at_prompt = False
     while True:
         if interactive:
             stdout.write(f"[{active()}] > ")
             stdout.flush()
-        line = stdin.readline()
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:
+            if interrupted_at_prompt:  # a second Ctrl-C in a row: leave
+                say("")
+                break
+            interrupted_at_prompt = True
+            say("\n(Ctrl-C again, /quit or Ctrl-D leaves)")
+            continue
+        interrupted_at_prompt = False
         if not line:
             break
         line = line.strip()
@@ -105,8 +117,13 @@ def run_chat(model, tokenizer, stdin: TextIO, stdout: TextIO, *, chat_format: st
                 say(f"unknown command {cmd!r}; {HELP}")
             continue
         messages.append({"role": "user", "content": line})
-        text = reply(model, tokenizer, messages, chat_format=chat_format, max_new_tokens=max_new_tokens,
-                     temperature=temperature, max_context=max_context)
+        try:
+            text = reply(model, tokenizer, messages, chat_format=chat_format, max_new_tokens=max_new_tokens,
+                         temperature=temperature, max_context=max_context)
+        except KeyboardInterrupt:  # stop this reply, keep the session (and the history before it)
+            messages.pop()
+            say(f"[{active()}] (reply stopped)")
+            continue
         messages.append({"role": "assistant", "content": text or "..."})
         say(f"[{active()}] {text}")
         n += 1
@@ -142,7 +159,9 @@ class ChatError(QtuluError, ValueError):
 def _main(args: argparse.Namespace) -> int:
     # errors are qtulu errors (AdapterError, ModelLoadError, ...): qtulu.cli prints them as one line
     from qtulu.adapters import AUTO, load_model
+    from qtulu.preflight import check_before_load
 
+    check_before_load(args.model, args.adapter, args.trained_on)  # a typo costs seconds, not a base load
     model, tok = load_model(
         args.model, args.adapter, quantize=None if args.no_quantize else AUTO, force=args.force,
         compute_dtype=args.compute_dtype, device=args.device, trained_on=args.trained_on,

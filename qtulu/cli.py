@@ -21,6 +21,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("merge", "qtulu.merge"),
     ("chat", "qtulu.chat"),
     ("bench", "qtulu.bench.cli"),
+    ("recipe", "qtulu.recipe_cli"),
     # COMMANDS-END (keep this marker: one line per command above it)
 ]
 
@@ -50,7 +51,7 @@ def _command_name(argv: list[str]) -> str:
 
 
 # commands whose second word is a sub-command (for the error prefix)
-_NESTED = {"data", "eval", "bench"}
+_NESTED = {"data", "eval", "bench", "recipe"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,10 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     prefix = _command_name(argv)
     try:
         rc = args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
-        print(f"{prefix}: interrupted", file=sys.stderr)
+        # a command may say what Ctrl-C left behind (the last checkpoint, the eval cells saved)
+        detail = one_line(e) if e.args else ""
+        print(f"{prefix}: interrupted" + (f": {detail}" if detail else ""), file=sys.stderr)
         return 130
     except (QtuluError, OSError) as e:
         # OSError: a missing or unreadable file, a directory where a file was expected, a full disk;

@@ -202,23 +202,51 @@ def register(subparsers) -> None:
     p.set_defaults(func=_main)
 
 
+def check_arguments(args: argparse.Namespace, n_adapters: int) -> None:
+    """The merge request's own consistency, checked before anything is loaded (`MergeError`)."""
+    from pathlib import Path
+
+    if not (args.full and n_adapters == 1) and n_adapters < 2:
+        raise MergeError("combining needs at least two --adapter (one adapter: use --full to export it)")
+    if args.weights is not None and len(args.weights) != n_adapters:
+        raise MergeError(f"--weights: {len(args.weights)} weights for {n_adapters} adapters")
+    if n_adapters > 1 and args.method in _NEEDS_DENSITY:
+        if args.density is None:
+            raise MergeError(f"method {args.method!r} needs a density: --density (fraction of each delta kept, in (0, 1])")
+        if not 0.0 < args.density <= 1.0:
+            raise MergeError(f"--density must be in (0, 1], got {args.density}")
+    if args.rank is not None and args.rank < 1:
+        raise MergeError(f"--rank must be >= 1, got {args.rank}")
+    if args.quantize and not args.full:
+        raise MergeError("--quantize applies to --full (a merged model); an adapter stays as trained")
+    if Path(args.out).is_file():
+        raise MergeError(f"--out {args.out}: is a file (a directory is written there)")
+
+
+def merged_name(out) -> str | None:
+    """The merged adapter's name: its directory's name, when that can name an adapter."""
+    from pathlib import Path
+
+    from qtulu.adapters import adapter_name_problem
+
+    name = Path(out).resolve().name
+    return name if adapter_name_problem(name) is None else None
+
+
 def _main(args: argparse.Namespace) -> int:
     import json
     import tempfile
     from pathlib import Path
 
-    from qtulu.adapters import AUTO, adapter_record, load_model, parse_adapter_spec, save_adapter
+    from qtulu.adapters import AUTO, load_model, parse_adapter_spec, save_adapter
     from qtulu.export import parse_size
+    from qtulu.preflight import check_before_load
 
     specs = [parse_adapter_spec(a) for a in args.adapter]
-    if len(specs) == 1 and not args.full:
-        raise MergeError("combining needs at least two --adapter (one adapter: use --full to export it)")
-    # cheap checks first: every adapter readable and its base precision known (--trained-on)
-    for _, path in specs:
-        if not path.is_dir():
-            raise MergeError(f"{path}: adapter directory not found")
-        adapter_record(path, args.trained_on)
+    check_arguments(args, len(specs))
     parse_size(args.max_shard_size)
+    # adapters (readable, base precision known: --trained-on) and base files, before the base is loaded
+    check_before_load(args.model, args.adapter, args.trained_on)
     quantize = None if args.no_quantize_base else AUTO
     if args.full and len(specs) == 1:
         from qtulu.export import export_merged
@@ -253,7 +281,7 @@ def _main(args: argparse.Namespace) -> int:
     }
     info = base_info(model.get_base_model())
     if not args.full:
-        out = save_adapter(model, args.out, adapter_name=new, base_info=info, extra=extra)
+        out = save_adapter(model, args.out, adapter_name=new, base_info=info, extra=extra, name=merged_name(args.out))
         print(json.dumps({"adapter": str(out), **report}))
         return 0
     from qtulu.export import export_merged

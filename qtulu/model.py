@@ -100,11 +100,17 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
     elif looks_local(str(name_or_path)):
         raise ModelLoadError(f"{p}: base model directory not found")
     else:
+        from qtulu.hub import offline_reason, unreachable
+
+        offline = offline_reason()  # offline: the hub cache only, and a miss fails at once (no retries)
         try:
             from huggingface_hub import snapshot_download
 
-            directory = Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=_HF_FILE_PATTERNS))
+            directory = Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=_HF_FILE_PATTERNS,
+                                               local_files_only=offline is not None))
         except Exception as e:  # noqa: BLE001 - re-raised with the id and a hint
+            if offline:
+                raise unreachable(f"base model {str(name_or_path)!r}", offline) from e
             raise ModelLoadError(
                 f"cannot find base model {str(name_or_path)!r}: not a local directory, and the hub download "
                 f"failed ({type(e).__name__}: {e})"
@@ -350,9 +356,12 @@ def _stream_load(directory: Path, config, weight_files: list[Path], *, quant, dt
 
     key_to_file: dict[str, Path] = {}
     for f in weight_files:
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                key_to_file[k] = f
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    key_to_file[k] = f
+        except Exception as e:  # noqa: BLE001 - safetensors' own error type: one line naming the file
+            raise ModelLoadError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e})") from e
     model_keys = set(model.state_dict().keys())
 
     def file_key(param_name: str) -> str | None:

@@ -92,31 +92,33 @@ class SourceSpec:
     ``options`` are passed to the converter (e.g. ``{"shots": "few"}`` for cot/flan_v2).
     """
 
-    name: str
-    format: str
-    hub_id: str | None = None
-    hub_config: str | None = None
-    path: str | None = None
-    split: str = "train"
-    count: int | float | None = None
-    options: dict[str, Any] = field(default_factory=dict)
+    name: str  # source name, unique in the recipe (overrides: sources.NAME.KEY)
+    format: str  # native schema of the rows: which converter reads them (see FORMATS)
+    hub_id: str | None = None  # Hugging Face dataset id (used when no local path is given)
+    hub_config: str | None = None  # dataset configuration name on the hub
+    path: str | None = None  # local json/jsonl/parquet/arrow file or directory (wins over hub_id)
+    split: str = "train"  # hub split to read
+    count: int | float | None = None  # examples to take: int n (resampled if larger), fraction in (0, 1], or null = all
+    options: dict[str, Any] = field(default_factory=dict)  # converter options (qtulu data formats lists them)
     # Take this source's rows from a released mixture instead (rows whose `dataset` column is
     # `release_dataset`, default the source's name): "tulu_v1" / "tulu_v2" (allenai/tulu-v*-sft-mixture),
     # a hub id or a local parquet path. The rows are used as released (format `messages`).
     release: str | None = None
-    release_dataset: str | None = None
+    release_dataset: str | None = None  # the released rows' `dataset` value to keep (default: the source's name)
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """How examples are rendered, checked, tokenized and packed."""
 
-    max_seq_len: int = 2048
+    max_seq_len: int = 2048  # tokens per packed row; a longer example is truncated or dropped (on_overlong)
+    # tulu (<|user|>/<|assistant|> turns, as the paper) or the tokenizer's own chat template
     chat_format: Literal["tulu", "tokenizer"] = "tulu"
+    # a malformed row: stop the build at its file:line (error) or count it and go on (skip)
     on_bad_row: Literal["error", "skip"] = "error"
-    on_overlong: Literal["truncate", "drop"] = "truncate"
-    tokenizer: str | None = None  # None = the model's tokenizer
-    seed: int = 42
+    on_overlong: Literal["truncate", "drop"] = "truncate"  # an example over max_seq_len: truncate it or drop it
+    tokenizer: str | None = None  # tokenizer (SentencePiece .model, folder or hub id); None = the base's own
+    seed: int = 42  # seed of the data sampling (count) and of any random templates
     # How native rows become conversations: "open_instruct" = open-instruct's June-2023 converter
     # (weighted random instruction templates, seeded by `seed`); "plain" = the same selection with
     # one fixed layout (instruction, blank line, input). See qtulu.data.formats.
@@ -127,14 +129,15 @@ class DataConfig:
 class ModelConfig:
     """The base model and how it is quantized. Owners of train/model may add fields here."""
 
-    base: str | None = None
-    revision: str | None = None
-    trust_remote_code: bool = False
-    quantize: Literal["nf4"] | None = "nf4"
-    double_quant: bool = True
-    blocksize: int = 64
+    base: str | None = None  # base model: a local safetensors directory or a hub id
+    revision: str | None = None  # hub revision (branch, tag or commit) of the base
+    trust_remote_code: bool = False  # run the checkpoint's own Python code (off unless you trust it)
+    quantize: Literal["nf4"] | None = "nf4"  # nf4 = QLoRA on a 4-bit base; null = plain LoRA on a compute_dtype base
+    double_quant: bool = True  # quantize the NF4 block scales too (QLoRA's double quantization)
+    blocksize: int = 64  # NF4 block size (weights per absmax scale)
+    # dtype of the matmuls and of the weights that are not quantized
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    attn_implementation: str = "qtulu_varlen"
+    attn_implementation: str = "qtulu_varlen"  # attention kernel: qtulu_varlen (packed rows, no mask), sdpa, eager, ...
 
 
 @dataclass(frozen=True)
@@ -142,10 +145,10 @@ class LoraSpec:
     """LoRA adapter shape. Defaults: the QLoRA paper's r 64 / alpha 16 / dropout 0.1, which is also
     open-instruct's first QLoRA script (scripts/finetune_qlora_with_accelerate.sh at 7c5ee77a1)."""
 
-    r: int = 64
-    alpha: int = 16
-    dropout: float = 0.1
-    target_modules: str | list[str] = "all-linear"
+    r: int = 64  # LoRA rank
+    alpha: int = 16  # LoRA scale numerator: the update is (alpha / r) * B A
+    dropout: float = 0.1  # dropout on the LoRA input
+    target_modules: str | list[str] = "all-linear"  # layers that get an adapter: all-linear or a list of module names
 
 
 @dataclass(frozen=True)
@@ -158,24 +161,24 @@ class TrainConfig:
     is given. Owners of train may add fields here.
     """
 
-    learning_rate: float = 1e-4
-    lr_scheduler: str = "linear"
-    warmup_ratio: float = 0.03
-    epochs: float = 2.0
-    max_steps: int = -1
-    micro_batch_size: int = 1
-    effective_batch_size: int = 128
-    gradient_accumulation_steps: int | None = None
-    seed: int = 42
-    optimizer: str = "paged_adamw_8bit"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = True
-    logging_steps: int = 10
-    save_steps: int = 200
-    save_total_limit: int = 3
-    max_nonfinite_in_a_row: int = 10
-    report_to: str = "none"
+    learning_rate: float = 1e-4  # peak learning rate
+    lr_scheduler: str = "linear"  # learning-rate schedule after warm-up (HF name: linear, cosine, constant, ...)
+    warmup_ratio: float = 0.03  # fraction of the steps spent warming the learning rate up from 0
+    epochs: float = 2.0  # passes over the data (when max_steps is -1)
+    max_steps: int = -1  # optimizer steps to run; -1 = as many as epochs give
+    micro_batch_size: int = 1  # packed rows per forward/backward on each device
+    effective_batch_size: int = 128  # examples per optimizer step (sets the accumulation, as open-instruct)
+    gradient_accumulation_steps: int | None = None  # micro-batches per optimizer step; null = from effective_batch_size
+    seed: int = 42  # seed of the LoRA init and of the data order
+    optimizer: str = "paged_adamw_8bit"  # HF optimizer name; paged_adamw_8bit needs CUDA (adamw_torch is used off it)
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping norm
+    gradient_checkpointing: bool = True  # recompute activations in backward: less memory, ~30% more time
+    logging_steps: int = 10  # print the loss every this many steps
+    save_steps: int = 200  # write a checkpoint every this many steps (0 = none; resume needs one)
+    save_total_limit: int = 3  # checkpoints kept (oldest removed)
+    max_nonfinite_in_a_row: int = 10  # stop after this many consecutive NaN/inf steps (each is skipped)
+    report_to: str = "none"  # none, tensorboard or wandb (comma-separated)
     # FSDP2 (fully_shard) across the ranks of a torchrun/accelerate launch; None = DDP. full_shard
     # re-shards parameters after each forward, shard_grad_op keeps them gathered until backward.
     fsdp: Literal["full_shard", "shard_grad_op"] | None = None
@@ -185,9 +188,9 @@ class TrainConfig:
 class Recipe:
     """A whole recipe. ``path`` is the file it came from (None when built from a dict)."""
 
-    name: str
-    sources: list[SourceSpec]
-    description: str = ""
+    name: str  # the run's name: run directory and adapter name (runs/NAME)
+    sources: list[SourceSpec]  # the data: a list of sources, or {recipe: NAME} references to other recipes
+    description: str = ""  # one line saying what this recipe trains
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSpec = field(default_factory=LoraSpec)

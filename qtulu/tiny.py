@@ -8,6 +8,7 @@ parameters.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 TULU_SPECIAL_TOKENS = ("<|user|>", "<|assistant|>", "<|system|>")
@@ -70,3 +71,34 @@ def build_tiny_llama(seed: int = 0, dtype=None, **config_overrides: Any):
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+def save_base(model, tokenizer, out_dir) -> Path:
+    """Write ``model`` (safetensors + config) and ``tokenizer`` to ``out_dir``, loadable by
+    `qtulu.model.load_base` (and so by ``qtulu train/chat/eval/merge --model out_dir``).
+
+    Written into a staging directory beside ``out_dir`` and renamed into place last, so that a kill
+    never leaves a half-written base that a later command would load; an existing ``out_dir`` is
+    replaced.
+    """
+    import os
+    import shutil
+    import uuid
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        model.save_pretrained(stage, safe_serialization=True)
+        tokenizer.save_pretrained(stage)
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(out_dir, old)
+        os.replace(stage, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return out_dir

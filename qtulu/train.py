@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from qtulu.errors import QtuluError
+from qtulu.preflight import check_base_source, check_run_name, interrupted_message
 from qtulu.runlock import locks_run_dir, set_aside_checkpoints
 from qtulu.distributed import (
     fsdp_from_env,
@@ -331,6 +332,7 @@ def train(
     progress: bool = True,
     adapter_name: str = "default",
     callbacks=(),
+    name: str | None = None,
 ) -> TrainResult:
     """Train one LoRA/QLoRA adapter for ``recipe``; returns a `TrainResult` (adapter in ``OUT/adapter``).
 
@@ -341,14 +343,14 @@ def train(
     ``resume``: ``"auto"`` (newest complete checkpoint in ``OUT/checkpoints`` if any), ``"never"``,
     or a checkpoint path. A checkpoint from a different recipe/data is refused (`ResumeMismatch`)
     unless ``force``. Raises `NonFiniteError` when the run stopped on non-finite steps.
-    """
-    import torch
-    from transformers import set_seed
-    from trl import SFTConfig
+    ``name``: the run's name, recorded in the adapter (chat/eval/merge call it so); default the
+    recipe's name.
 
+    Order: everything that can fail without the model is checked first (recipe, run name, base
+    path, tokenizer, data build), so that a typo costs seconds, not a base load. Ctrl-C stops with
+    a `KeyboardInterrupt` naming the last complete checkpoint (the same command resumes from it).
+    """
     from qtulu import checkpoint as ck
-    from qtulu.callbacks import GuardCallback, NonFiniteError, StepGuard, plot_losses
-    from qtulu.model import attach_lora, base_info
     from qtulu.recipes import Recipe, load_recipe
 
     t0 = time.time()
@@ -358,6 +360,10 @@ def train(
         raise TrainError("pass overrides with a recipe path/name, not with a Recipe object")
     t = recipe.train
     check_fsdp(t, world_size())
+    # checks that need neither the model nor torch/transformers/trl (a typo costs a fraction of a second)
+    run_name = check_run_name(name or recipe.name)
+    if model is None:
+        check_base_source(recipe)
     out = Path(output_dir)
     run_dir = out / CHECKPOINTS_DIRNAME
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -376,17 +382,27 @@ def train(
     elif is_main:  # a fresh run: an earlier run's checkpoints must not be resumed later, nor lost
         set_aside_checkpoints(run_dir, say=say)
 
-    # ---- model, LoRA, data
+    # ---- data, built before the base is loaded (a bad row must not cost a base load)
+    import torch
+    from transformers import set_seed
+    from trl import SFTConfig
+
+    from qtulu.callbacks import GuardCallback, NonFiniteError, StepGuard, plot_losses
+    from qtulu.model import attach_lora, base_info
+
+    if data is None:
+        from qtulu.data.build import build_dataset, resolve_tokenizer
+
+        tokenizer = resolve_tokenizer(recipe, tokenizer)  # data.tokenizer, else the base's own files
+        data = build_dataset(recipe, tokenizer, progress=progress)
+
+    # ---- model, LoRA
     set_seed(t.seed)
     base, tok = load_for_recipe(recipe, model=model, tokenizer=tokenizer)
     if tok is None:
         raise TrainError("no tokenizer: pass tokenizer= or set data.tokenizer in the recipe")
     info = base_info(base)
     manifest = None
-    if data is None:
-        from qtulu.data.build import build_dataset
-
-        data = build_dataset(recipe, tok, progress=progress)
     if hasattr(data, "dataset"):
         manifest = getattr(data, "manifest", None)
         data = data.dataset
@@ -482,7 +498,13 @@ def train(
         trainer.state.global_step = done
         say(f"{resume_from.name} already reached train.max_steps={t.max_steps}: nothing left to train")
     else:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        from qtulu.threads import fitted_threads
+
+        try:
+            with fitted_threads(base):  # one intra-op thread for a small model: more only oversubscribe
+                trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(interrupted_message(out, guard.steps, is_main)) from None
         if resume_from is None and trainer.state.global_step == 0:  # never save an untrained adapter as a result
             raise TrainError(f"the run took 0 optimizer steps ({len(dataset)} packed rows, train.epochs={t.epochs}, "
                              f"train.max_steps={t.max_steps}); no adapter was saved")
@@ -523,6 +545,7 @@ def train(
             },
             # FSDP2 serves peft_model.state_dict() as local shards: save from the gathered tensors
             state_dict=gathered,
+            name=run_name,
         )
         png = plot_losses(steps, out / "loss.png", title=f"{recipe.name}: training loss")
         say(f"adapter saved to {adapter_dir}" + (f"; loss curve {png}" if png else ""))
@@ -555,8 +578,14 @@ def register(subparsers) -> None:
     p.add_argument("recipe", help="recipe name (recipes/<name>.yaml) or path")
     p.add_argument("--set", "-o", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set train.learning_rate=2e-4 (repeatable)")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="apply a settings preset before the overrides, e.g. smoke (a CPU try-out of any recipe "
+                        "in about a minute); `qtulu recipe presets` lists them")
+    p.add_argument("--name", default=None,
+                   help="the run's name: the adapter's name in chat/eval/merge and the default run directory "
+                        "(default: the recipe's name)")
     p.add_argument("--output-dir", "--out", dest="output_dir", default=None,
-                   help="run directory (default: runs/<recipe name>); the adapter goes to OUT/adapter")
+                   help="run directory (default: runs/<name>); the adapter goes to OUT/adapter")
     p.add_argument("--resume", default="auto",
                    help="auto (newest complete checkpoint in OUT/checkpoints), never, or a checkpoint path")
     p.add_argument("--force", action="store_true", help="resume even if the recipe/data changed since the checkpoint")
@@ -565,13 +594,16 @@ def register(subparsers) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
+    from qtulu.presets import preset_overrides
     from qtulu.recipes import load_recipe
 
     # errors (RecipeError, CheckpointError, TrainError, NonFiniteError, ModelLoadError, ...) are
     # qtulu errors: qtulu.cli prints them as one line, exit 2
-    recipe = load_recipe(args.recipe, args.overrides)
-    out = args.output_dir or os.path.join("runs", recipe.name)
-    result = train(recipe, output_dir=out, resume=args.resume, force=args.force, progress=not args.no_progress)
+    recipe = load_recipe(args.recipe, preset_overrides(args.preset, args.recipe) + list(args.overrides))
+    name = check_run_name(args.name or recipe.name)
+    out = args.output_dir or os.path.join("runs", name)
+    result = train(recipe, output_dir=out, resume=args.resume, force=args.force, progress=not args.no_progress,
+                   name=name)
     if result.adapter_dir is not None:
         last = next((s["loss"] for s in reversed(result.steps) if s["loss"] is not None), float("nan"))
         print(

@@ -15,7 +15,6 @@ import torch
 from qtulu.bench import build as bench_build
 from qtulu.bench.flops import mfu, peak_tflops, step_flops
 from qtulu.bench.lengths import (
-    iter_conversations,
     pack_bfd,
     padded_microbatches,
     read_lengths_file,
@@ -111,22 +110,41 @@ def test_read_lengths_file_names_the_bad_line(tmp_path):
         read_lengths_file(tmp_path / "neg.json")
 
 
-def test_unknown_source_layout_names_file_and_record(tmp_path):
-    (tmp_path / "x.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"prompt": "a"}\n')
-    with pytest.raises(ValueError, match=r"x.jsonl, line 2"):
-        list(iter_conversations(tmp_path))
+def test_lengths_come_from_the_data_pipeline_for_any_format(shared_data, tmp_path):
+    """Source layouts bench never had its own parser for (Dolly, SuperNI, Baize): the lengths are those
+    of the examples `qtulu data build` makes, and a bad row is named by the pipeline (file:line)."""
+    from qtulu.data.build import build_dataset
+    from qtulu.recipes import recipe_from_dict
+    from qtulu.tiny import build_char_tokenizer
+
+    samples = shared_data("sources", "release_samples")
+    recipe = recipe_from_dict({
+        "name": "bench-formats",
+        "sources": [{"name": "dolly", "format": "dolly", "path": str(samples / "dolly_sample.jsonl")},
+                    {"name": "superni", "format": "superni", "count": 30,
+                     "path": str(samples / "superni_task1149_item_check_edible.json")},
+                    {"name": "baize", "format": "baize", "path": str(samples / "baize_quora_sample.json")}],
+        "data": {"max_seq_len": 1024},
+    })
+    tok = build_char_tokenizer()
+    lengths = token_lengths(recipe, tokenizer=tok, seed=3)
+    built = build_dataset(recipe, tok, progress=False)
+    assert sorted(lengths) == sorted(n for row in built.dataset["seq_lens"] for n in row)
+    assert len(lengths) == built.manifest["examples"] > 30 and max(lengths) <= 1024
+    assert token_lengths(recipe, tokenizer=tok, seed=3, max_docs=5) == lengths[:5]  # the head of one seeded order
+
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "a", "context": "", "response": "b"}\n{"prompt": 1}\n')
+    bad = recipe_from_dict({"name": "bad", "sources": [{"name": "d", "format": "dolly", "path": str(tmp_path / "bad.jsonl")}]})
+    with pytest.raises(Exception, match=r"bad.jsonl:2"):
+        token_lengths(bad, tokenizer=tok)
 
 
 def test_real_lengths_under_the_llama_tokenizer(shared_data, llama_tokenizer_path):
-    sources = shared_data("sources")
-    n_convs = sum(1 for _ in iter_conversations(sources))
-    lengths = token_lengths(sources, llama_tokenizer_path)
-    assert len(lengths) == n_convs > 3000
-    assert min(lengths) >= 5
-    # LIMA and ShareGPT hold long multi-paragraph answers; Self-Instruct short ones
-    assert max(lengths) > 2000 and sorted(lengths)[len(lengths) // 2] < 400
-    # max_docs keeps the head of the same seeded order
-    assert token_lengths(sources, llama_tokenizer_path, max_docs=10) == lengths[:10]
+    shared_data("sources")
+    lengths = token_lengths(seq_len=2048)  # the default recipe: every source of ../shared/data/sources
+    assert len(lengths) > 3000
+    assert min(lengths) >= 5 and max(lengths) == 2048  # long LIMA/ShareGPT conversations fill a row
+    assert sorted(lengths)[len(lengths) // 2] < 400  # Self-Instruct and Code-Alpaca: short ones
 
 
 # --- the 4-bit build ----------------------------------------------------------------------------
@@ -194,9 +212,11 @@ def test_e2e_tiny_all_configs(tmp_path, bench_server):
     from qtulu.bench.cli import emit
     from qtulu.bench.e2e import CONFIGS, default_data_dir, run_e2e
 
-    # real lengths where ../shared/data is present; the code path runs without it too
+    # real lengths where ../shared/data is present (a few examples per source, through the pipeline);
+    # the code path runs without it too
     if (default_data_dir() / "sources").exists():
-        data = {"max_docs": 200}
+        names = ("code_alpaca_2k", "lima", "sharegpt_sample", "self_instruct_seed", "self_instruct_user")
+        data = {"max_docs": 200, "overrides": [f"sources.{n}.count=40" for n in names]}
     else:
         (tmp_path / "lengths.txt").write_text("40\n17\n64\n90\n5\n33\n")
         data = {"lengths_file": str(tmp_path / "lengths.txt")}

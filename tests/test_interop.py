@@ -251,7 +251,7 @@ def test_bnb_model_and_its_peft_adapter_through_load_eval_merge_full(base_dir, t
 # ----------------------------------------------------------------------------- one-line CLI errors
 
 
-def test_cli_errors_are_one_line_naming_the_problem(base_dir, tmp_path, capsys):
+def test_cli_errors_are_one_line_naming_the_problem(base_dir, tmp_path, capsys, shared_data):
     from peft import get_peft_model
 
     from qtulu.tiny import build_tiny_llama
@@ -268,7 +268,7 @@ def test_cli_errors_are_one_line_naming_the_problem(base_dir, tmp_path, capsys):
           "fp32", "--max-shard-size", "5GiB", "--out", str(tmp_path / "o")], "max_shard_size"),
         (["chat", "--model", "./no/such/base", "--device", "cpu"], "not found"),
         (["eval", "--model", str(base_dir), "--adapter", str(tmp_path / "plain"), "--tasks", "gsm8k",
-          "--data-dir", str(tmp_path), "--out", str(tmp_path / "ev")], "--trained-on"),
+          "--data-dir", str(shared_data("eval")), "--out", str(tmp_path / "ev")], "--trained-on"),
     ]
     for args, needle in cases:
         rc, _, err = _run_cli(args, capsys)

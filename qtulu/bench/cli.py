@@ -38,8 +38,13 @@ def register(subparsers) -> None:
     e.add_argument("--configs", type=_configs, default=list(CONFIG_NAMES), help="comma-separated subset of " + ",".join(CONFIG_NAMES))
     e.add_argument("--device", default="auto", help="auto (cuda if present), cuda, cuda:N or cpu")
     e.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"), help="compute dtype (auto: bf16 on GPU, fp32 on CPU)")
-    e.add_argument("--sources", default=None, help="directory of instruction json/jsonl files (default ../shared/data/sources)")
-    e.add_argument("--tokenizer", default=None, help="SentencePiece model for the lengths (default the LLaMA tokenizer in ../shared/data)")
+    e.add_argument("--recipe", default=None,
+                   help="recipe (name or YAML) whose examples give the document lengths, built by the data pipeline "
+                        "(any source format); default tests/fixtures/shared_sources.yaml (../shared/data/sources)")
+    e.add_argument("--set", "-o", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of --recipe, e.g. -o sources.lima.count=500 (repeatable)")
+    e.add_argument("--tokenizer", default=None,
+                   help="tokenizer for the lengths (default: the recipe's data.tokenizer)")
     e.add_argument("--lengths-file", default=None, help="use these document lengths instead (JSON list or one per line)")
     e.add_argument("--max-docs", type=int, default=None, help="tokenize only this many documents")
     e.add_argument("--lora-r", type=int, default=64)
@@ -80,7 +85,8 @@ def run_e2e_command(args) -> int:
         device=args.device,
         dtype=args.dtype,
         lengths_file=args.lengths_file,
-        sources_dir=args.sources,
+        recipe=args.recipe,
+        overrides=args.overrides,
         tokenizer=args.tokenizer,
         max_docs=args.max_docs,
         lora={"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout},

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from qtulu.bench.build import OPTIMIZERS
-from qtulu.bench.lengths import pack_bfd, read_lengths_file, select_rows, token_lengths
+from qtulu.bench.lengths import DEFAULT_RECIPE, pack_bfd, read_lengths_file, select_rows, token_lengths
 from qtulu.bench.report import append_record, atomic_write_text, ratios, write_chart
 from qtulu.bench.shapes import get_shape
 
@@ -53,22 +53,28 @@ def default_data_dir() -> Path:
 
 
 def load_lengths(
-    *, lengths_file: str | None, sources_dir: str | None, tokenizer: str | None, max_docs: int | None, seed: int
+    *, lengths_file: str | None, recipe: str | None, tokenizer: str | None, max_docs: int | None, seed: int,
+    seq_len: int | None = None, overrides=(),
 ) -> tuple[list[int], str]:
-    """Document lengths and a description of where they came from."""
+    """Document lengths and a description of where they came from: a lengths file, or a recipe
+    built by the data pipeline (default: the real sources of ../shared/data, `lengths.DEFAULT_RECIPE`)."""
     if lengths_file:
         return read_lengths_file(lengths_file), str(lengths_file)
-    data = default_data_dir()
-    src = Path(sources_dir) if sources_dir else data / "sources"
-    tok = Path(tokenizer) if tokenizer else data / "tokenizers" / "llama" / "tokenizer.model"
-    for what, p in (("sources directory", src), ("tokenizer", tok)):
-        if not p.exists():
-            raise FileNotFoundError(
-                f"{what} not found: {p}; pass --sources DIR and --tokenizer FILE (a SentencePiece "
-                f"model) or --lengths-file FILE (one document length per line)"
-            )
-    lengths = token_lengths(src, tok, max_docs=max_docs, seed=seed)
-    return lengths, f"{_short(src)} under {_short(tok)}"
+    path = Path(recipe) if recipe and Path(recipe).exists() else None
+    if recipe is None:
+        path = DEFAULT_RECIPE
+        data = default_data_dir()
+        for what, p in (("sources directory", data / "sources"), ("tokenizer", data / "tokenizers" / "llama")):
+            if not p.exists():
+                raise FileNotFoundError(
+                    f"{what} not found: {p} (the default recipe {_short(DEFAULT_RECIPE)} reads ../shared/data); "
+                    "pass --recipe NAME_OR_PATH (any recipe: its sources go through the data pipeline) "
+                    "or --lengths-file FILE (one document length per line)"
+                )
+    lengths = token_lengths(path or recipe, tokenizer=tokenizer, seq_len=seq_len, overrides=overrides,
+                            max_docs=max_docs, seed=seed)
+    where = _short(path) if path else str(recipe)
+    return lengths, f"recipe {where}" + (f" under {tokenizer}" if tokenizer else "")
 
 
 def _short(path: Path) -> str:
@@ -168,9 +174,10 @@ def run_e2e(
     device: str = "auto",
     dtype: str = "auto",
     lengths_file: str | None = None,
-    sources_dir: str | None = None,
+    recipe: str | None = None,
     tokenizer: str | None = None,
     max_docs: int | None = None,
+    overrides=(),
     lora: dict[str, Any] | None = None,
     seed: int = 0,
     peak_tflops: float | None = None,
@@ -211,7 +218,8 @@ def run_e2e(
     lora = {"r": 64, "alpha": 16, "dropout": 0.1, **(lora or {})}
 
     lengths, source = load_lengths(
-        lengths_file=lengths_file, sources_dir=sources_dir, tokenizer=tokenizer, max_docs=max_docs, seed=seed
+        lengths_file=lengths_file, recipe=recipe, tokenizer=tokenizer, max_docs=max_docs, seed=seed,
+        seq_len=seq_len, overrides=overrides,
     )
     packed = pack_bfd(lengths, seq_len)
     timed = select_rows(packed, steps, seed=seed)

@@ -1,9 +1,10 @@
 """Real document lengths for the benchmark, and how they are batched.
 
-The lengths come from the instruction sources in ``../shared/data/sources`` (or any directory of
-json/jsonl files in the same native layouts: Alpaca with optional ``history``, ShareGPT
-``conversations``, Self-Instruct ``instances``), rendered in the Tulu chat format and measured
-with the LLaMA SentencePiece tokenizer. Nothing is cached: this takes a second or two.
+The lengths come from a recipe built by the data pipeline itself (`qtulu.data.build`: each
+source's converter, the chat format, the tokenizer, the split/truncation at ``seq_len``), so a
+benchmark reads any recipe or source format training reads, with the same token counts. The
+default is ``tests/fixtures/shared_sources.yaml``: the real instruction sources in
+``../shared/data/sources`` under the LLaMA tokenizer.
 
 Two batchings of the SAME documents per optimizer step:
 
@@ -20,92 +21,40 @@ import bisect
 import json
 import random
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Sequence
 
-
-def _alpaca_messages(rec: dict[str, Any]) -> list[dict[str, str]]:
-    msgs: list[dict[str, str]] = []
-    for turn in rec.get("history") or []:
-        user, assistant = turn
-        msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    prompt = rec["instruction"] + (("\n\n" + rec["input"]) if rec.get("input") else "")
-    return msgs + [{"role": "user", "content": prompt}, {"role": "assistant", "content": rec["output"]}]
-
-
-def _sharegpt_messages(rec: dict[str, Any]) -> list[dict[str, str]]:
-    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-    return [{"role": roles[t["from"]], "content": t["value"]} for t in rec["conversations"]]
-
-
-def _record_conversations(rec: Any) -> list[list[dict[str, str]]]:
-    """One record in a native layout -> its conversations (Self-Instruct: one per instance)."""
-    if not isinstance(rec, dict):
-        raise ValueError("record is not a JSON object")
-    if "conversations" in rec:
-        return [_sharegpt_messages(rec)]
-    if "instances" in rec:
-        out = []
-        for inst in rec["instances"]:
-            prompt = rec["instruction"] + (("\n\n" + inst["input"]) if inst.get("input") else "")
-            out.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": inst["output"]}])
-        return out
-    if "instruction" in rec and "output" in rec:
-        return [_alpaca_messages(rec)]
-    raise ValueError(f"unknown layout (keys {sorted(rec)[:8]})")
-
-
-def iter_conversations(sources_dir: str | Path) -> Iterator[list[dict[str, str]]]:
-    """Every conversation of every ``*.json`` / ``*.jsonl`` file under ``sources_dir``, in name
-    order. A record in no known layout raises ``ValueError`` naming the file and record."""
-    root = Path(sources_dir)
-    files = sorted(p for p in root.iterdir() if p.suffix in (".json", ".jsonl"))
-    if not files:
-        raise FileNotFoundError(f"no .json/.jsonl files in {root}")
-    for path in files:
-        if path.suffix == ".jsonl":
-            lines = path.read_text(encoding="utf-8").splitlines()
-            records = ((f"line {i + 1}", json.loads(line)) for i, line in enumerate(lines) if line.strip())
-        else:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, list):
-                raise ValueError(f"{path}: expected a JSON list of records")
-            records = ((f"record {i}", rec) for i, rec in enumerate(data))
-        for where, rec in records:
-            try:
-                convs = _record_conversations(rec)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ValueError(f"{path}, {where}: {exc}") from None
-            yield from convs
-
-
-def render_tulu(messages: list[dict[str, str]], eos: str = "") -> str:
-    """The Tulu (open-instruct) chat text: ``<|role|>\\n content \\n``, eos after each reply."""
-    parts = []
-    for m in messages:
-        end = eos if m["role"] == "assistant" else ""
-        parts.append(f"<|{m['role']}|>\n{m['content'].strip()}{end}\n")
-    return "".join(parts)
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_RECIPE = REPO / "tests" / "fixtures" / "shared_sources.yaml"
 
 
 def token_lengths(
-    sources_dir: str | Path,
-    tokenizer_model: str | Path,
+    recipe=None,
     *,
+    tokenizer=None,
+    seq_len: int | None = None,
+    overrides: Sequence[str] = (),
     max_docs: int | None = None,
     seed: int = 0,
 ) -> list[int]:
-    """Token count of each conversation (BOS + text + one EOS per reply) under a SentencePiece
-    model, in a seeded random order; ``max_docs`` keeps the first so many of that order."""
-    import sentencepiece as spm
+    """Token count of each training example of ``recipe`` (a `Recipe`, name or path; default
+    `DEFAULT_RECIPE`) as `qtulu.data.build.build_dataset` makes it, in a seeded random order;
+    ``max_docs`` keeps the first so many of that order.
 
-    convs = list(iter_conversations(sources_dir))
-    random.Random(seed).shuffle(convs)
-    if max_docs is not None:
-        convs = convs[:max_docs]
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
-    ids = sp.encode([render_tulu(c) for c in convs])
-    replies = [sum(m["role"] == "assistant" for m in c) for c in convs]
-    return [1 + len(t) + r for t, r in zip(ids, replies)]
+    ``tokenizer`` overrides the recipe's (``data.tokenizer``, else its base); ``seq_len`` its
+    ``data.max_seq_len`` (examples over it are split or truncated as training would);
+    ``overrides`` are ``KEY=VALUE`` recipe overrides.
+    """
+    from qtulu.data.build import build_dataset
+    from qtulu.recipes import load_recipe
+
+    if not hasattr(recipe, "sources"):
+        recipe = load_recipe(recipe or DEFAULT_RECIPE, list(overrides))
+    elif overrides:
+        raise ValueError("pass overrides with a recipe name or path, not with a Recipe object")
+    built = build_dataset(recipe, tokenizer, max_seq_len=seq_len, progress=False)
+    lengths = [int(n) for n in built.example_lengths]
+    random.Random(seed).shuffle(lengths)
+    return lengths if max_docs is None else lengths[:max_docs]
 
 
 def read_lengths_file(path: str | Path) -> list[int]:

@@ -17,8 +17,10 @@ def register(subparsers) -> None:
         sp.add_argument("--tokenizer", help="tokenizer: a SentencePiece .model, a folder or a hub id "
                         "(default: the recipe's data.tokenizer, else model.base)")
         sp.add_argument("--max-seq-len", type=int, help="token budget per packed row (default: data.max_seq_len)")
-        sp.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+        sp.add_argument("-o", "--set", "--override", dest="override", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. -o data.on_bad_row=skip -o sources.dolly.count=1000")
+        sp.add_argument("--preset", default=None, metavar="NAME",
+                        help="apply a preset before the overrides, e.g. smoke (`qtulu recipe presets`)")
 
     b = sub.add_parser("build", help="build the dataset and write DIR/{dataset,manifest.json,recipe.json}")
     common(b)
@@ -36,7 +38,9 @@ def register(subparsers) -> None:
 def _load(args):
     from qtulu.recipes import load_recipe
 
-    overrides = list(args.override)
+    from qtulu.presets import preset_overrides
+
+    overrides = preset_overrides(args.preset, args.recipe) + list(args.override)
     if args.max_seq_len is not None:
         overrides.append(f"data.max_seq_len={args.max_seq_len}")
     return load_recipe(args.recipe, overrides)

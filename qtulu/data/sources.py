@@ -186,9 +186,15 @@ def load_source(spec: SourceSpec, files: list[Path] | None = None) -> LoadedSour
 def _load_hub(spec: SourceSpec) -> LoadedSource:
     import datasets
 
+    from qtulu.hub import cache_only, offline_reason, unreachable
+
+    offline = offline_reason()  # offline: the hub cache only, and a miss fails at once (no retries)
     try:
-        ds = datasets.load_dataset(spec.hub_id, spec.hub_config, split=spec.split)
+        with cache_only(offline is not None):
+            ds = datasets.load_dataset(spec.hub_id, spec.hub_config, split=spec.split)
     except Exception as e:  # surfaced with the source named; the datasets message says why
+        if offline:
+            raise unreachable(f"source {spec.name!r}: hub dataset {spec.hub_id!r}", offline) from e
         raise DataError(f"source {spec.name!r}: cannot load hub dataset {spec.hub_id!r}"
                         f"{f' ({spec.hub_config})' if spec.hub_config else ''} split {spec.split!r}: {e}") from e
     rows = [(f"{spec.hub_id}[{i}]", row) for i, row in enumerate(ds)]

@@ -63,7 +63,16 @@ def _load_cached(spec: str, revision: str | None, trust_remote_code: bool):
     elif spec.startswith((".", "/", "~")) or spec.endswith(".model"):
         raise TokenizerError(f"tokenizer not found: {p}")
     else:
-        tok = AutoTokenizer.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)
+        from qtulu.hub import offline_reason, unreachable
+
+        offline = offline_reason()  # offline: the hub cache only, and a miss fails at once (no retries)
+        try:
+            tok = AutoTokenizer.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code,
+                                                local_files_only=offline is not None)
+        except OSError as e:
+            if offline:
+                raise unreachable(f"tokenizer {spec!r}", offline) from e
+            raise
     check_fast(tok, spec)
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token

@@ -1,0 +1,171 @@
+"""Eval cells: one (model/adapter, task) result, keyed by a hash of everything that produced it.
+
+An interrupted ``qtulu eval`` resumes where it stopped: a cell whose ``metrics.json`` carries the
+key the current run would produce is read back instead of recomputed; any other is recomputed.
+The key covers:
+
+- the model: the base's identity (`qtulu.model.base_info`: weights SHA-256, quantization, prequantized
+  format), its compute dtype, and for an adapter label the SHA-256 of that adapter's LoRA tensors as
+  loaded plus its peft config (so a retrained adapter under the same name is not mistaken);
+- the task: name, version, resolved options (profile included), ``limit``;
+- how it ran: chat format, batch size (sampling is seeded per batch), max length, and what scoring
+  used (judge endpoint and model, toxicity classifier, code execution allowed);
+- the data: SHA-256 of the files under the task's data folder;
+- the code: SHA-256 of the task module, its helpers, ``evals/lm.py`` and ``evals/metrics.py``.
+
+Layout: ``OUT/<label>/<task>/{predictions.jsonl, metrics.json}``; ``metrics.json`` is written last
+(atomically) with ``"cell": {"key": ..., ...}``, so a cell is complete exactly when its metrics
+carry the key. ``cache_dir`` (optional) adds a content-addressed store, ``CACHE/<key>/``, shared by
+runs with other output folders (a study re-evaluating the same adapter on the same task).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+_EVALS = Path(__file__).resolve().parent
+CODE_FILES = ("lm.py", "metrics.py", "tasks/_common.py")
+
+
+def _sha256_bytes(*chunks: bytes) -> str:
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(hashlib.sha256(c).digest())
+    return h.hexdigest()
+
+
+def files_sha256(root: Path) -> str:
+    """SHA-256 over the relative names and bytes of every file under ``root`` (or of ``root`` itself)."""
+    h = hashlib.sha256()
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for p in files:
+        h.update(str(p.relative_to(root) if p != root else p.name).encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def code_sha256(task) -> str:
+    """The code that turns a model into this task's predictions and scores."""
+    paths = [Path(task.module.__file__)] + [_EVALS / name for name in CODE_FILES]
+    return _sha256_bytes(*[p.read_bytes() for p in paths if p.is_file()])
+
+
+def data_sha256(task, data_dir) -> str | None:
+    root = Path(data_dir) / getattr(task.module, "DATA_SUBDIR", "")
+    return files_sha256(root) if root.exists() else None
+
+
+def model_identity(model, label: str | None) -> dict[str, Any]:
+    """What a cell's predictions depend on in ``model`` under ``label`` (an adapter, "base" or None)."""
+    from qtulu.adapters import BASE_NAME, compute_dtype_of
+    from qtulu.model import base_info
+
+    info = base_info(model)
+    ident: dict[str, Any] = {
+        "base": {k: info.get(k) for k in ("weights_sha256", "quantization", "prequantized")},
+        "compute_dtype": compute_dtype_of(model),
+        "adapter": None,
+    }
+    if label not in (None, BASE_NAME) and label in (getattr(model, "peft_config", None) or {}):
+        import torch
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(model, adapter_name=label)
+        h = hashlib.sha256()
+        for key in sorted(state):
+            t = state[key].detach().to("cpu").contiguous()
+            h.update(key.encode())
+            h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+        config = model.peft_config[label].to_dict()
+        for where in ("base_model_name_or_path", "revision"):  # where it was loaded from: the base identity covers it
+            config.pop(where, None)
+        ident["adapter"] = {"weights_sha256": h.hexdigest(), "config": _canonical(config)}
+    return ident
+
+
+def _canonical(obj):
+    """JSON-able and stable across processes: sets sorted (their order follows hash randomization)."""
+    if isinstance(obj, dict):
+        return {str(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (set, frozenset)):
+        return sorted((_canonical(v) for v in obj), key=lambda v: json.dumps(v, sort_keys=True, default=str))
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def cell_key(identity: dict, task, *, data_dir, limit, chat_format, batch_size, max_length,
+             scoring: dict | None = None) -> tuple[str, dict]:
+    """``(sha256, the dict hashed)`` for one cell. ``scoring``: what scores depend on beyond the
+    predictions (the judge's endpoint and model, the toxicity classifier, code execution allowed)."""
+    what = {
+        "model": identity,
+        "task": {"name": task.name, "version": task.version, "options": _canonical(task.opts), "limit": limit},
+        "run": {"chat_format": chat_format, "batch_size": batch_size, "max_length": max_length,
+                "scoring": _canonical(scoring or {})},
+        "data": data_sha256(task, data_dir),
+        "code": code_sha256(task),
+    }
+    text = json.dumps(what, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest(), what
+
+
+def load_cell(cell_dir: Path, key: str, cache_dir: Path | None = None) -> dict | None:
+    """The metrics of a complete cell with ``key`` (from ``cell_dir``, else the cache copied in), or None."""
+    found = _complete(cell_dir, key)
+    if found is not None:
+        return found
+    if cache_dir is not None:
+        cached = Path(cache_dir) / key
+        metrics = _complete(cached, key)
+        if metrics is not None:
+            _copy_cell(cached, cell_dir)
+            return metrics
+    return None
+
+
+def _complete(cell_dir: Path, key: str) -> dict | None:
+    try:
+        metrics = json.loads((cell_dir / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(metrics, dict) or (metrics.get("cell") or {}).get("key") != key:
+        return None
+    if not (cell_dir / "predictions.jsonl").is_file():
+        return None
+    return metrics
+
+
+def seal_cell(cell_dir: Path, key: str, what: dict, metrics: dict, cache_dir: Path | None = None) -> dict:
+    """Mark a cell complete: ``metrics.json`` rewritten (atomically, last) with its key; copied to the cache."""
+    from .runner import write_json
+
+    metrics = {**metrics, "cell": {"key": key, "model": what["model"], "data_sha256": what["data"],
+                                   "code_sha256": what["code"]}}
+    write_json(cell_dir / "metrics.json", metrics)
+    if cache_dir is not None:
+        _copy_cell(cell_dir, Path(cache_dir) / key)
+    return metrics
+
+
+def _copy_cell(src: Path, dst: Path) -> None:
+    """Copy a cell's two files to ``dst`` through a staging folder (metrics last, renamed into place)."""
+    stage = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    for name in ("predictions.jsonl", "metrics.json"):
+        shutil.copy2(src / name, stage / name)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(stage, dst)

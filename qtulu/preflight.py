@@ -1,0 +1,88 @@
+"""What qtulu checks before it loads a model, and what it says when Ctrl-C stops a run.
+
+A typo must cost seconds on any base size (issue 19): `qtulu train`, `eval`, `chat` and `merge`
+run these checks first; each needs no weights (and most not even torch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from qtulu.errors import QtuluError
+
+
+class PreflightError(QtuluError, ValueError):
+    """A request refused before any model is loaded (the message names what is wrong)."""
+
+
+def check_run_name(name: str) -> str:
+    """``name`` if it can name the adapter in chat/eval/merge; `PreflightError` otherwise."""
+    from qtulu.adapters import adapter_name_problem
+
+    problem = adapter_name_problem(name)
+    if problem:
+        raise PreflightError(f"run name: {problem}; choose another with --name (or -o name=...)")
+    return name
+
+
+def check_base_dir(model, revision: str | None = None, what: str = "--model") -> None:
+    """A base that cannot load fails now: a local path must be a model directory (config.json,
+    *.safetensors, no pickles only; no weights are read); a hub id, offline, must be in the cache."""
+    from qtulu.model import resolve_checkpoint
+
+    p = Path(os.path.expanduser(str(model)))
+    if p.exists():
+        resolve_checkpoint(p, revision)
+    elif str(model).startswith(("/", "./", "../", "~")):
+        raise PreflightError(f"{what}: {p}: not found (no such directory)")
+    else:
+        from qtulu.hub import offline_reason
+
+        if offline_reason():  # only the cache can serve it: a miss fails now, in one line
+            resolve_checkpoint(str(model), revision)
+
+
+def check_base_source(recipe) -> None:
+    """`check_base_dir` for a recipe's ``model.base`` (which must be set)."""
+    where = f"{recipe.path or recipe.name}: model.base"
+    if recipe.model.base is None:
+        raise PreflightError(f"{where}: no base model given (set model.base or pass a model)")
+    check_base_dir(recipe.model.base, recipe.model.revision, where)
+
+
+def interrupted_message(out: Path, steps: list[dict], is_main: bool = True) -> str:
+    """What Ctrl-C left behind: the last complete checkpoint (resume point) and the steps so far."""
+    from qtulu import checkpoint as ck
+
+    if is_main and steps:
+        ck.atomic_write_text(out / "steps.jsonl", "".join(json.dumps(s) + "\n" for s in steps))
+    last = ck.last_complete_checkpoint(out / "checkpoints")
+    where = (f"last complete checkpoint {last}; run the same command again to resume from it" if last
+             else "no checkpoint was complete yet (train.save_steps); a new run starts over")
+    return f"stopped after {len(steps)} optimizer step(s); {where}"
+
+
+def check_before_load(model: str, adapters, trained_on: str | None = None) -> None:
+    """What chat/eval/merge can check before loading the base: each adapter's files and manifest
+    (checksums; the base match needs the base), what a plain PEFT adapter was trained against
+    (``--trained-on``), unique usable names, the base directory's files."""
+    from qtulu.trained_on import adapter_record
+
+    from qtulu.adapters import AdapterError, adapter_name_problem, parse_adapter_spec, verify_adapter
+
+    specs = [parse_adapter_spec(a) for a in adapters]
+    for name, path in specs:
+        problem = adapter_name_problem(name)
+        if problem:
+            raise AdapterError(f"{path}: {problem} (rename it: --adapter NAME=DIR)")
+        if not Path(path).is_dir():
+            raise AdapterError(f"{path}: adapter directory not found")
+        adapter_record(path, trained_on)  # a plain PEFT adapter needs --trained-on; a contradiction is refused
+        verify_adapter(path, trained_on=trained_on)
+    names = [n for n, _ in specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise AdapterError(f"two adapters are named {dup}; name them: --adapter NAME=DIR")
+    check_base_dir(model)
