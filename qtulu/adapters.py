@@ -1,5 +1,6 @@
-"""LoRA adapters: save (PEFT format + qtulu metadata), verify, load several on one base, swap,
-mixed-adapter batches.
+"""LoRA adapters: save (PEFT format + qtulu metadata), verify, load several on one base. Swapping
+and mixed-adapter batches live in `qtulu.swap`, the directory's file basics in
+`qtulu.adapter_files`; both are re-exported here.
 
 An adapter directory is exactly what vanilla ``peft.PeftModel.from_pretrained`` loads
 (``adapter_config.json`` + ``adapter_model.safetensors``) plus ``qtulu.json``::
@@ -35,7 +36,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -44,77 +44,31 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from qtulu.errors import QtuluError
 from qtulu.trained_on import _TRAINED_ON_DTYPE, adapter_record, trained_on_of
 from qtulu.trained_on import TRAINED_ON, plain_peft_record  # noqa: F401 - re-exported
 
-FORMAT_VERSION = 1
-META_NAME = "qtulu.json"
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-BASE_NAME = "base"  # in adapter_names: this row runs with adapters disabled (peft's "__base__")
-
-
-class AdapterError(QtuluError, ValueError):
-    """An adapter directory is corrupt, incomplete or bound to another base/quantization."""
-
-
-AUTO = "auto"  # load_model(quantize=AUTO): the base precision the adapters trained against
-
-
-# --------------------------------------------------------------------------------------------
-# hashing and small file helpers
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
-
-
-def _json_default(obj: Any):
-    # recipes/manifests may carry Paths, tuples, sets or numpy scalars: make them JSON-able
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
-
-
-def _safetensors_layout(path: Path) -> dict[str, dict[str, Any]]:
-    """{key: {"shape", "dtype"}} read from a safetensors header (no tensor data loaded)."""
-    from safetensors import safe_open
-
-    out: dict[str, dict[str, Any]] = {}
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
-            sl = f.get_slice(key)
-            out[key] = {"shape": list(sl.get_shape()), "dtype": str(sl.get_dtype())}
-    return out
-
-
-def _replace_dir(stage: Path, out_dir: Path) -> None:
-    """Move a fully written ``stage`` dir to ``out_dir`` (replacing it) with renames only."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out_dir, old)
-    os.replace(stage, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+from qtulu.adapter_files import (  # noqa: F401 - the format's names are part of this module's API
+    AUTO,
+    BASE_NAME,
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    META_NAME,
+    WEIGHTS_NAME,
+    AdapterError,
+    _json_default,
+    _replace_dir,
+    _safetensors_layout,
+    _write_json,
+    read_meta,
+    sha256_file,
+)
+from qtulu.swap import (  # noqa: F401 - re-exported: qtulu.adapters.set_active etc.
+    adapter_names_of,
+    adapters_disabled,
+    forward_mixed,
+    generate_mixed,
+    set_active,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,20 +187,6 @@ def _mismatch(msg: str, force: bool) -> None:
         warnings.warn(f"{msg} (loading anyway: force=True)", stacklevel=3)
     else:
         raise AdapterError(msg + "; pass force=True (CLI: --force) to load it anyway")
-
-
-def read_meta(adapter_dir: str | os.PathLike) -> dict:
-    """The parsed ``qtulu.json`` of an adapter dir (no checks beyond JSON validity)."""
-    path = Path(adapter_dir) / META_NAME
-    if not path.is_file():
-        raise AdapterError(f"{path}: missing (not a qtulu adapter dir, or saved by plain peft)")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or "files" not in meta:
-        raise AdapterError(f"{path}: not a qtulu adapter manifest (no 'files' key)")
-    return meta
 
 
 def verify_adapter(adapter_dir: str | os.PathLike, *, base_info: dict | None = None, force: bool = False,
@@ -539,93 +479,3 @@ def load_model(base, adapters: Sequence = (), *, quantize: str | None = AUTO, tr
     model = attach_adapters(model, adapters, base_info=info, force=force, trained_on=trained_on)
     model.eval()
     return model, tokenizer
-
-
-def adapter_names_of(model) -> list[str]:
-    """Names of the adapters loaded in ``model`` (empty for a plain model)."""
-    return list(getattr(model, "peft_config", {}) or {})
-
-
-def set_active(model, name: str) -> None:
-    """Make adapter ``name`` the active one, or ``"base"`` to run the base with adapters disabled.
-
-    Swapping touches no base weight: it only changes which LoRA branch the layers run.
-    """
-    names = adapter_names_of(model)
-    if name == BASE_NAME:
-        if names:
-            model.base_model.disable_adapter_layers()
-        return
-    if name not in names:
-        raise AdapterError(f"no adapter named {name!r}; loaded: {names + [BASE_NAME]}")
-    model.base_model.enable_adapter_layers()
-    try:
-        model.set_adapter(name, inference_mode=True)
-    except TypeError:  # older peft: set_adapter has no inference_mode
-        model.set_adapter(name)
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.requires_grad_(False)
-
-
-def _mixed_names(model, adapter_names: Sequence[str], batch: int) -> list[str]:
-    names = adapter_names_of(model)
-    if len(adapter_names) != batch:
-        raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch} rows")
-    out = []
-    for n in adapter_names:
-        if n == BASE_NAME:
-            out.append("__base__")  # peft's name for "no adapter on this row"
-        elif n in names:
-            out.append(n)
-        else:
-            raise AdapterError(f"no adapter named {n!r}; loaded: {names + [BASE_NAME]}")
-    return out
-
-
-def forward_mixed(model, input_ids, attention_mask, adapter_names: Sequence[str]):
-    """Logits of one forward where row ``i`` runs with adapter ``adapter_names[i]`` ("base" = none).
-
-    Uses peft's mixed-batch forward (``adapter_names=``): one pass over the base weights for the
-    whole batch; each LoRA branch runs only on its own rows. Returns ``(B, T, V)`` logits.
-    """
-    import torch
-
-    names = _mixed_names(model, adapter_names, input_ids.shape[0])
-    with _adapters_enabled(model), torch.no_grad():
-        return model(input_ids=input_ids, attention_mask=attention_mask, adapter_names=names).logits  # (B, T, V)
-
-
-def generate_mixed(model, input_ids, attention_mask, adapter_names: Sequence[str], **generate_kwargs):
-    """``model.generate`` where row ``i`` uses adapter ``adapter_names[i]`` ("base" = none)."""
-    names = _mixed_names(model, adapter_names, input_ids.shape[0])
-    with _adapters_enabled(model):
-        return model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, adapter_names=names, **generate_kwargs
-        )
-
-
-def adapters_disabled(model) -> bool:
-    """True when ``set_active(model, "base")`` is in effect (or the model has no adapters)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            return bool(module.disable_adapters)
-    return True
-
-
-class _adapters_enabled:
-    """Enable adapter layers for a mixed batch; restore "base" mode afterwards if it was on."""
-
-    def __init__(self, model):
-        self.model, self.was_disabled = model, adapters_disabled(model)
-
-    def __enter__(self):
-        if self.was_disabled:
-            self.model.base_model.enable_adapter_layers()
-
-    def __exit__(self, *exc):
-        if self.was_disabled:
-            self.model.base_model.disable_adapter_layers()
-        return False
