@@ -54,6 +54,7 @@ class Column:
     options: dict[str, Any]
     data_dir: Path
     where: str
+    judge: Any = None  # JudgeSpec: the task's own, else eval.judge
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class LoadedStudy:
     limit: int | None  # eval.limit, or quick mode's
     synthetic: SyntheticSpec | None
     merge: MergePlan | None = None
+    average: list[str] = field(default_factory=list)  # the tasks the table's average is over
     raw: dict = field(default_factory=dict)
 
     @property
@@ -185,6 +187,14 @@ def load_study(path: str | os.PathLike, out_dir: str | os.PathLike) -> LoadedStu
                         eval=ev, limit=limit, synthetic=synthetic, raw=raw)
     if spec.merge_search is not None:
         study.merge = _check_merge(spec.merge_search, rows, columns, err)
+    study.average = [c.name for c in columns]
+    if spec.average is not None:
+        for i, t in enumerate(spec.average):
+            if t not in study.average:
+                err(f"average.{i}", f"{t!r} is not a task of the study (tasks: {', '.join(study.average)})")
+        if not spec.average:
+            err("average", "list at least one task (or leave it out: every task)")
+        study.average = [t for t in study.average if t in spec.average]
     names = [r.name for r in rows]
     if study.merge and study.merge.name in names + [BASE_ROW]:
         err("merge_search.name", f"{study.merge.name!r} is already a row's name; choose another")
@@ -347,7 +357,8 @@ def _load_columns(spec: Study, ev: EvalSpec, here: Path, err) -> tuple[list[Colu
         data_dir = _local(t.data_dir, here) if t.data_dir else ev.data_dir
         if data_dir is None:
             err(f"{where}.data_dir", "no eval data folder: set eval.data_dir (every task) or this task's data_dir")
-        cols.append(Column(name=t.name, options=options[t.name], data_dir=Path(data_dir), where=where))
+        cols.append(Column(name=t.name, options=options[t.name], data_dir=Path(data_dir), where=where,
+                           judge=t.judge or ev.judge))
     return cols, limit
 
 
@@ -385,6 +396,10 @@ def _check_merge(m: MergeSearchSpec, rows: list[Row], cols: list[Column], err) -
     problem = adapter_name_problem(m.name)
     if problem:
         err("merge_search.name", problem)
+    judges = {None if c.judge is None else (c.judge.url, c.judge.model, c.judge.api_key_env)
+              for c in cols if c.name in tasks}
+    if len(judges) > 1:  # `merge_search` scores every task with one judge
+        err("merge_search.tasks", "the merge's tasks have different judges; the merge search uses one")
     dirs = {c.data_dir for c in cols if c.name in tasks}
     if len(dirs) > 1:  # `merge_search` reads every task from one data root
         err("merge_search.tasks", f"the merge's tasks read {len(dirs)} data folders ({', '.join(map(str, sorted(dirs)))}); "

@@ -21,7 +21,7 @@ A cell's key is the SHA-256 of what produced it:
   OUT/runs/NAME to retrain one);
 - eval: what `qtulu.evals.cells` keys an eval cell on (model, task version and options, limit,
   chat format, batch size, max length, scoring, the task's data files and code), with the model
-  named by the base identity and the adapter's files (adapter_model.safetensors, adapter_config.json);
+  named by the base identity and the adapter (its weights file and its peft config, see `adapter_sha`);
 - merge: the input adapters' files, the base identity, the search settings and its tasks' keys,
   and the merge code (qtulu/merge.py, evals/merge_search.py).
 
@@ -179,10 +179,26 @@ class Plan:
         return bool(rec and (self.run_dir(row) / "data" / "manifest.json").is_file())
 
     def adapter_sha(self, label: str) -> str | None:
+        """The adapter's identity: its weights file's SHA-256 and its peft config, less where the base
+        was loaded from (a path) and with set-valued lists sorted (peft writes target_modules, a set,
+        in hash-randomized order): a retrained adapter with the same weights is the same adapter."""
+        import json
+
         d = self.adapter_dir(label)
         if not all((d / n).is_file() for n in ADAPTER_FILES):
             return None
-        return self.hasher.tree(d, ADAPTER_FILES)
+        try:
+            config = json.loads((d / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(config, dict):
+            return None
+        for where in ("base_model_name_or_path", "revision"):
+            config.pop(where, None)
+        for k, v in config.items():
+            if isinstance(v, list) and all(isinstance(x, str) for x in v):
+                config[k] = sorted(v)
+        return digest({"weights": self.hasher.file(d / "adapter_model.safetensors"), "config": config})
 
     def train_complete(self, row: Row) -> bool:
         rec = self.records.matching(f"train/{row.name}", self.train_key(row))
@@ -190,9 +206,10 @@ class Plan:
 
     # ---- eval
 
-    def scoring(self) -> dict:
+    def scoring(self, col: Column) -> dict:
+        """What scores depend on beyond the predictions (as `qtulu.evals.runner.evaluate` keys it)."""
         ev = self.study.eval
-        return {"judge": None if ev.judge is None else {"url": ev.judge.url, "model": ev.judge.model},
+        return {"judge": None if col.judge is None else {"url": col.judge.url, "model": col.judge.model},
                 "classifier": ev.toxigen_classifier, "allow_code_execution": ev.allow_code_execution}
 
     def chat_format(self, label: str) -> str | None:
@@ -214,7 +231,7 @@ class Plan:
         return digest({"model": {"base": self.base_identity(), "adapter": adapter_sha},
                        **self.task_id(col, self.study.limit),
                        "run": {"chat_format": self.chat_format(label), "batch_size": ev.batch_size,
-                               "max_length": ev.max_length, "scoring": self.scoring()}})
+                               "max_length": ev.max_length, "scoring": self.scoring(col)}})
 
     def eval_cell_key(self, label: str, col: Column) -> str | None:
         """None when the row's adapter does not exist yet."""
@@ -255,7 +272,8 @@ class Plan:
         ev = self.study.eval
         return digest({"adapters": list(zip(m.adapters, shas)), "base": self.base_identity(), "spec": spec,
                        "tasks": [self.task_id(cols[t], m.spec.limit) for t in m.tasks],
-                       "run": {"chat_format": ev.chat_format, "batch_size": ev.batch_size, "scoring": self.scoring()},
+                       "run": {"chat_format": ev.chat_format, "batch_size": ev.batch_size,
+                               "scoring": [self.scoring(cols[t]) for t in m.tasks]},
                        "code": _code(QTULU / "merge.py", _module_file("qtulu.evals.merge_search"))})
 
     def merge_complete(self) -> bool:

@@ -3,7 +3,7 @@
 ``OUT/results.json``::
 
     {"table": {ROW: {TASK: score}},            # headline scores in [0, 1] (None: cell missing)
-     "average": {ROW: mean},                   # over the tasks, lower-is-better ones as 1 - score
+     "average": {ROW: mean},                   # over `average` (all tasks), lower-is-better ones as 1 - score
      "percent_of_best": {ROW: {TASK|"average": %}},   # of the best row in that column
      "best": {TASK: [ROW, ...]},               # the best adapter per task (ties listed), base left out
      "rows": [...], "columns": [...], "tasks": {TASK: {"metric", "lower_is_better", "version", "n"}},
@@ -51,8 +51,9 @@ def collect(plan) -> dict:
     oriented = {lab: {t: (None if table[lab][t] is None else
                           (1.0 - table[lab][t] if tasks[t]["lower_is_better"] else table[lab][t])) for t in cols}
                 for lab in rows}
-    average = {lab: (None if any(v is None for v in oriented[lab].values()) else
-                     sum(oriented[lab].values()) / len(cols)) for lab in rows}
+    over = study.average
+    average = {lab: (None if any(oriented[lab][t] is None for t in over) else
+                     sum(oriented[lab][t] for t in over) / len(over)) for lab in rows}
     pct: dict[str, dict[str, float | None]] = {lab: {} for lab in rows}
     for t in [*cols, "average"]:
         vals = {lab: (average[lab] if t == "average" else oriented[lab][t]) for lab in rows}
@@ -76,7 +77,7 @@ def collect(plan) -> dict:
                      **{k: chosen.get(k) for k in ("method", "weights", "density", "objective", "scores")}}
     return {
         "table": table, "average": average, "percent_of_best": pct, "best": best, "rows": rows, "columns": cols,
-        "tasks": tasks, "merge": merge,
+        "tasks": tasks, "merge": merge, "average_over": over,
         "study": {"name": study.name, "file": str(study.file), "description": study.spec.description,
                   "base": study.base_path, "profile": study.eval.profile, "limit": study.limit,
                   "quick": study.eval.quick},
@@ -115,7 +116,9 @@ def markdown(res: dict) -> str:
     lines += [f"Base: `{s['base']}`. Rows: the base (adapters disabled) and one adapter per recipe"
               + (" and the merge chosen by the suite" if res["merge"] else "")
               + ", all on one loaded base. Scores ×100; **bold**: the best in the column. ↓: lower is better "
-              "(counted as 100 − x in the average and the percentages).", ""]
+              "(counted as 100 − x in the average and the percentages)."
+              + ("" if res["average_over"] == cols else f" The average is over {', '.join(res['average_over'])}."),
+              ""]
     lines.append("| row | " + " | ".join(_header(res, t) for t in cols) + " | average |")
     lines.append("|---|" + "---:|" * (len(cols) + 1))
     for lab in rows:

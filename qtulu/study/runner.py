@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qtulu.errors import QtuluError
 from qtulu.study.load import BASE_ROW, Column, LoadedStudy, Row, default_out, describe, load_study, to_json
 from qtulu.study.plan import Plan
 from qtulu.study.schema import StudyError
@@ -55,7 +56,7 @@ class StudyRun:
         self.info: dict | None = None
         self.attached: set[str] = set()
         self.tokenizers: dict[str, Any] = {}
-        self.judge = None
+        self.judges: dict[str, Any] = {}  # task -> its Judge (or None)
         self.complete = 0
         self.total = 0
         self.threads: int | None = None
@@ -72,12 +73,17 @@ class StudyRun:
             from qtulu.study.demo_base import write_synthetic
 
             write_synthetic(s.synthetic, s.out / "data")
-        if ev.judge is not None:
-            from qtulu.evals.judge import Judge
+        from qtulu.evals.judge import Judge
 
-            self.judge = Judge(ev.judge.url, ev.judge.model, api_key_env=ev.judge.api_key_env)
-        check_requirements([c.name for c in s.columns], judge=self.judge, classifier=ev.toxigen_classifier,
-                           allow_code_execution=ev.allow_code_execution, unsafe_no_isolation=ev.unsafe_no_isolation)
+        for c in s.columns:
+            j = c.judge
+            self.judges[c.name] = None if j is None else Judge(j.url, j.model, api_key_env=j.api_key_env)
+            try:
+                check_requirements([c.name], judge=self.judges[c.name], classifier=ev.toxigen_classifier,
+                                   allow_code_execution=ev.allow_code_execution,
+                                   unsafe_no_isolation=ev.unsafe_no_isolation)
+            except QtuluError as e:
+                raise StudyError(f"{s.file}: {c.where} ({c.name}): {e}") from None
         for c in s.columns:
             if not c.data_dir.is_dir():
                 raise StudyError(f"{s.file}: {c.where}: eval data folder {c.data_dir} not found (eval.data_dir)")
@@ -319,7 +325,8 @@ class StudyRun:
         self._attach([label])
         res = evaluate(self.model, self.tok, [col.name], data_dir=col.data_dir, out_dir=self.plan.eval_dir(),
                        adapters=[label], batch_size=ev.batch_size, limit=s.limit, chat_format=ev.chat_format,
-                       base_chat_format=ev.base_chat_format, judge=self.judge, classifier=ev.toxigen_classifier,
+                       base_chat_format=ev.base_chat_format, judge=self.judges[col.name],
+                       classifier=ev.toxigen_classifier,
                        allow_code_execution=ev.allow_code_execution, workers=ev.workers,
                        unsafe_no_isolation=ev.unsafe_no_isolation, task_options={col.name: col.options},
                        max_length=ev.max_length, progress=self.progress, report=False, profile=ev.profile,
@@ -343,7 +350,7 @@ class StudyRun:
             methods=m.spec.methods, weight_grid=m.spec.weights, densities=m.spec.densities, limit=m.spec.limit,
             batch_size=ev.batch_size, chat_format=ev.chat_format,
             task_options={t_: {"profile": ev.profile, **cols[t_].options} for t_ in m.tasks}, base_info=self.info,
-            seed=m.spec.seed, include_inputs=True, progress=self.progress, judge=self.judge,
+            seed=m.spec.seed, include_inputs=True, progress=self.progress, judge=self.judges[m.tasks[0]],
             classifier=ev.toxigen_classifier, allow_code_execution=ev.allow_code_execution, workers=ev.workers,
             unsafe_no_isolation=ev.unsafe_no_isolation)
         best = res["best"]

@@ -77,21 +77,22 @@ class StudyRecipe:
 
 
 @dataclass(frozen=True)
-class StudyTask:
-    """One column of the table: an eval task with its options."""
-
-    name: str  # task variant (`qtulu eval --list-tasks`)
-    options: dict[str, Any] = field(default_factory=dict)  # task options, as `qtulu eval -o TASK.KEY=VALUE`
-    data_dir: str | None = None  # this task's eval data root (default: eval.data_dir)
-
-
-@dataclass(frozen=True)
 class JudgeSpec:
     """An OpenAI-compatible endpoint judging AlpacaEval and TruthfulQA generations."""
 
     url: str  # API base, e.g. http://localhost:8000/v1
     model: str  # model name at the endpoint
     api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the API key (never written anywhere)
+
+
+@dataclass(frozen=True)
+class StudyTask:
+    """One column of the table: an eval task with its options."""
+
+    name: str  # task variant (`qtulu eval --list-tasks`)
+    options: dict[str, Any] = field(default_factory=dict)  # task options, as `qtulu eval -o TASK.KEY=VALUE`
+    data_dir: str | None = None  # this task's eval data root (default: eval.data_dir)
+    judge: JudgeSpec | None = None  # this task's judge endpoint (default: eval.judge)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class EvalSpec:
     chat_format: Literal["tulu", "tokenizer"] | None = "tulu"  # prompt format of the adapters' rows
     base_chat_format: Literal["tulu", "tokenizer"] | None = None  # prompt format of the base row (null: plain, as the paper)
     max_length: int | None = None  # longest prompt + generation in tokens (null: the model's)
-    judge: JudgeSpec | None = None  # judge endpoint (alpaca_eval, truthfulqa_gen)
+    judge: JudgeSpec | None = None  # judge endpoint of every task that needs one (alpaca_eval, truthfulqa_gen)
     toxigen_classifier: str | None = None  # toxicity classifier path or hub id (toxigen)
     allow_code_execution: bool = False  # run model-written code in the sandbox (codex_humaneval)
     unsafe_no_isolation: bool = False  # where the sandbox cannot isolate code (not root), run it anyway
@@ -142,4 +143,6 @@ class Study:
     preset: str | None = None  # a recipe preset applied to every recipe (e.g. smoke)
     overrides: dict[str, Any] = field(default_factory=dict)  # recipe keys overridden in every recipe, {dotted key: value}
     eval: EvalSpec = field(default_factory=EvalSpec)  # evaluation settings
+    # tasks the table's average is over (null: every task); the paper averages its capability columns
+    average: list[str] | None = None
     merge_search: MergeSearchSpec | None = None  # optional: a merge of the adapters chosen by the suite, as one more row
