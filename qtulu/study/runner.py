@@ -14,6 +14,7 @@ Ctrl-C stops with one line saying how many cells are complete; the same command 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,36 @@ def run_study(path, out_dir=None, *, progress: bool = True, plan_only: bool = Fa
 
     out = Path(out_dir) if out_dir is not None else default_out(path)
     study = load_study(path, out)
+    run = StudyRun(study, progress=progress)
+    run.preflight(inside_out=False)  # before the output folder is even created
     with run_lock(study.out, what="qtulu study", hint="choose another --out"):
-        run = StudyRun(study, progress=progress)
-        run.preflight()
+        run.prepare()
         if plan_only:
             return run.show_plan()
         return run.run()
+
+
+@contextlib.contextmanager
+def _library_bars(progress: bool):
+    """Without progress bars, also without the bars of datasets (saving the packed data) and of
+    transformers (writing the demo base's shards); both are put back as they were."""
+    if progress:
+        yield
+        return
+    import datasets
+    import transformers
+
+    ds_off = datasets.is_progress_bar_enabled() is False
+    tf_off = not transformers.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not ds_off:
+            datasets.enable_progress_bars()
+        if not tf_off:
+            transformers.utils.logging.enable_progress_bar()
 
 
 class StudyRun:
@@ -63,52 +88,67 @@ class StudyRun:
 
     # ---- checks before any model
 
-    def preflight(self) -> None:
-        """Everything checkable without a model: eval data, requirements, sources, the base's files."""
+    def preflight(self, *, inside_out: bool) -> None:
+        """Everything checkable without a model: requirements, eval data, sources, the base's files.
+
+        Run twice: with ``inside_out=False`` before the output folder is created or locked (what lies
+        outside it), then with ``inside_out=True`` once the study's synthetic data is written (what
+        lies inside it, e.g. ``${out}/data``).
+        """
+        from qtulu.data.sources import local_files
+        from qtulu.evals.judge import Judge
         from qtulu.evals.runner import check_requirements, resolve_task
 
         s, ev = self.study, self.study.eval
-        s.out.mkdir(parents=True, exist_ok=True)
+
+        def mine(path) -> bool:  # checked in this pass
+            p = Path(path).resolve()
+            return (p == s.out or s.out in p.parents) == inside_out
+
+        if not inside_out:
+            for c in s.columns:
+                j = c.judge
+                self.judges[c.name] = None if j is None else Judge(j.url, j.model, api_key_env=j.api_key_env)
+                try:
+                    check_requirements([c.name], judge=self.judges[c.name], classifier=ev.toxigen_classifier,
+                                       allow_code_execution=ev.allow_code_execution,
+                                       unsafe_no_isolation=ev.unsafe_no_isolation)
+                except QtuluError as e:
+                    raise StudyError(f"{s.file}: {c.where} ({c.name}): {e}") from None
+            if s.base.demo is None:
+                p = Path(s.base_path)
+                if p.is_absolute() and not p.is_dir():
+                    raise StudyError(f"{s.file}: base.path: {p}: not found (no such directory)")
+                if p.is_dir() and not ((p / "config.json").is_file() and list(p.glob("*.safetensors"))):
+                    raise StudyError(f"{s.file}: base.path: {p}: not a model directory (config.json + *.safetensors)")
+        for c in s.columns:
+            if not mine(c.data_dir):
+                continue
+            if not c.data_dir.is_dir():
+                raise StudyError(f"{s.file}: {c.where} ({c.name}): eval data folder {c.data_dir} not found")
+            task = resolve_task(c.name, c.options, ev.profile)
+            try:
+                task.module.load(c.data_dir, limit=1, **task.opts)  # TaskDataError names the missing file
+            except (QtuluError, OSError, ValueError) as e:
+                raise StudyError(f"{s.file}: {c.where} ({c.name}): {e}") from None
+        for r in s.rows:
+            for src in r.recipe.sources:
+                if src.path and mine(src.path.split("*")[0]):
+                    try:
+                        local_files(src.path, src.name)
+                    except (QtuluError, OSError) as e:
+                        raise StudyError(f"{s.file}: {r.where} ({r.name}): {e}") from None
+
+    def prepare(self) -> None:
+        """Inside the locked output folder: the synthetic data, then the checks of what lies there."""
+        from qtulu.study.store import write_text_atomic
+
+        s = self.study
         if s.synthetic is not None:
             from qtulu.study.demo_base import write_synthetic
 
             write_synthetic(s.synthetic, s.out / "data")
-        from qtulu.evals.judge import Judge
-
-        for c in s.columns:
-            j = c.judge
-            self.judges[c.name] = None if j is None else Judge(j.url, j.model, api_key_env=j.api_key_env)
-            try:
-                check_requirements([c.name], judge=self.judges[c.name], classifier=ev.toxigen_classifier,
-                                   allow_code_execution=ev.allow_code_execution,
-                                   unsafe_no_isolation=ev.unsafe_no_isolation)
-            except QtuluError as e:
-                raise StudyError(f"{s.file}: {c.where} ({c.name}): {e}") from None
-        for c in s.columns:
-            if not c.data_dir.is_dir():
-                raise StudyError(f"{s.file}: {c.where}: eval data folder {c.data_dir} not found (eval.data_dir)")
-            task = resolve_task(c.name, c.options, ev.profile)
-            try:
-                task.module.load(c.data_dir, limit=1, **task.opts)  # TaskDataError names the missing file
-            except Exception as e:
-                raise StudyError(f"{s.file}: {c.where} ({c.name}): {e}") from None
-        from qtulu.data.sources import local_files
-
-        for r in s.rows:
-            for src in r.recipe.sources:
-                if src.path:
-                    try:
-                        local_files(src.path, src.name)
-                    except Exception as e:
-                        raise StudyError(f"{s.file}: {r.where} ({r.name}): {e}") from None
-        if s.base.demo is None:
-            p = Path(s.base_path)
-            if p.is_absolute() and not p.is_dir():
-                raise StudyError(f"{s.file}: base.path: {p}: not found (no such directory)")
-            if p.is_dir() and not ((p / "config.json").is_file() and list(p.glob("*.safetensors"))):
-                raise StudyError(f"{s.file}: base.path: {p}: not a model directory (config.json + *.safetensors)")
-        from qtulu.study.store import write_text_atomic
-
+        self.preflight(inside_out=True)
         write_text_atomic(s.out / "study.json", to_json(s))
 
     def show_plan(self) -> dict:
@@ -139,7 +179,8 @@ class StudyRun:
             say(f"all {self.total} cells complete in {s.out}: nothing to train or evaluate")
         try:
             if missing:
-                self._run_missing(status)
+                with _library_bars(self.progress):
+                    self._run_missing(status)
         except KeyboardInterrupt:
             self.records.log("interrupted", complete=self.complete)
             raise KeyboardInterrupt(f"{self.complete} of {self.total} cells complete in {s.out}; "
