@@ -367,3 +367,16 @@ def test_a_new_recipe_and_task_run_only_their_cells_in_a_moved_folder(killed_and
     assert res["table"]["up2"] == res["table"]["up"]
     assert _predictions(moved / "eval" / "up2" / "synthetic_upper" / "predictions.jsonl") == \
         _predictions(moved / "eval" / "up" / "synthetic_upper" / "predictions.jsonl")
+
+
+def test_the_readme_study_example_loads(tmp_path):
+    import re
+
+    from qtulu.study.load import load_study
+
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"A STUDY\.yaml .*?```yaml\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "s.yaml").write_text(block)
+    study = load_study(tmp_path / "s.yaml", tmp_path / "out")
+    assert study.labels == ["base", "dolly", "sharegpt_1k", "merge"]
+    assert study.rows[1].recipe.sources[0].count == 1000 and study.columns[1].options == {"subtasks": ["navigate", "snarks"]}
