@@ -380,3 +380,23 @@ def test_the_readme_study_example_loads(tmp_path):
     study = load_study(tmp_path / "s.yaml", tmp_path / "out")
     assert study.labels == ["base", "dolly", "sharegpt_1k", "merge"]
     assert study.rows[1].recipe.sources[0].count == 1000 and study.columns[1].options == {"subtasks": ["navigate", "snarks"]}
+
+
+def test_a_bad_training_row_stops_the_study_before_the_base_loads(tmp_path, capsys, monkeypatch):
+    import qtulu.model
+    from qtulu.cli import main
+
+    def boom(*a, **k):
+        raise AssertionError("the base was loaded")
+
+    monkeypatch.setattr(qtulu.model, "load_base", boom)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                    '{"messages": [{"role": "user", "content": "hi"}\n')
+    study = tiny_study(tmp_path / "s.yaml")
+    study.write_text(study.read_text().replace("${out}/data/successor_train.jsonl", str(rows)))
+    assert main(["study", str(study), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("qtulu study: error: cell data/succ: ") and f"{rows}:2" in err, err
+    assert err.endswith(f"(2 of 14 cells complete in {tmp_path / 'out'})"), err  # the base and data/up
+    assert (tmp_path / "out" / "cells" / "data" / "up.json").is_file()  # what was done is kept

@@ -177,7 +177,7 @@ def load_study(path: str | os.PathLike, out_dir: str | os.PathLike) -> LoadedStu
     if not _NAME_RE.fullmatch(spec.name):
         err("name", f"{spec.name!r}: use letters, digits, '.', '_' or '-' (it names the output folder)")
     here = file.parent
-    base = _check_base(spec.base, here, out, err)
+    base = _check_base(spec.base, here, err)
     base_path = str(out / "base") if base.demo is not None else base.path
     synthetic = _check_synthetic(spec.synthetic, err)
     ev = _check_eval(spec.eval, here, err)
@@ -205,7 +205,7 @@ def load_study(path: str | os.PathLike, out_dir: str | os.PathLike) -> LoadedStu
 # sections
 
 
-def _check_base(b: BaseSpec, here: Path, out: Path, err) -> BaseSpec:
+def _check_base(b: BaseSpec, here: Path, err) -> BaseSpec:
     from dataclasses import replace
 
     from qtulu.recipes import NF4_BLOCKSIZES

@@ -15,6 +15,7 @@ Ctrl-C stops with one line saying how many cells are complete; the same command 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,11 @@ class StudyRun:
         try:
             if not status.get("base", True):
                 self._cell("base", self._build_base)
+            elif s.base.demo is None and plan.base_dir() is None:  # a hub id not in the local cache yet
+                from qtulu.model import resolve_checkpoint
+
+                say(f"downloading the base {s.base_path} (config, safetensors, tokenizer files)")
+                resolve_checkpoint(s.base_path, s.base.revision)
             # each missing cell is checked again just before it runs: what an earlier cell of this run
             # made may complete it (a retrained adapter identical to the one an eval cell scored)
             for r in s.rows:
@@ -241,7 +247,12 @@ class StudyRun:
         self.bar.set_description(f"study · {cell}")
         self.records.log("run", cell)
         t = time.perf_counter()
-        fn()
+        try:
+            fn()
+        except QtuluError as e:  # which cell failed, and what is kept (the same command resumes after a fix)
+            self.records.log("failed", cell, error=str(e))
+            raise StudyError(f"cell {cell}: {e} ({self.complete} of {self.total} cells complete in "
+                             f"{self.study.out})") from e
         self.records.log("done", cell, seconds=round(time.perf_counter() - t, 2))
         self._done(cell)
 
@@ -345,6 +356,9 @@ class StudyRun:
              "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
              "skipped_steps": result.skipped_steps}, time.perf_counter() - t)
         pending.unlink(missing_ok=True)
+        # the packed rows are not needed any more (its manifest is in the adapter's qtulu.json): on the
+        # paper's mixtures they are gigabytes each
+        shutil.rmtree(run_dir / "data", ignore_errors=True)
 
     def _attach(self, labels: list[str]) -> None:
         from qtulu.adapters import attach_adapters

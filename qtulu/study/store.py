@@ -3,7 +3,7 @@
 Layout (``OUT`` = ``qtulu study --out``)::
 
     OUT/cells/base.json                  the demo base (when built in-process)
-    OUT/cells/data/NAME.json             a recipe's packed data (OUT/runs/NAME/data)
+    OUT/cells/data/NAME.json             a recipe's packed data (OUT/runs/NAME/data, removed once trained on)
     OUT/cells/train/NAME.json            a recipe's adapter (OUT/runs/NAME/adapter)
     OUT/cells/eval/LABEL/TASK.json       one (row, task) score (OUT/eval/LABEL/TASK/metrics.json)
     OUT/cells/merge.json                 the merge search (OUT/merge/best: the chosen merge)
