@@ -5,7 +5,8 @@
     {"table": {ROW: {TASK: score}},            # headline scores in [0, 1] (None: cell missing)
      "average": {ROW: mean},                   # over `average` (all tasks), lower-is-better ones as 1 - score
      "percent_of_best": {ROW: {TASK|"average": %}},   # of the best row in that column
-     "best": {TASK: [ROW, ...]},               # the best adapter per task (ties listed), base left out
+     "best": {TASK: [ROW, ...]},               # the best adapter per task (ties listed; none if all score 0),
+                                               # the base left out
      "rows": [...], "columns": [...], "tasks": {TASK: {"metric", "lower_is_better", "version", "n"}},
      "merge": {...} | null, "study": {...}, "cells_digest": ...}
 
@@ -66,7 +67,7 @@ def collect(plan) -> dict:
     for t in cols:
         vals = {lab: oriented[lab][t] for lab in adapters if oriented[lab][t] is not None}
         top = max(vals.values(), default=None)
-        best[t] = [lab for lab, v in vals.items() if top is not None and v == top]
+        best[t] = [lab for lab, v in vals.items() if top and v == top]  # none when every adapter scores 0
     merge = None
     if study.merge:
         rec = plan.records.read("merge")
