@@ -251,6 +251,7 @@ def killed_and_resumed(tmp_path_factory):
             "adapter_a": adapter_a, "stdout": buf.getvalue()}
 
 
+@pytest.mark.slow  # its fixture: ~30 s (a subprocess importing torch, then the resume in this process)
 def test_a_killed_study_resumes_without_redoing_finished_cells(killed_and_resumed):
     k = killed_and_resumed
     out = k["out"]
