@@ -308,6 +308,8 @@ def _run(out: Path, *, seed: int, progress: bool, cfg: dict[str, Any]) -> dict:
     _say(f"done in {report['seconds']:.0f}s: {out / 'report.json'}, {png}")
     _say(f"try it: qtulu chat --model {_rel(base_dir)} --adapter {_rel(adapters[DEMO_SKILLS[0]])} "
          f"--adapter {_rel(adapters[DEMO_SKILLS[1]])}   (then /adapter {DEMO_SKILLS[1]}; the README has the tour)")
+    _say("the paper's experiment on these skills (adapters, their merge, the table), one resumable command: "
+         "qtulu study demo --out study_out")
     return report
 
 

@@ -40,10 +40,12 @@ def _describe(info: dict) -> str:
 
 
 @contextlib.contextmanager
-def run_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
+def run_lock(out_dir: str | os.PathLike, *, what: str = "qtulu train run",
+             hint: str = "choose another --output-dir") -> Iterator[Path]:
     """Hold the run directory ``out_dir`` (created if needed) for the duration of the ``with``.
 
-    Raises `RunDirLocked` naming the holder when another live process holds it.
+    Raises `RunDirLocked` naming the holder when another live process holds it (``what`` names the
+    kind of run in the message, ``hint`` the way out).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,8 +60,7 @@ def run_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
             except (OSError, ValueError):
                 info = {}
             raise RunDirLocked(
-                f"{out} is in use by another qtulu train run ({_describe(info)}); wait for it to finish "
-                "or choose another --output-dir"
+                f"{out} is in use by another {what} ({_describe(info)}); wait for it to finish or {hint}"
             ) from None
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
                 "command": " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])}

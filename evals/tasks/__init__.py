@@ -55,6 +55,7 @@ TASKS: dict[str, tuple[str, dict[str, Any]]] = {
     # not the paper's: the held-out splits of `qtulu demo`'s synthetic skills (--data-dir demo_out/data)
     "synthetic_upper": ("synthetic", {"skill": "upper"}),
     "synthetic_successor": ("synthetic", {"skill": "successor"}),
+    "synthetic_copy": ("synthetic", {"skill": "copy"}),  # the warm-up skill: what an adapter keeps of the base
 }
 
 

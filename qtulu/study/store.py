@@ -1,0 +1,150 @@
+"""What a study folder remembers: cell records, a log of what ran, and content hashes.
+
+Layout (``OUT`` = ``qtulu study --out``)::
+
+    OUT/cells/base.json                  the demo base (when built in-process)
+    OUT/cells/data/NAME.json             a recipe's packed data (OUT/runs/NAME/data, removed once trained on)
+    OUT/cells/train/NAME.json            a recipe's adapter (OUT/runs/NAME/adapter)
+    OUT/cells/eval/LABEL/TASK.json       one (row, task) score (OUT/eval/LABEL/TASK/metrics.json)
+    OUT/cells/merge.json                 the merge search (OUT/merge/best: the chosen merge)
+    OUT/log.jsonl                        one line per cell run or reused, per study start and end
+    OUT/.qtulu-study/hashes.json         SHA-256 of files by (path, size, mtime): a finished study
+                                         re-run hashes nothing twice
+
+A record is ``{"key": ..., "what": {...}, "result": {...}, "seconds": ..., "finished": ...}``, written
+atomically once its cell's outputs are complete, so a cell is complete exactly when its record
+carries the key the current study computes for it (and its outputs still hash as recorded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+MEMO = ".qtulu-study/hashes.json"
+
+
+def digest(obj: Any) -> str:
+    """SHA-256 of ``obj`` as canonical JSON."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a temp file beside ``path``, flush it to disk, rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=str))
+
+
+class Hasher:
+    """SHA-256 of files and folders, remembered by (resolved path, size, mtime_ns) in ``OUT/MEMO``.
+
+    A changed file (size or mtime) is hashed again; a moved or copied study folder re-hashes its
+    files once and finds the same contents, hence the same keys.
+    """
+
+    def __init__(self, out: Path):
+        self.path = out / MEMO
+        try:
+            self.memo: dict[str, list] = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.memo = {}
+        self.dirty = False
+
+    def file(self, path: Path) -> str:
+        real = Path(path).resolve()
+        st = real.stat()
+        stamp = [st.st_size, st.st_mtime_ns]
+        hit = self.memo.get(str(real))
+        if hit and hit[:2] == stamp:
+            return hit[2]
+        h = hashlib.sha256()
+        with open(real, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        self.memo[str(real)] = [*stamp, h.hexdigest()]
+        self.dirty = True
+        return h.hexdigest()
+
+    def tree(self, root: Path, names: list[str] | None = None) -> str:
+        """Over the relative names and contents of ``root``'s files (hidden ones left out), or of
+        ``names`` in it; a file ``root`` is hashed as itself."""
+        root = Path(root)
+        if root.is_file():
+            return self.file(root)
+        if names is not None:
+            files = [root / n for n in names]
+        else:
+            files = sorted(p for p in root.rglob("*") if p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        return digest([[str(p.relative_to(root)), self.file(p)] for p in files])
+
+    def save(self) -> None:
+        if self.dirty:
+            write_json_atomic(self.path, self.memo)
+            self.dirty = False
+
+
+class Records:
+    """Cell records under ``OUT/cells`` and the log ``OUT/log.jsonl``."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.root = out / "cells"
+
+    def path(self, cell: str) -> Path:
+        return self.root / f"{cell}.json"
+
+    def read(self, cell: str) -> dict | None:
+        try:
+            rec = json.loads(self.path(cell).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return rec if isinstance(rec, dict) else None
+
+    def matching(self, cell: str, key: str | None) -> dict | None:
+        """The record of ``cell`` if it carries ``key``."""
+        rec = self.read(cell)
+        return rec if key is not None and rec is not None and rec.get("key") == key else None
+
+    def write(self, cell: str, key: str, what: dict, result: dict, seconds: float) -> dict:
+        rec = {"cell": cell, "key": key, "what": what, "result": result, "seconds": round(seconds, 2),
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_json_atomic(self.path(cell), rec)
+        return rec
+
+    def log(self, event: str, cell: str | None = None, **extra) -> None:
+        """Append one line: ``{"t", "pid", "event", "cell", ...}`` (run, done, reused, start, end, ...)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        line = {"t": round(time.time(), 3), "pid": os.getpid(), "event": event, **({"cell": cell} if cell else {}),
+                **extra}
+        with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(line, default=str) + "\n")
+            f.flush()
+
+
+def read_log(out: Path) -> list[dict]:
+    """The lines of ``OUT/log.jsonl`` (a torn last line, from a kill mid-write, is skipped)."""
+    rows = []
+    try:
+        text = (Path(out) / "log.jsonl").read_text(encoding="utf-8")
+    except OSError:
+        return rows
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
