@@ -183,7 +183,7 @@ def evaluate(model, tokenizer, tasks, *, data_dir, out_dir, adapters: Sequence[s
         for label in labels:
             if adapters:
                 set_active(model, label)
-            lm = make_lm(base_chat_format if label == "base" else chat_format)
+            lm = make_lm(base_chat_format if adapters and label == "base" else chat_format)  # a model as is: chat_format
             identity = model_identity(model, label if adapters else None)
             results[label] = {}
             for name in names:

@@ -66,6 +66,15 @@ def test_base_label_equals_plain_model(lora_pair, tiny, eval_data, tmp_path):
     assert a["results"]["base"]["mmlu"]["chat_format"] is None  # base models get plain prompts
 
 
+def test_a_model_evaluated_as_is_gets_the_chat_format_even_when_named_base(tiny, eval_data, tmp_path):
+    # `qtulu eval --model demo_out/base` (no adapter) labels the row "base" after the folder: it is
+    # a model as is, so --chat-format applies (only the adapters-disabled row gets plain prompts)
+    plain, tok = tiny
+    res = evaluate(plain, tok, ["mmlu"], data_dir=eval_data, out_dir=tmp_path, limit=1, chat_format="tulu",
+                   model_name="base", task_options=OPTS, progress=False, report=False)
+    assert res["results"]["base"]["mmlu"]["chat_format"] == "tulu"
+
+
 def test_predictions_identical_at_batch_1_and_8(lora_pair, data_root, tmp_path):
     model, tok = lora_pair
     preds = {}
