@@ -44,7 +44,7 @@ NF4_SMALL_M = 16
 
 
 def _varlen_bwd_ws(args, kwargs) -> int:
-    do, q, out = args[0], args[1], args[4]
+    do, q = args[0], args[1]
     n = do.numel()
     total, heads = q.shape[0], q.shape[1]
     up = 0 if do.dtype == torch.float32 else 2 * n * 4  # do.float(), out.float()

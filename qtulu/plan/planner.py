@@ -207,11 +207,13 @@ def plan_step(settings: PlanSettings, *, stack: str = "qtulu", config=None) -> P
     loss_ctx = _loss_context(settings) if stack == "qtulu" else None
     emulation = cuda_semantics() if cuda else contextlib.nullcontext()
     fake = FakeTensorMode(allow_non_fake_inputs=True)
-    with emulation, fake, warnings.catch_warnings():
+    with emulation, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        to_fake_device(model, "cpu")
+        with fake:
+            to_fake_device(model, "cpu")
+        # outside the fake mode: bitsandbytes builds its quantization maps from real values
         optimizer = make_optimizer(model, settings, cuda=cuda)
-        with tracker:
+        with fake, tracker:
             _register_state(tracker, model, batches)
             tracker.set_phase("warmup")
             _warm_up(model, optimizer)

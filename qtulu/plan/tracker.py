@@ -33,7 +33,6 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from torch.utils._pytree import tree_flatten
 
 CATEGORIES = (
     "weights",        # frozen base weights: NF4 codes, bf16/fp32 embedding, head, norms
@@ -107,7 +106,8 @@ class StorageTracker(TorchDispatchMode):
         self.phases: list[Phase] = []
         self.host_depth = 0
         self.recompute_ends: dict[int, int] = {}
-        self._pending_ws: list[Storage] = []
+        self._refs: dict[int, Any] = {}
+        self._names: dict[Any, str] = {}
 
     # ---- recording ------------------------------------------------------------------------
     def _round(self, n: int) -> int:
@@ -155,10 +155,11 @@ class StorageTracker(TorchDispatchMode):
         self.storages[sid] = s
         self._ids[key] = sid
         self.events.append((sid, +1))
-        weakref.finalize(st, self._died, key, sid)
+        self._refs[sid] = weakref.ref(st, lambda _r, key=key, sid=sid: self._died(key, sid))
         return s
 
     def _died(self, key: int, sid: int) -> None:
+        self._refs.pop(sid, None)
         if self._ids.get(key) == sid:
             del self._ids[key]
         s = self.storages.get(sid)
@@ -171,15 +172,15 @@ class StorageTracker(TorchDispatchMode):
             if t is not None:
                 self.track(t, role=role, **kw)
 
-    def _workspace(self, name: str, nbytes: int) -> None:
-        """An op-internal buffer: born and dead around the op's own outputs."""
+    def _workspace(self, name: str, nbytes: int) -> Storage:
+        """An op-internal buffer: born before the op's outputs, dead after them."""
         sid = next(self._counter)
         s = Storage(sid=sid, nbytes=self._round(int(nbytes)), phase=self._current_phase(), op=name + " (workspace)",
                     module=self.module_stack[-1] if self.module_stack else "", born=len(self.events),
                     role="transient")
         self.storages[sid] = s
         self.events.append((sid, +1))
-        self._pending_ws.append(s)
+        return s
 
     # ---- phases ---------------------------------------------------------------------------
     def set_phase(self, name: str) -> None:
@@ -200,10 +201,15 @@ class StorageTracker(TorchDispatchMode):
             self._recompute_id = None
 
     # ---- dispatch -------------------------------------------------------------------------
+    def _name(self, func) -> str:
+        name = self._names.get(func)
+        if name is None:
+            name = self._names[func] = str(func.name()) if hasattr(func, "name") else str(func)
+        return name
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        flat, _ = tree_flatten((args, kwargs))
-        tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+        tensors = _tensors(args, kwargs)
         if tensors and not any(_is_fake(t) for t in tensors):
             # every input is a real (small) tensor: compute it for real, so values are known
             with _disable_current_modes():
@@ -214,26 +220,39 @@ class StorageTracker(TorchDispatchMode):
             isinstance(i, torch.Tensor) and not _is_fake(i) and i.dtype == torch.bool for i in (args[1] or [])
         ):
             args = (args[0], _bool_to_int_indices(args[1]))
-        self._pending_ws: list[Storage] = []
-        name = str(func.name()) if hasattr(func, "name") else str(func)
-        ws = self.workspace.get(name)
+        ws = self.workspace.get(self._name(func)) if self.workspace else None
+        pending: list[Storage] = []
         if ws is not None:
             nbytes = int(ws(args, kwargs))
             if nbytes > 0:
-                self._workspace(name, nbytes)
+                pending.append(self._workspace(self._name(func), nbytes))
         out = func(*args, **kwargs)
         self._record_outputs(func, out)
-        for s in self._pending_ws:
+        for s in pending:
             s.died = len(self.events)
             self.events.append((s.sid, -1))
-        self._pending_ws = []
         return out
 
     def _record_outputs(self, func, out) -> None:
-        name = str(func.name()) if hasattr(func, "name") else str(func)
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.track(t, op=name)
+        if isinstance(out, torch.Tensor):
+            self.track(out, op=self._name(func))
+            return
+        if isinstance(out, (tuple, list)):
+            for t in out:
+                if isinstance(t, torch.Tensor):
+                    self.track(t, op=self._name(func))
+                elif isinstance(t, (tuple, list)):
+                    self._record_outputs(func, t)
+
+
+def _tensors(args, kwargs) -> list[torch.Tensor]:
+    out = []
+    for a in itertools.chain(args, kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(x for x in a if isinstance(x, torch.Tensor))
+    return out
 
 
 def _bool_to_int_indices(indices):
