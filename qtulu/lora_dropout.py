@@ -52,8 +52,9 @@ def _draw(shape, dtype: torch.dtype, device: torch.device, p: float) -> torch.Te
 def _apply(t: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
     if mask is None:
         return t
-    if mask.dtype == torch.bool:  # (t * scale) rounded once, zero where dropped: fp32 dropout, then the cast
-        return torch.where(mask, t * (1.0 / (1 - p)), 0)
+    if mask.dtype == torch.bool:
+        # zero where dropped, then (t * scale) rounded once: fp32 dropout followed by autocast's cast
+        return (t * mask).mul_(1.0 / (1 - p))
     return t * mask
 
 

@@ -124,6 +124,9 @@ class LoraSpec:
     alpha: int = 16
     dropout: float = 0.1
     target_modules: str | list[str] = "all-linear"
+    # "recompute": the dropout mask is regenerated in backward instead of keeping a dropped copy of
+    # each module's input (same maths; qtulu.lora_dropout). "peft": peft's nn.Dropout.
+    dropout_impl: Literal["peft", "recompute"] = "peft"
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,11 @@ class TrainConfig:
     # FSDP2 (fully_shard) across the ranks of a torchrun/accelerate launch; None = DDP. full_shard
     # re-shards parameters after each forward, shard_grad_op keeps them gathered until backward.
     fsdp: Literal["full_shard", "shard_grad_op"] | None = None
+    # Memory switches (measured by `qtulu plan` and benchmarks/bench_memory.py; all keep the maths):
+    # vocabulary columns per tile of TRL's chunked LM-head loss (None: TRL's 32768; qtulu.loss)
+    loss_chunk_size: int | None = None
+    # checkpointed layer inputs held in pinned host memory between forward and backward (CUDA; qtulu.offload)
+    activation_offload: bool = False
 
 
 @dataclass(frozen=True)

@@ -333,6 +333,9 @@ def train(
         raise TrainError("pass overrides with a recipe path/name, not with a Recipe object")
     t = recipe.train
     check_fsdp(t, world_size())
+    if t.activation_offload and not t.gradient_checkpointing:
+        raise TrainError(f"{recipe.path or recipe.name}: train.activation_offload offloads the checkpointed layer "
+                         "inputs: it needs train.gradient_checkpointing: true")
     out = Path(output_dir)
     run_dir = out / CHECKPOINTS_DIRNAME
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -388,6 +391,10 @@ def train(
 
     set_seed(t.seed)  # LoRA init depends only on the seed
     peft_model = attach_lora(base, recipe.lora, adapter_name=adapter_name)
+    if recipe.lora.dropout_impl == "recompute":  # memory switch (qtulu.lora_dropout)
+        from qtulu.lora_dropout import use_recompute_dropout
+
+        use_recompute_dropout(peft_model)
 
     cuda = torch.cuda.is_available()
     dtype = recipe.model.compute_dtype
@@ -441,6 +448,10 @@ def train(
         qtulu_keep=t.save_total_limit,
     )
     trainer.add_callback(GuardCallback(trainer, guard))
+    if t.activation_offload:  # memory switch (qtulu.offload): wraps checkpointing once the trainer turned it on
+        from qtulu.offload import offload_callback
+
+        trainer.add_callback(offload_callback())
     for cb in callbacks:
         trainer.add_callback(cb)
     say(
@@ -459,7 +470,10 @@ def train(
         trainer.state.global_step = done
         say(f"{resume_from.name} already reached train.max_steps={t.max_steps}: nothing left to train")
     else:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        from qtulu.loss import loss_chunking
+
+        with loss_chunking(t.loss_chunk_size):  # memory switch (qtulu.loss)
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     steps = guard.steps
     if is_main:

@@ -17,6 +17,8 @@ the device is steered to its CUDA branch while `cuda_semantics` is active:
   flash-attention kernel CUDA picks for bf16 causal attention (saves q, k, v, out and the fp32
   log-sum-exp; no (T, T) scores), through ``aten._scaled_dot_product_flash_attention`` and its
   meta kernels.
+* ``F.dropout`` in training is CUDA's fused ``native_dropout`` (it saves a bool mask; the CPU's
+  composite dropout saves a float noise tensor).
 * torch's AdamW defaults to ``foreach`` on CUDA (`qtulu.plan.step.make_optimizer` asks for it).
 
 Op-internal buffers a fake kernel cannot show are added by `workspace_table` (bytes computed from
@@ -140,7 +142,17 @@ def cuda_semantics() -> Iterator[None]:
     def sdpa(*args, **kwargs):
         return _flash_sdpa(*args, _orig=orig_sdpa, **kwargs)
 
+    orig_dropout = F.dropout
+
+    def dropout(input, p=0.5, training=True, inplace=False):
+        # CUDA takes the fused kernel (at::native_dropout): it saves a bool mask; the CPU's
+        # composite dropout saves a float noise tensor instead
+        if training and 0 < p < 1 and input.numel() > 0 and not inplace:
+            return torch.ops.aten.native_dropout(input, p, True)[0]
+        return orig_dropout(input, p, training, inplace)
+
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_patched(F, "dropout", dropout))
         stack.enter_context(_patched(nf4_mod, "resolve_backend", triton_backend))
         stack.enter_context(_patched(va_mod, "resolve_backend", triton_backend))
         stack.enter_context(_patched(F, "scaled_dot_product_attention", sdpa))
@@ -156,4 +168,31 @@ def cuda_semantics() -> Iterator[None]:
             stack.enter_context(_patched(cl, "_forward_kernel", _NoLaunch()))
             stack.enter_context(_patched(cl, "_backward_kernel", _NoLaunch()))
             stack.enter_context(_patched(cl, "_addmm_fp32", lambda acc, a, b: None))
+        yield
+
+
+@contextlib.contextmanager
+def offload_to_host(tracker) -> Iterator[None]:
+    """`qtulu.offload` on the planner's fake CPU tensors: they stand for CUDA tensors, and the
+    buffers it allocates for them are host memory (not counted on the device)."""
+    import qtulu.offload as offload
+
+    orig = offload._host_buffer
+
+    def host_buffer(t):
+        tracker.host_depth += 1
+        try:
+            return orig(t)
+        finally:
+            tracker.host_depth -= 1
+
+    orig_back = offload.OffloadHooks._to_device
+
+    def to_device(self, h, stream=None):
+        out = orig_back(self, h, stream)
+        tracker.track(out, role="activations")  # a checkpointed input, back for its recomputation
+        return out
+
+    with (_patched(offload, "offload_device_type", "cpu"), _patched(offload, "_host_buffer", host_buffer),
+          _patched(offload.OffloadHooks, "_to_device", to_device)):
         yield

@@ -232,16 +232,22 @@ def to_fake_device(model: nn.Module, device: str = "cpu") -> None:
     fake tensor on ``device``."""
     from qtulu.quant import Linear4bit
 
+    # bitsandbytes keeps the quant state on its Params4bit, which to_empty turns into a plain
+    # Parameter (a tensor subclass cannot wrap a fake tensor): carry the state over as an attribute,
+    # where bitsandbytes' Linear4bit.forward looks for it first
+    bnb_states = {}
+    for m in model.modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        if qs is not None and not isinstance(m, Linear4bit) and hasattr(qs, "absmax"):
+            bnb_states[m] = qs
     model.to_empty(device=device)  # parameters and buffers; qtulu's Linear4bit moves its quant state
     for m in model.modules():
-        if isinstance(m, Linear4bit):
-            if m.quant_state.absmax.device.type == "meta":
-                m.quant_state = m.quant_state.to(device)
-            continue
-        w = getattr(m, "weight", None)
-        qs = getattr(w, "quant_state", None)
-        if qs is not None and hasattr(qs, "absmax"):
-            _qs_to(qs, device)
+        if isinstance(m, Linear4bit) and m.quant_state.absmax.device.type == "meta":
+            m.quant_state = m.quant_state.to(device)
+    for m, qs in bnb_states.items():
+        _qs_to(qs, device)
+        m.weight.quant_state = qs
+        m.quant_state = qs
 
 
 def _qs_to(qs: Any, device: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from qtulu.plan.emulate import cuda_semantics, workspace_table
+from qtulu.plan.emulate import cuda_semantics, offload_to_host, workspace_table
 from qtulu.plan.models import PlanError, build_hf, build_qtulu, quant_state_tensors, resolve_config, to_fake_device
 from qtulu.plan.settings import PlanSettings
 from qtulu.plan.step import Observer, hf_loss, make_batches, make_optimizer, qtulu_loss, run_step
@@ -213,7 +213,8 @@ def plan_step(settings: PlanSettings, *, stack: str = "qtulu", config=None) -> P
             to_fake_device(model, "cpu")
         # outside the fake mode: bitsandbytes builds its quantization maps from real values
         optimizer = make_optimizer(model, settings, cuda=cuda)
-        with fake, tracker:
+        offload = offload_to_host(tracker) if cuda and settings.activation_offload else contextlib.nullcontext()
+        with fake, tracker, offload:
             _register_state(tracker, model, batches)
             tracker.set_phase("warmup")
             _warm_up(model, optimizer)
