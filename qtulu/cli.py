@@ -21,6 +21,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("merge", "qtulu.merge"),
     ("chat", "qtulu.chat"),
     ("bench", "qtulu.bench.cli"),
+    ("plan", "qtulu.plan.cli"),
     # COMMANDS-END (keep this marker: one line per command above it)
 ]
 

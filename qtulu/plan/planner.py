@@ -164,21 +164,18 @@ def _floor(config, settings: PlanSettings, breakdown_state: dict[str, int]) -> d
 
 
 def _dequant_copies(tracker: StorageTracker, categories: dict[int, str], model) -> list[dict[str, Any]]:
-    """Transient float buffers as large as one of the 4-bit weights: a dequantized weight."""
+    """Transient float buffers shaped like one of the 4-bit weights (out, in): a dequantized weight."""
     shapes = set()
     for m in model.modules():
         qs = getattr(m, "quant_state", None) or getattr(getattr(m, "weight", None), "quant_state", None)
         shape = getattr(qs, "shape", None)
         if shape is not None and len(shape) == 2:
-            shapes.add(int(shape[0]) * int(shape[1]))
+            shapes.add((int(shape[0]), int(shape[1])))
     out = []
     for s in tracker.storages.values():
-        if categories.get(s.sid) == "transient" and s.dtype in ("bfloat16", "float16", "float32") and s.shape:
-            numel = 1
-            for d in s.shape:
-                numel *= d
-            if numel in shapes and len(s.shape) == 2:
-                out.append({"bytes": s.nbytes, "op": s.op, "module": s.module, "shape": list(s.shape)})
+        if (categories.get(s.sid) == "transient" and s.dtype in ("bfloat16", "float16", "float32")
+                and len(s.shape) == 2 and (s.shape in shapes or s.shape[::-1] in shapes)):
+            out.append({"bytes": s.nbytes, "op": s.op, "module": s.module, "shape": list(s.shape)})
     out.sort(key=lambda d: -d["bytes"])
     return out[:5]
 

@@ -70,6 +70,11 @@ class PlanSettings:
         return LoraSpec(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
                         target_modules=self.target_modules)
 
+    def hf_baseline(self) -> "PlanSettings":
+        """The same run on transformers + peft + bitsandbytes: none of qtulu's switches."""
+        return self.replace(lora_dropout_impl="peft", loss_chunk_size=None, activation_offload=False,
+                            attn_implementation="sdpa")
+
     def replace(self, **changes) -> "PlanSettings":
         return dataclasses.replace(self, **changes)
 
