@@ -164,6 +164,9 @@ class TrainConfig:
     loss_chunk_size: int | None = None
     # checkpointed layer inputs held in pinned host memory between forward and backward (CUDA; qtulu.offload)
     activation_offload: bool = False
+    # "host": fp32 master LoRA weights, their gradient sums and the optimizer on the host, bf16 copies
+    # on the device (qtulu.master_weights); "device": peft's fp32 LoRA weights on the device
+    master_weights: Literal["device", "host"] = "device"
 
 
 @dataclass(frozen=True)

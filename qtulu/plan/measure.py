@@ -79,7 +79,15 @@ def measure_step(settings: PlanSettings, *, stack: str = "qtulu", seed: int = 0)
         warnings.simplefilter("ignore")
         torch.manual_seed(seed)
         model = (build_qtulu if stack == "qtulu" else build_hf)(config, settings, device="cpu")
-        optimizer = make_optimizer(model, settings, cuda=False)
+        master, opt_settings = None, settings
+        if settings.master_weights == "host":
+            from qtulu.master_weights import HostMaster, host_optimizer_name
+
+            master = HostMaster(model.named_parameters(), compute_dtype=settings.torch_dtype)
+            opt_settings = settings.replace(optimizer=host_optimizer_name(settings.optimizer))
+        optimizer = make_optimizer(model, opt_settings, cuda=False, params=master.masters if master else None)
+        if master is not None:
+            master.attach(optimizer, settings.max_grad_norm)
         batches = make_batches(config.vocab_size, settings, max(1, settings.accumulation), packed=stack == "qtulu")
         loss_fn = qtulu_loss if stack == "qtulu" else hf_loss
         from qtulu.loss import loss_chunking

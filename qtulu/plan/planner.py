@@ -139,9 +139,9 @@ def _register_state(tracker: StorageTracker, model, batches) -> None:
                 tracker.track(v, role="activations")
 
 
-def _warm_up(model, optimizer) -> None:
+def _warm_up(optimizer) -> None:
     """Create the optimizer states (a step on zero gradients), as after the first real step."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     for p in params:
         p.grad = torch.zeros_like(p)
     optimizer.step()
@@ -206,15 +206,24 @@ def plan_step(settings: PlanSettings, *, stack: str = "qtulu", config=None) -> P
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with emulation, warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        master, opt_settings = None, settings
         with fake:
             to_fake_device(model, "cpu")
+            if settings.master_weights == "host":
+                from qtulu.master_weights import HostMaster, host_optimizer_name
+
+                # the host is the meta device here: never counted
+                master = HostMaster(model.named_parameters(), compute_dtype=settings.torch_dtype, host_device="meta")
+                opt_settings = settings.replace(optimizer=host_optimizer_name(settings.optimizer))
         # outside the fake mode: bitsandbytes builds its quantization maps from real values
-        optimizer = make_optimizer(model, settings, cuda=cuda)
+        optimizer = make_optimizer(model, opt_settings, cuda=cuda, params=master.masters if master else None)
+        if master is not None:
+            master.attach(optimizer, settings.max_grad_norm)
         offload = offload_to_host(tracker) if cuda and settings.activation_offload else contextlib.nullcontext()
         with fake, tracker, offload:
             _register_state(tracker, model, batches)
             tracker.set_phase("warmup")
-            _warm_up(model, optimizer)
+            _warm_up(optimizer)
             start = len(tracker.events)
             with _module_hooks(model, tracker, backbone):
                 run_step(

@@ -21,6 +21,7 @@ REDUCTIONS: dict[str, tuple[Any, str]] = {
     "lora_dropout_impl": ("recompute", "LoRA dropout mask regenerated in backward: no dropped copy, no mask"),
     "loss_chunk_size": (8192, "TRL's chunked LM-head loss in 8192-wide vocabulary tiles"),
     "activation_offload": (True, "checkpointed layer inputs held in pinned host memory"),
+    "master_weights": ("host", "fp32 master LoRA weights, their gradient sums and the optimizer on the host"),
 }
 
 
@@ -50,10 +51,12 @@ class PlanSettings:
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = True
     device: str = "cuda"               # whose semantics: "cuda" (the GPU step) or "cpu" (this machine's step)
-    # memory switches (recipe: lora.dropout_impl, train.loss_chunk_size, train.activation_offload)
+    # memory switches (recipe: lora.dropout_impl, train.loss_chunk_size, train.activation_offload,
+    # train.master_weights)
     lora_dropout_impl: str = "peft"
     loss_chunk_size: int | None = None
     activation_offload: bool = False
+    master_weights: str = "device"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -73,7 +76,7 @@ class PlanSettings:
     def hf_baseline(self) -> "PlanSettings":
         """The same run on transformers + peft + bitsandbytes: none of qtulu's switches."""
         return self.replace(lora_dropout_impl="peft", loss_chunk_size=None, activation_offload=False,
-                            attn_implementation="sdpa")
+                            master_weights="device", attn_implementation="sdpa")
 
     def replace(self, **changes) -> "PlanSettings":
         return dataclasses.replace(self, **changes)
@@ -113,6 +116,7 @@ class PlanSettings:
             lora_dropout_impl=getattr(lo, "dropout_impl", "peft"),
             loss_chunk_size=getattr(t, "loss_chunk_size", None),
             activation_offload=getattr(t, "activation_offload", False),
+            master_weights=getattr(t, "master_weights", "device"),
         )
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)
@@ -121,5 +125,6 @@ class PlanSettings:
         """The ``--set KEY=VALUE`` lines that put these switches into a recipe."""
         out = [f"lora.dropout_impl={self.lora_dropout_impl}", f"train.activation_offload={str(self.activation_offload).lower()}"]
         out.append(f"train.loss_chunk_size={'null' if self.loss_chunk_size is None else self.loss_chunk_size}")
+        out.append(f"train.master_weights={self.master_weights}")
         out.append(f"train.optimizer={self.optimizer}")
         return out

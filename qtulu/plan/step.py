@@ -60,13 +60,15 @@ def hf_loss(model, batch: dict[str, Any], num_items: int) -> torch.Tensor:
     return model(**batch, num_items_in_batch=num_items, use_cache=False).loss
 
 
-def make_optimizer(model, settings, *, cuda: bool):
-    """The optimizer HF Trainer builds for ``settings.optimizer`` (its own name -> class mapping)."""
-    from transformers import Trainer, TrainingArguments
-
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(model, settings, *, cuda: bool, params=None):
+    """The optimizer HF Trainer builds for ``settings.optimizer`` (its own name -> class mapping),
+    over ``params`` (default: the model's trainable parameters)."""
     import tempfile
 
+    from transformers import Trainer, TrainingArguments
+
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, optim=settings.optimizer, learning_rate=settings.learning_rate,
                                  weight_decay=settings.weight_decay, use_cpu=True, report_to="none")
@@ -125,7 +127,8 @@ def run_step(
             del loss
         obs.on_phase("optimizer")
         params = [p for p in model.parameters() if p.requires_grad]
-        if max_grad_norm and max_grad_norm > 0:
+        if max_grad_norm and max_grad_norm > 0 and getattr(optimizer, "qtulu_host_master", None) is None:
+            # (with host master weights the gradients are on the host: the optimizer clips them there)
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=foreach)
         optimizer.step()
         obs.on_step_end(model, optimizer)

@@ -122,8 +122,8 @@ class StorageTracker(TorchDispatchMode):
     def track(self, t: torch.Tensor, *, op: str = "", role: str | None = None, host: bool = False,
               paged: bool = False) -> Storage | None:
         """Record ``t``'s storage (if new); ``role`` forces a category (registered state)."""
-        if not isinstance(t, torch.Tensor) or t.device.type == "meta" and not _is_fake(t):
-            return None
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return None  # meta: real meta tensors, or the planner's stand-ins for host memory
         try:
             st = t.untyped_storage()
         except (NotImplementedError, RuntimeError):
