@@ -160,6 +160,8 @@ class HostMaster:
     @torch.no_grad()
     def after_step(self) -> None:
         self.sync_to_device()
+        for m in self.masters:  # consumed (HF Trainer only zeroes the model's gradients)
+            m.grad = None
 
     @torch.no_grad()
     def sync_to_device(self) -> None:
@@ -205,3 +207,54 @@ class HostMaster:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+class TrainerSetup:
+    """What ``qtulu train`` needs for ``train.master_weights: host`` (see `trainer_setup`)."""
+
+    def __init__(self, master: HostMaster, optimizer, callback) -> None:
+        self.master, self.optimizer, self.callback = master, optimizer, callback
+
+
+def trainer_setup(peft_model, args, train_cfg, *, compute_dtype: torch.dtype, cuda: bool, world_size: int,
+                  resume_from: Path | None) -> TrainerSetup:
+    """Host masters for HF Trainer: the optimizer over them (pass ``optimizers=(setup.optimizer, None)``),
+    a callback (add it before qtulu's non-finite guard) and ``args.max_grad_norm`` set to 0: the
+    gradients are clipped on the host, by the optimizer's step pre-hook, to ``train.max_grad_norm``.
+
+    The device copies are in ``compute_dtype`` when CUDA autocast computes in it (bf16/fp16 on a
+    GPU); elsewhere they stay fp32, as peft's LoRA weights (no autocast, no cast to undo).
+    """
+    import copy
+
+    from transformers import Trainer, TrainerCallback
+    from transformers.training_args import OptimizerNames
+
+    if world_size > 1 or getattr(train_cfg, "fsdp", None):
+        raise MasterWeightsError("train.master_weights=host runs in a single process (DDP/FSDP would reduce the "
+                                 "device gradients it frees); use train.master_weights=device")
+    copy_dtype = compute_dtype if cuda and compute_dtype != torch.float32 else torch.float32
+    master = HostMaster(peft_model.named_parameters(), compute_dtype=copy_dtype)
+    host_args = copy.copy(args)
+    host_args.optim = OptimizerNames(host_optimizer_name(train_cfg.optimizer))
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(host_args, peft_model)
+    optimizer = cls([{"params": master.masters, "weight_decay": train_cfg.weight_decay}], **kwargs)
+    master.attach(optimizer, train_cfg.max_grad_norm)
+    args.max_grad_norm = 0.0
+
+    class _HostMasterCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            if resume_from is None:
+                return
+            saved = Path(resume_from) / MASTER_FILE
+            if saved.is_file():
+                master.load(saved)
+            else:  # a checkpoint of a device-master run: its adapter weights are the masters now
+                with torch.no_grad():
+                    for p, m in zip(master.params, master.masters):
+                        m.copy_(p.detach())
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            master.drain()  # the guard that runs next reads the masters' gradients
+
+    return TrainerSetup(master, optimizer, _HostMasterCallback())

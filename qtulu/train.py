@@ -256,6 +256,10 @@ def _make_trainer_class():
                 payload = dict(self.qtulu_identity)
                 payload["global_step"] = step
                 payload["guard"] = self.qtulu_guard.state()
+                if getattr(self, "qtulu_master", None) is not None:  # fp32 master weights (exact resume)
+                    from qtulu.master_weights import MASTER_FILE
+
+                    self.qtulu_master.save(written / MASTER_FILE)
                 ck.write_manifest(written, payload)
                 ck.commit(written, run_dir / written.name)
                 import shutil
@@ -333,6 +337,8 @@ def train(
         raise TrainError("pass overrides with a recipe path/name, not with a Recipe object")
     t = recipe.train
     check_fsdp(t, world_size())
+    if t.master_weights == "host" and (world_size() > 1 or t.fsdp):
+        raise TrainError(f"{recipe.path or recipe.name}: train.master_weights=host runs in a single process (no DDP/FSDP)")
     if t.activation_offload and not t.gradient_checkpointing:
         raise TrainError(f"{recipe.path or recipe.name}: train.activation_offload offloads the checkpointed layer "
                          "inputs: it needs train.gradient_checkpointing: true")
@@ -435,6 +441,13 @@ def train(
         ddp_backend="gloo" if (world > 1 and not cuda) else None,
         save_only_model=False,
     )
+    host = None
+    if t.master_weights == "host":  # memory switch (qtulu.master_weights): fp32 masters + optimizer on the host
+        from qtulu.master_weights import trainer_setup
+        from qtulu.model import as_dtype
+
+        host = trainer_setup(peft_model, args, t, compute_dtype=as_dtype(dtype), cuda=cuda, world_size=world,
+                             resume_from=resume_from)
     guard = StepGuard(t.max_nonfinite_in_a_row)
     guard.load_state(resumed_guard)
     Trainer = _make_trainer_class()
@@ -446,7 +459,11 @@ def train(
         qtulu_guard=guard,
         qtulu_identity=identity,
         qtulu_keep=t.save_total_limit,
+        optimizers=(host.optimizer if host else None, None),
     )
+    if host is not None:
+        trainer.qtulu_master = host.master
+        trainer.add_callback(host.callback)  # before the guard: it sums the gradients the guard reads
     trainer.add_callback(GuardCallback(trainer, guard))
     if t.activation_offload:  # memory switch (qtulu.offload): wraps checkpointing once the trainer turned it on
         from qtulu.offload import offload_callback
@@ -510,7 +527,7 @@ def train(
                 },
             },
             # FSDP2 serves peft_model.state_dict() as local shards: save from the gathered tensors
-            state_dict=gathered,
+            state_dict=host.master.adapter_state(peft_model, adapter_name) if host else gathered,
         )
         png = plot_losses(steps, out / "loss.png", title=f"{recipe.name}: training loss")
         say(f"adapter saved to {adapter_dir}" + (f"; loss curve {png}" if png else ""))

@@ -4,7 +4,8 @@
 tests/test_lora_dropout.py);
 ``train.loss_chunk_size`` only changes how TRL's fused LM head tiles the vocabulary (the same sums
 in another order); ``train.activation_offload`` moves nothing on a CPU (it offloads CUDA tensors),
-so on this machine it must be exactly neutral. Each run: two optimizer steps of a tiny NF4 model
+so on this machine it must be exactly neutral; ``train.master_weights: host`` keeps fp32 copies on
+a CPU (no autocast to mirror) and moves the gradient sums and the optimizer to host tensors. Each run: two optimizer steps of a tiny NF4 model
 with gradient checkpointing, so the second step also sees the first update.
 """
 
@@ -19,12 +20,15 @@ from qtulu.tiny import build_char_tokenizer, build_tiny_llama
 
 
 class Grads(TrainerCallback):
+    """The gradients an optimizer step is about to apply (the host masters' with train.master_weights=host)."""
+
     def __init__(self):
         self.grads = []
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()
-                           if p.requires_grad and p.grad is not None})
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        host = getattr(getattr(optimizer, "optimizer", optimizer), "qtulu_host_master", None)
+        named = zip(host.names, host.masters) if host is not None else model.named_parameters()
+        self.grads.append({n: p.grad.detach().clone() for n, p in named if p.grad is not None})
 
 
 def _run(tmp_path, name, data, *, lora=None, train=None):
@@ -46,16 +50,22 @@ def test_switches_keep_losses_and_gradients(tmp_path):
     data = packed_toy_dataset(16, 2, seed=5)
     losses, grads = _run(tmp_path, "ref", data)
     got_losses, got_grads = _run(tmp_path, "all", data, lora={"dropout_impl": "recompute"},
-                                 train={"loss_chunk_size": 24, "activation_offload": True})
+                                 train={"loss_chunk_size": 24, "activation_offload": True, "master_weights": "host",
+                                        "save_steps": 2})
     assert got_losses == pytest.approx(losses, rel=1e-6)
     # first step: the same sums in another order (fp32 rounding); second step: after an Adam update,
-    # which divides by sqrt(v) and so magnifies last-bit differences of near-zero first gradients
+    # which divides by sqrt(v) and so magnifies last-bit differences of near-zero first gradients.
+    # With host master weights the gradients the guard (and this callback) see are the masters'.
     assert len(grads) == len(got_grads) == 2
     for ref, got, tol in zip(grads, got_grads, (1e-5, 1e-3)):
-        assert ref.keys() == got.keys()
-        for k in ref:
-            scale = ref[k].abs().max().clamp(min=1e-12)
-            assert float((ref[k] - got[k]).abs().max() / scale) < tol, k
+        assert len(ref) == len(got)
+        for (k, r), g in zip(ref.items(), got.values()):
+            assert r.shape == g.shape, k
+            scale = r.abs().max().clamp(min=1e-12)
+            assert float((r - g).abs().max() / scale) < tol, k
+    from qtulu.master_weights import MASTER_FILE
+
+    assert (tmp_path / "all" / "checkpoints" / "checkpoint-2" / MASTER_FILE).is_file()
 
 
 def test_offload_needs_checkpointing(tmp_path):
