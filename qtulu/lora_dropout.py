@@ -41,44 +41,41 @@ def _rng_state(device: torch.device) -> torch.Tensor:
     return torch.get_rng_state()
 
 
-def _draw(shape, dtype: torch.dtype, device: torch.device, p: float) -> torch.Tensor:
-    """The mask. ``dtype`` bool: a keep mask; a float dtype: torch's CPU dropout noise,
-    ``empty.bernoulli_(1 - p).div_(1 - p)`` (the very draws ``nn.Dropout`` makes on the CPU)."""
+def _draw(shape, dtype: torch.dtype, device: torch.device, p: float, torch_noise: bool) -> torch.Tensor:
+    """The mask. ``torch_noise``: torch's CPU dropout noise ``empty.bernoulli_(1 - p).div_(1 - p)``
+    (the very draws ``nn.Dropout`` makes on the CPU); otherwise a 0/1 keep mask in ``dtype``."""
     noise = torch.empty(shape, dtype=dtype, device=device)
     noise.bernoulli_(1 - p)
-    return noise if dtype == torch.bool else noise.div_(1 - p)
-
-
-def _apply(t: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
-    if mask is None:
-        return t
-    if mask.dtype == torch.bool:
-        # zero where dropped, then (t * scale) rounded once: fp32 dropout followed by autocast's cast
-        return (t * mask).mul_(1.0 / (1 - p))
-    return t * mask
+    return noise.div_(1 - p) if torch_noise else noise
 
 
 class _DropoutLinearA(torch.autograd.Function):
     """``dropout(x) @ A.T`` saving x, A and the RNG state (not the dropped x, not the mask)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float, cdtype: torch.dtype, mask_dtype: torch.dtype):
-        ctx.p, ctx.cdtype, ctx.mask_dtype = p, cdtype, mask_dtype
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float, cdtype: torch.dtype, noise_dtype):
+        # noise_dtype: None (autocast path: 0/1 mask in cdtype, then * 1/(1-p), as CUDA's fused dropout)
+        # or the dtype of torch's CPU dropout noise (draw for draw nn.Dropout's)
+        ctx.p, ctx.cdtype, ctx.noise_dtype = p, cdtype, noise_dtype
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
-        state, mask = None, None
+        state = None
         if p > 0:
             state = _rng_state(x.device)
-            mask = _draw(x.shape, mask_dtype, x.device, p)
-        work = cdtype if mask_dtype == torch.bool else mask_dtype
-        y = F.linear(_apply(x.to(work), mask, p).to(cdtype), weight.to(cdtype))
+            if noise_dtype is not None:
+                xd = x.to(noise_dtype) * _draw(x.shape, noise_dtype, x.device, p, True)
+            else:
+                xd = _draw(x.shape, cdtype, x.device, p, False)
+                xd.mul_(x.to(cdtype)).mul_(1.0 / (1 - p))  # zero where dropped, x * scale rounded once
+        else:
+            xd = x
+        y = F.linear(xd.to(cdtype), weight.to(cdtype))
         ctx.save_for_backward(x, weight, state)
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, state = ctx.saved_tensors
-        p, cdtype = ctx.p, ctx.cdtype
-        work = cdtype if ctx.mask_dtype == torch.bool else ctx.mask_dtype
+        p, cdtype, noise_dtype = ctx.p, ctx.cdtype, ctx.noise_dtype
         mask = None
         if p > 0:
             cuda = x.device.type == "cuda"
@@ -87,32 +84,40 @@ class _DropoutLinearA(torch.autograd.Function):
                     torch.cuda.set_rng_state(state, x.device)
                 else:
                     torch.set_rng_state(state)
-                mask = _draw(x.shape, ctx.mask_dtype, x.device, p)
+                mask = _draw(x.shape, noise_dtype or cdtype, x.device, p, noise_dtype is not None)
         grad = grad.to(cdtype)
         grad_x = grad_w = None
-        if ctx.needs_input_grad[1]:
-            xd = _apply(x.to(work), mask, p).to(cdtype)
-            grad_w = (grad.reshape(-1, grad.shape[-1]).t() @ xd.reshape(-1, x.shape[-1])).to(ctx.w_dtype)  # (r, in)
-            del xd
         if ctx.needs_input_grad[0]:
-            grad_x = _apply((grad @ weight.to(cdtype)).to(work), mask, p).to(ctx.x_dtype)  # (..., in)
+            gx = grad @ weight.to(cdtype)  # (..., in)
+            if mask is not None:
+                gx = gx.to(noise_dtype) * mask if noise_dtype is not None else gx.mul_(mask).mul_(1.0 / (1 - p))
+            grad_x = gx.to(ctx.x_dtype)
+            del gx
+        if ctx.needs_input_grad[1]:
+            if mask is None:
+                xd = x.to(cdtype)
+            elif noise_dtype is not None:
+                xd = (x.to(noise_dtype) * mask).to(cdtype)
+            else:
+                xd = mask.mul_(x.to(cdtype)).mul_(1.0 / (1 - p))  # the mask's memory becomes the dropped x
+            grad_w = (grad.reshape(-1, grad.shape[-1]).t() @ xd.reshape(-1, x.shape[-1])).to(ctx.w_dtype)  # (r, in)
         return grad_x, grad_w, None, None, None
 
 
 def dropout_lora_a(x: torch.Tensor, weight: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """peft's ``lora_A(dropout(x.to(A.dtype)))``, without saving the dropped input.
 
-    Under autocast (GPU training in bf16) the matmul runs in the autocast dtype and the mask is a
-    bool mask applied in that dtype (one rounding of ``x * scale``, as fp32 dropout then autocast's
-    cast give); otherwise the dropout is torch's CPU dropout in the LoRA weight's dtype, draw for
+    Under autocast (GPU training in bf16) the matmul runs in the autocast dtype and the mask is a 0/1
+    mask in that dtype, multiplied in place by ``x`` and ``1 / (1 - p)`` (one rounding of
+    ``x * scale``, as CUDA's fused fp32 dropout followed by autocast's cast); otherwise the dropout is torch's CPU dropout in the LoRA weight's dtype, draw for
     draw, and the matmul runs in that dtype (peft's cast of ``x``).
     """
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
-        cdtype, mask_dtype = torch.get_autocast_dtype(device_type), torch.bool
+        cdtype, noise_dtype = torch.get_autocast_dtype(device_type), None
     else:
-        cdtype = mask_dtype = weight.dtype
-    return _DropoutLinearA.apply(x, weight, float(p) if training else 0.0, cdtype, mask_dtype)
+        cdtype = noise_dtype = weight.dtype
+    return _DropoutLinearA.apply(x, weight, float(p) if training else 0.0, cdtype, noise_dtype)
 
 
 class DropoutLoraA(nn.Linear):

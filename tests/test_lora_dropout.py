@@ -94,8 +94,9 @@ def test_saves_only_the_input_weight_and_rng_state():
 
 
 def test_autocast_path_matches_fp32_dropout_then_cast():
-    """Under (CPU) autocast the bool-mask path gives what peft + autocast give for the same mask:
-    bf16(x.float() * mask / (1 - p)) @ bf16(A)."""
+    """Under (CPU) autocast the mask path gives what peft + autocast give on CUDA for the same mask:
+    fp32 dropout as CUDA's fused kernel computes it, x * mask * (1 / (1 - p)), then autocast's bf16
+    cast and a bf16 matmul."""
     torch.manual_seed(0)
     x = torch.randn(16, 64, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(8, 64, requires_grad=True)
@@ -105,10 +106,10 @@ def test_autocast_path_matches_fp32_dropout_then_cast():
         y = dropout_lora_a(x, w, p)
     y.float().sum().backward()
     torch.set_rng_state(state)
-    keep = torch.empty(x.shape, dtype=torch.bool).bernoulli_(1 - p)
+    keep = torch.empty(x.shape, dtype=torch.bfloat16).bernoulli_(1 - p)
     x2 = x.detach().clone().requires_grad_(True)
     w2 = w.detach().clone().requires_grad_(True)
-    xd = x2.float() * keep / (1 - p)
+    xd = x2.float() * keep.float() * (1.0 / (1 - p))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y2 = nn.functional.linear(xd, w2)
     y2.float().sum().backward()
