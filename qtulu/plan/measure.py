@@ -68,13 +68,14 @@ def allocator_peak(prof) -> tuple[int, int]:
     return peak, len(mem)
 
 
-def measure_step(settings: PlanSettings, *, stack: str = "qtulu", seed: int = 0) -> Measurement:
+def measure_step(settings: PlanSettings, *, stack: str = "qtulu", seed: int = 0, config=None) -> Measurement:
     """Build the model for real on the CPU, run one step, return the allocator's peak."""
     from torch.profiler import ProfilerActivity, profile
 
     if settings.device != "cpu":
         raise ValueError("measure_step runs on this machine's CPU: settings.device must be 'cpu'")
-    config = resolve_config(settings.shape, settings.config, seq_len=settings.seq_len)
+    if config is None:
+        config = resolve_config(settings.shape, settings.config, seq_len=settings.seq_len)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(seed)

@@ -95,10 +95,9 @@ def _from_config(config, dtype: torch.dtype, device: str, seed: int = 0):
     if device == "meta":
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-    return model.to(device)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
 
 
 def build_qtulu(config, settings, *, device: str = "meta"):
