@@ -13,7 +13,7 @@ everything in one memory, so ``train.master_weights: host`` (host == device) and
 planned (``qtulu plan``, the default ``--device cuda``) and, on a GPU, measured by
 ``--device cuda``: the real step on the GPU against ``torch.cuda.max_memory_allocated``.
 
-    python benchmarks/bench_memory.py                  # CPU, a small LLaMA shape, ~2 minutes
+    python benchmarks/bench_memory.py                  # CPU, a small LLaMA shape, ~5 minutes
     python benchmarks/bench_memory.py --smoke          # tiny, seconds
     python benchmarks/bench_memory.py --device cuda --shape llama-7b --seq-len 4096    # on a GPU (owed)
 """
@@ -29,13 +29,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # name -> (stack, changes to the baseline settings)
+# key -> (label, stack, changes to the baseline settings); cumulative, in this order
 SETTINGS = {
-    "qtulu (recipe defaults)": ("qtulu", {}),
-    "+ train.loss_chunk_size=8192": ("qtulu", {"loss_chunk_size": 8192}),
-    "+ lora.dropout_impl=recompute": ("qtulu", {"loss_chunk_size": 8192, "lora_dropout_impl": "recompute"}),
-    "+ 8-bit AdamW (bitsandbytes)": ("qtulu", {"loss_chunk_size": 8192, "lora_dropout_impl": "recompute",
-                                               "optimizer": "adamw_8bit"}),
-    "transformers+peft+bnb": ("hf", {}),
+    "defaults": ("qtulu (recipe defaults)", "qtulu", {}),
+    "loss": ("+ train.loss_chunk_size=8192", "qtulu", {"loss_chunk_size": 8192}),
+    "dropout": ("+ lora.dropout_impl=recompute", "qtulu", {"loss_chunk_size": 8192, "lora_dropout_impl": "recompute"}),
+    "8bit": ("+ 8-bit AdamW (bitsandbytes)", "qtulu", {"loss_chunk_size": 8192, "lora_dropout_impl": "recompute",
+                                                      "optimizer": "adamw_8bit"}),
+    "hf": ("transformers+peft+bnb", "hf", {}),
+}
+# on a GPU the recipe default optimizer is paged 8-bit AdamW already; these two act on CUDA tensors only
+CUDA_SETTINGS = {
+    "offload": ("+ train.activation_offload", "qtulu", {"loss_chunk_size": 8192, "lora_dropout_impl": "recompute",
+                                                       "activation_offload": True}),
+    "host": ("+ train.master_weights=host", "qtulu", {"loss_chunk_size": 8192, "lora_dropout_impl": "recompute",
+                                                      "activation_offload": True, "master_weights": "host"}),
 }
 
 
@@ -47,8 +55,8 @@ def _config(args):
     # a LLaMA-architecture model with LLaMA's vocabulary, small enough for a CPU step
     from qtulu.bench.shapes import ShapeSpec
 
-    cfg = ShapeSpec("small", hidden=256, layers=4, heads=4, intermediate=688).llama_config()
-    cfg._name_or_path = "small (hidden 256, 4 layers, vocab 32000)"
+    cfg = ShapeSpec("small", hidden=512, layers=4, heads=8, intermediate=1376).llama_config()
+    cfg._name_or_path = "small (hidden 512, 4 layers, vocab 32000)"
     return cfg
 
 
@@ -88,13 +96,18 @@ def _cuda_measure(settings, stack, config):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="small", help="small (CPU default), tiny, or a built-in LLaMA shape")
-    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--loss-chunk-size", type=int, default=None,
+                   help="train.loss_chunk_size for the loss row (default 1024 on CPU, where TRL's torch fold keeps "
+                        "several fp32 copies of a tile, 8192 on CUDA, where its Triton fold works in place)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--smoke", action="store_true", help="tiny shape, 256 tokens")
+    p.add_argument("--only", help="comma-separated setting keys: " + ", ".join(list(SETTINGS) + list(CUDA_SETTINGS)))
     args = p.parse_args(argv)
     if args.smoke:
         args.shape, args.seq_len = "tiny", 256
+    chunk = args.loss_chunk_size or (8192 if args.device == "cuda" else 1024)
 
     import warnings
 
@@ -112,12 +125,19 @@ def main(argv=None) -> int:
                         optimizer="paged_adamw_8bit" if cuda else "adamw_torch")
     settings = dict(SETTINGS)
     if cuda:
-        settings["+ train.activation_offload"] = ("qtulu", {"lora_dropout_impl": "recompute", "loss_chunk_size": 8192,
-                                                            "activation_offload": True})
-        settings["+ train.master_weights=host"] = ("qtulu", {"lora_dropout_impl": "recompute", "loss_chunk_size": 8192,
-                                                             "activation_offload": True, "master_weights": "host"})
+        settings.pop("8bit")  # the GPU default is paged 8-bit AdamW already
+        settings.update(CUDA_SETTINGS)
+    if args.only:
+        keys = [k.strip() for k in args.only.split(",") if k.strip()]
+        unknown = [k for k in keys if k not in settings]
+        if unknown:
+            p.error(f"--only: unknown setting(s) {unknown}; known: {', '.join(settings)}")
+        settings = {k: settings[k] for k in keys}
     rows = []
-    for name, (stack, changes) in settings.items():
+    for name, stack, changes in settings.values():
+        if "loss_chunk_size" in changes:
+            changes = {**changes, "loss_chunk_size": chunk}
+            name = name.replace("8192", str(chunk))
         s = base.replace(**changes)
         if stack == "hf":
             s = s.hf_baseline()
