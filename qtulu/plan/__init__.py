@@ -14,10 +14,27 @@ stacks), `step` (the step, shared with the real measurement), `emulate` (CUDA be
 CPU-only machine), `tracker`, `planner`, `optimize`, `report`, `measure`, `cli`.
 """
 
-from qtulu.plan.models import PlanError, resolve_config
-from qtulu.plan.optimize import estimate_peak, optimize
-from qtulu.plan.planner import PlanResult, plan_step
-from qtulu.plan.settings import REDUCTIONS, PlanSettings
+from __future__ import annotations
 
-__all__ = ["PlanError", "PlanResult", "PlanSettings", "REDUCTIONS", "estimate_peak", "optimize", "plan_step",
-           "resolve_config"]
+import importlib
+
+from qtulu.plan.errors import PlanError
+
+# the rest imports torch: loaded on first use (``qtulu --help`` imports this package)
+_LAZY = {
+    "resolve_config": "qtulu.plan.models",
+    "estimate_peak": "qtulu.plan.optimize",
+    "optimize": "qtulu.plan.optimize",
+    "PlanResult": "qtulu.plan.planner",
+    "plan_step": "qtulu.plan.planner",
+    "REDUCTIONS": "qtulu.plan.settings",
+    "PlanSettings": "qtulu.plan.settings",
+}
+
+__all__ = ["PlanError", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'qtulu.plan' has no attribute {name!r}")

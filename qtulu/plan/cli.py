@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Any
 
-from qtulu.plan.models import PlanError
+from qtulu.plan.errors import PlanError
 
 
 def register(subparsers) -> None:

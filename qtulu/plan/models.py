@@ -23,13 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from qtulu.errors import QtuluError
+from qtulu.plan.errors import PlanError
+
+__all__ = ["PlanError", "resolve_config", "build_qtulu", "build_hf", "nf4_layers_", "quant_state_tensors",
+           "to_fake_device", "apply_reductions"]
 
 _SHAPE_ALIASES = {"7b": "llama-7b", "13b": "llama-13b", "30b": "llama-30b", "33b": "llama-30b", "65b": "llama-65b"}
-
-
-class PlanError(QtuluError, ValueError):
-    """A plan that cannot be made (unknown shape, unreadable config, unsupported setting)."""
 
 
 def resolve_config(shape: str | None = None, config: str | os.PathLike | None = None, *, seq_len: int = 2048):
