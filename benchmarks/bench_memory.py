@@ -101,6 +101,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--smoke", action="store_true", help="tiny shape, 256 tokens")
     p.add_argument("--only", help="comma-separated setting keys: " + ", ".join(list(SETTINGS) + list(CUDA_SETTINGS)))
+    p.add_argument("--fast-plan", action="store_true",
+                   help="plan 2 and 3 layers and extrapolate to the full depth (exact for identical layers; "
+                        "tests/test_plan.py checks it) instead of planning every layer")
     args = p.parse_args(argv)
     if args.smoke:
         args.shape, args.seq_len = "tiny", 256
@@ -144,7 +147,14 @@ def main(argv=None) -> int:
         else:
             m = measure_step(s, stack=stack, config=config)
             measured, step_s = m.peak_bytes, time.time() - t
-        planned = plan_step(s, stack=stack, config=config)
+        if args.fast_plan:
+            from qtulu.plan.optimize import estimate, with_layers
+
+            planned = plan_step(s, stack=stack, config=with_layers(config, min(3, int(config.num_hidden_layers))))
+            for k, v in estimate(s, config, stack=stack).items():  # the breakdown stays the 3-layer one
+                setattr(planned, k, v)
+        else:
+            planned = plan_step(s, stack=stack, config=config)
         # bitsandbytes' paged states live in CUDA unified memory (cudaMallocManaged), which
         # torch.cuda.max_memory_allocated does not see: compare the allocator's share of the plan
         comparable = planned.peak_bytes - (planned.paged_bytes if cuda else 0)

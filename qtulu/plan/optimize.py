@@ -29,16 +29,23 @@ def with_layers(config, layers: int):
     return c
 
 
-def estimate_peak(settings: PlanSettings, config, *, stack: str = "qtulu") -> int:
-    """The planned peak at full depth, from plans at depths 2 and 3 (or the full plan if shallower)."""
+def estimate(settings: PlanSettings, config, *, stack: str = "qtulu") -> dict[str, int]:
+    """``peak_bytes`` and ``paged_bytes`` at full depth, from plans at depths 2 and 3 (or the full
+    plan when the model is that shallow)."""
     from qtulu.plan.planner import plan_step
 
     depth = int(getattr(config, "num_hidden_layers", 0))
     if depth <= 3:
-        return plan_step(settings, stack=stack, config=config).peak_bytes
-    p2 = plan_step(settings, stack=stack, config=with_layers(config, 2)).peak_bytes
-    p3 = plan_step(settings, stack=stack, config=with_layers(config, 3)).peak_bytes
-    return p2 + (depth - 2) * (p3 - p2)
+        r = plan_step(settings, stack=stack, config=config)
+        return {"peak_bytes": r.peak_bytes, "paged_bytes": r.paged_bytes}
+    r2 = plan_step(settings, stack=stack, config=with_layers(config, 2))
+    r3 = plan_step(settings, stack=stack, config=with_layers(config, 3))
+    return {k: getattr(r2, k) + (depth - 2) * (getattr(r3, k) - getattr(r2, k)) for k in ("peak_bytes", "paged_bytes")}
+
+
+def estimate_peak(settings: PlanSettings, config, *, stack: str = "qtulu") -> int:
+    """The planned peak at full depth, from plans at depths 2 and 3 (see `estimate`)."""
+    return estimate(settings, config, stack=stack)["peak_bytes"]
 
 
 def optimize(settings: PlanSettings, config, *, log: Callable[[str], None] = lambda m: None):

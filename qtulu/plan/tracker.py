@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
@@ -166,11 +166,6 @@ class StorageTracker(TorchDispatchMode):
         if s is not None and s.died is None:
             s.died = len(self.events)
             self.events.append((sid, -1))
-
-    def track_all(self, tensors: Iterable[torch.Tensor], role: str, **kw) -> None:
-        for t in tensors:
-            if t is not None:
-                self.track(t, role=role, **kw)
 
     def _workspace(self, name: str, nbytes: int) -> Storage:
         """An op-internal buffer: born before the op's outputs, dead after them."""
