@@ -148,7 +148,7 @@ def main(argv=None) -> int:
             m = measure_step(s, stack=stack, config=config)
             measured, step_s = m.peak_bytes, time.time() - t
         if args.fast_plan:
-            from qtulu.plan.optimize import estimate, with_layers
+            from qtulu.plan.search import estimate, with_layers
 
             planned = plan_step(s, stack=stack, config=with_layers(config, min(3, int(config.num_hidden_layers))))
             for k, v in estimate(s, config, stack=stack).items():  # the breakdown stays the 3-layer one

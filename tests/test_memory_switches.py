@@ -12,7 +12,6 @@ with gradient checkpointing, so the second step also sees the first update.
 from __future__ import annotations
 
 import pytest
-import torch
 from transformers import TrainerCallback
 
 from qtulu.synthetic import packed_toy_dataset, toy_recipe

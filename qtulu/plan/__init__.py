@@ -11,7 +11,7 @@ by category, is the plan; `qtulu.plan.measure` checks it against the CPU allocat
 
 Modules: `settings` (what is planned), `models` (the qtulu and transformers+peft+bitsandbytes
 stacks), `step` (the step, shared with the real measurement), `emulate` (CUDA behaviour on a
-CPU-only machine), `tracker`, `planner`, `optimize`, `report`, `measure`, `cli`.
+CPU-only machine), `tracker`, `planner`, `search` (`--optimize`), `report`, `measure`, `cli`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from qtulu.plan.errors import PlanError
 # the rest imports torch: loaded on first use (``qtulu --help`` imports this package)
 _LAZY = {
     "resolve_config": "qtulu.plan.models",
-    "estimate_peak": "qtulu.plan.optimize",
-    "optimize": "qtulu.plan.optimize",
+    "estimate_peak": "qtulu.plan.search",
+    "optimize": "qtulu.plan.search",
     "PlanResult": "qtulu.plan.planner",
     "plan_step": "qtulu.plan.planner",
     "REDUCTIONS": "qtulu.plan.settings",

@@ -161,9 +161,10 @@ def build_hf(config, settings, *, device: str = "meta"):
             layer.weight = _meta_params4bit(m.out_features, m.in_features, settings.blocksize,
                                             settings.double_quant, dtype)
         else:
-            layer.weight = bnb.nn.Params4bit(m.weight.data.to(dtype), requires_grad=False, quant_type="nf4",
+            # bitsandbytes quantizes a Params4bit when it is moved to a device
+            layer.weight = bnb.nn.Params4bit(m.weight.data.to(dtype).cpu(), requires_grad=False, quant_type="nf4",
                                              blocksize=settings.blocksize, compress_statistics=settings.double_quant,
-                                             quant_storage=torch.uint8, module=layer)._quantize(device)
+                                             quant_storage=torch.uint8, module=layer).to(device)
         layer.compute_type_is_set = True
         return layer
 
