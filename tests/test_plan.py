@@ -59,11 +59,14 @@ def test_nf4_skeleton_matches_quantize_model():
     assert sig(meta) == sig(real)
 
 
-def test_depth_extrapolation_equals_the_full_plan():
+@pytest.mark.parametrize("stack", ["qtulu", "hf"])
+def test_depth_extrapolation_equals_the_full_plan(stack):
     cfg = resolve_config("tiny")
-    cfg.num_hidden_layers = 4
-    s = PlanSettings(shape="tiny", seq_len=128, lora_r=8, accumulation=1, loss_chunk_size=256)
-    assert estimate_peak(s, cfg) == plan_step(s, config=cfg).peak_bytes
+    cfg.num_hidden_layers = 5
+    s = PlanSettings(shape="tiny", seq_len=128, lora_r=8, loss_chunk_size=256)
+    if stack == "hf":
+        s = s.hf_baseline()
+    assert estimate_peak(s, cfg, stack=stack) == plan_step(s, config=cfg, stack=stack).peak_bytes
 
 
 def test_cuda_plan_has_no_dequantized_weight_and_bnb_does():

@@ -2,10 +2,10 @@
 
 Each switch of `qtulu.plan.settings.REDUCTIONS` is tried in turn on top of those already kept;
 it is kept when the planned peak goes down. Candidates are compared on the same model cut to 2
-and 3 decoder layers, extrapolated to the full depth (``peak(L) = peak(2) + (L - 2) x (peak(3) -
-peak(2))``: the layers are identical, so every term of the step's memory is affine in the depth;
-`tests/test_plan.py` checks the extrapolation against a full plan), and the winner is then planned
-in full by the caller. Switches that would change the maths (8-bit optimizer states for a recipe
+and 3 decoder layers, extrapolated to the full depth: the layers are identical, so the peak of each
+window of the step (a phase of one micro-batch) is affine in the depth, ``w(L) = w(2) + (L - 2) x
+(w(3) - w(2))``, and the full-depth peak is the largest extrapolated window (`tests/test_plan.py`
+checks it against full plans); the winner is then planned in full by the caller. Switches that would change the maths (8-bit optimizer states for a recipe
 that asked for 32-bit ones) are measured and reported, never applied.
 """
 
@@ -40,7 +40,13 @@ def estimate(settings: PlanSettings, config, *, stack: str = "qtulu") -> dict[st
         return {"peak_bytes": r.peak_bytes, "paged_bytes": r.paged_bytes}
     r2 = plan_step(settings, stack=stack, config=with_layers(config, 2))
     r3 = plan_step(settings, stack=stack, config=with_layers(config, 3))
-    return {k: getattr(r2, k) + (depth - 2) * (getattr(r3, k) - getattr(r2, k)) for k in ("peak_bytes", "paged_bytes")}
+    # the peak of each window of the step (a phase of a micro-batch) is affine in the depth; windows
+    # grow at different rates (the loss window keeps every checkpointed input, a backward window
+    # frees them), so the full-depth peak is the largest extrapolated window, not the extrapolated peak
+    windows = [k for k in r2.phase_peaks if k in r3.phase_peaks and not k.startswith(("external", "warmup"))]
+    peak = max(r2.phase_peaks[k] + (depth - 2) * (r3.phase_peaks[k] - r2.phase_peaks[k]) for k in windows)
+    paged = r2.paged_bytes + (depth - 2) * (r3.paged_bytes - r2.paged_bytes)
+    return {"peak_bytes": peak, "paged_bytes": paged}
 
 
 def estimate_peak(settings: PlanSettings, config, *, stack: str = "qtulu") -> int:

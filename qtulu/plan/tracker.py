@@ -319,7 +319,13 @@ def analyse(tracker: StorageTracker, categories: dict[int, str], *, start_event:
     live = host_live = host_peak = 0
     peak, peak_at = -1, start_event
     timeline: list[tuple[int, int]] = []
-    phase_bounds = [(p.start, p.name) for p in tracker.phases]
+    # each occurrence of a phase is its own window ("forward#0", "loss_backward#1", ...): for a stack of
+    # identical layers the peak of every window is affine in the depth (qtulu.plan.search relies on it)
+    seen: dict[str, int] = {}
+    phase_bounds = []
+    for p in tracker.phases:
+        phase_bounds.append((p.start, f"{p.name}#{seen.get(p.name, 0)}"))
+        seen[p.name] = seen.get(p.name, 0) + 1
     phase_peaks: dict[str, int] = {}
     pi, current_phase = 0, "external"
     stride = max(1, (len(tracker.events) - start_event) // timeline_points)
@@ -354,7 +360,7 @@ def analyse(tracker: StorageTracker, categories: dict[int, str], *, start_event:
         key=lambda s: -s.nbytes,
     )[:8]
     at = tracker.storages[tracker.events[peak_at][0]] if tracker.events else None
-    phase_at = next((n for b, n in reversed(phase_bounds) if b <= peak_at), "external")
+    phase_at = next((n for b, n in reversed(phase_bounds) if b <= peak_at), "external").split("#")[0]
     return Analysis(
         peak_bytes=peak,
         peak_event=peak_at,
