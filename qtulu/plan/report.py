@@ -107,7 +107,9 @@ def plot(path: str | os.PathLike, result, hf=None) -> Path:
         ax.text(i, bottom, f"{bottom:.2f}", ha="center", va="bottom", fontsize=9)
     ax.set_xticks(range(len(bars)), [b[0] for b in bars])
     ax.set_ylabel("GB at the peak")
-    ax.legend(fontsize=8, loc="upper right")
+    top = max(sum(bd.get(c, 0) for c in CATEGORIES) for _, bd in bars) / GB
+    ax.set_ylim(0, top * 1.45)  # headroom for the legend
+    ax.legend(fontsize=7, loc="upper center", ncol=3)
     title = f"{result.model or 'model'}: {result.settings.get('seq_len')} tokens, r {result.settings.get('lora_r')}"
     ax.set_title(title, fontsize=10)
     for name, r in [("qtulu", result)] + ([("transformers+peft+bnb", hf)] if hf is not None else []):
