@@ -74,6 +74,9 @@ def test_cuda_plan_has_no_dequantized_weight_and_bnb_does():
     ours = plan_step(s)
     hf = plan_step(s.hf_baseline(), stack="hf")
     assert ours.dequantized_weight_copies == []
+    # the same model planned for this machine's CPU: the torch backend dequantizes inside the op
+    cpu = plan_step(s.replace(device="cpu", compute_dtype="float32", optimizer="adamw_torch"))
+    assert any(t["op"] == "qtulu::nf4_matmul (workspace)" for t in cpu.largest_transients)
     assert hf.dequantized_weight_copies, "bitsandbytes' backward dequantizes each weight"
     assert hf.dequantized_weight_copies[0]["op"] == "bitsandbytes::dequantize_4bit"
     # bf16 base on the GPU: the weights are NF4 codes (half a byte each) + the bf16 embedding and head

@@ -26,7 +26,8 @@ the op's arguments, following the code of each kernel's launcher):
 
 * ``qtulu::varlen_attention_bwd``: the FlashAttention-2 "delta" preprocess upcasts ``dO`` and ``O``
   to fp32 and multiplies them (kernels/varlen_attention.py, ``_triton_backward``).
-* ``qtulu::nf4_matmul`` / ``nf4_matmul_dx``: an fp32 accumulator for M <= 16 rows (split-K).
+* ``qtulu::nf4_matmul`` / ``nf4_matmul_dx``: an fp32 accumulator for M <= 16 rows (split-K); with
+  the torch backend (CPU plans) the weight dequantized inside the op and its temporaries.
 * ``bitsandbytes::gemm_4bit``: past M = 1536 rows bitsandbytes' CUDA backend dequantizes the whole
   weight to the activation dtype and calls ``F.linear`` (``_dequant_linear_fallback`` in
   bitsandbytes/backends/cuda/ops.py, 0.50), plus the fp32 absmax of a double-quantized weight.
@@ -54,16 +55,27 @@ def _varlen_bwd_ws(args, kwargs) -> int:
     return contig + up + n * 4 + 2 * total * heads * 4  # the product, then delta and its transpose
 
 
+def _nf4_torch_ws(n: int, dtype: torch.dtype) -> int:
+    # qtulu.kernels.nf4_format.dequantize_nf4 inside the op: int32 codes (2 bytes per weight) and the
+    # fp32 code values (4) while gathering, then those values and their fp32 product with the absmax
+    # (4 + 4), plus the cast to a 16-bit dtype (2) before the values are freed
+    return n * (8 if dtype == torch.float32 else 10)
+
+
 def _nf4_ws(args, kwargs) -> int:
-    # nf4_matmul(x (M, in), ..., bias, out_features, in_features, ...): fp32 split-K output for M <= 16
-    m, n = args[0].shape[0], int(args[8])
-    return m * n * 4 if 0 < m <= NF4_SMALL_M else 0
+    # nf4_matmul(x (M, in), packed, ..., bias, out_features, in_features, bs, bs2, backend)
+    m, n_out, k = args[0].shape[0], int(args[8]), int(args[9])
+    if args[12] == "torch":
+        return _nf4_torch_ws(n_out * k, args[0].dtype)
+    return m * n_out * 4 if 0 < m <= NF4_SMALL_M else 0  # the Triton split-K fp32 output
 
 
 def _nf4_dx_ws(args, kwargs) -> int:
-    # nf4_matmul_dx(grad (M, out), ..., out_features, in_features, ...)
-    m, n = args[0].shape[0], int(args[8])
-    return m * n * 4 if 0 < m <= NF4_SMALL_M else 0
+    # nf4_matmul_dx(grad (M, out), packed, ..., out_features, in_features, bs, bs2, backend)
+    m, n_out, k = args[0].shape[0], int(args[7]), int(args[8])
+    if args[11] == "torch":
+        return _nf4_torch_ws(n_out * k, args[0].dtype)
+    return m * k * 4 if 0 < m <= NF4_SMALL_M else 0
 
 
 def _bnb_gemm_ws(args, kwargs) -> int:
@@ -78,13 +90,13 @@ def _bnb_gemm_ws(args, kwargs) -> int:
     return n * k * a.element_size() + absmax
 
 
-def workspace_table() -> dict[str, Callable[..., int]]:
-    return {
-        "qtulu::varlen_attention_bwd": _varlen_bwd_ws,
-        "qtulu::nf4_matmul": _nf4_ws,
-        "qtulu::nf4_matmul_dx": _nf4_dx_ws,
-        "bitsandbytes::gemm_4bit": _bnb_gemm_ws,
-    }
+def workspace_table(cuda: bool = True) -> dict[str, Callable[..., int]]:
+    """Op-internal buffers by op name; the Triton and bitsandbytes CUDA entries only for CUDA plans."""
+    table: dict[str, Callable[..., int]] = {"qtulu::nf4_matmul": _nf4_ws, "qtulu::nf4_matmul_dx": _nf4_dx_ws}
+    if cuda:
+        table["qtulu::varlen_attention_bwd"] = _varlen_bwd_ws
+        table["bitsandbytes::gemm_4bit"] = _bnb_gemm_ws
+    return table
 
 
 class _NoLaunch:

@@ -163,18 +163,22 @@ def _floor(config, settings: PlanSettings, breakdown_state: dict[str, int]) -> d
     }
 
 
-def _dequant_copies(tracker: StorageTracker, categories: dict[int, str], model) -> list[dict[str, Any]]:
-    """Transient float buffers shaped like one of the 4-bit weights (out, in): a dequantized weight."""
-    shapes = set()
+def _dequant_copies(tracker: StorageTracker, model) -> list[dict[str, Any]]:
+    """Float buffers computed from a layer's 4-bit codes alone, as large as the layer's weight: a
+    dequantized copy of it. bitsandbytes' backward makes one per layer; qtulu's CUDA kernels none."""
+    numels = set()
     for m in model.modules():
         qs = getattr(m, "quant_state", None) or getattr(getattr(m, "weight", None), "quant_state", None)
         shape = getattr(qs, "shape", None)
         if shape is not None and len(shape) == 2:
-            shapes.add((int(shape[0]), int(shape[1])))
+            numels.add(int(shape[0]) * int(shape[1]))
     out = []
-    for s in tracker.storages.values():
-        if (categories.get(s.sid) == "transient" and s.dtype in ("bfloat16", "float16", "float32")
-                and len(s.shape) == 2 and (s.shape in shapes or s.shape[::-1] in shapes)):
+    for sid in tracker.from_codes:
+        s = tracker.storages[sid]
+        numel = 1
+        for d in s.shape:
+            numel *= d
+        if s.dtype in ("bfloat16", "float16", "float32") and numel in numels:
             out.append({"bytes": s.nbytes, "op": s.op, "module": s.module, "shape": list(s.shape)})
     out.sort(key=lambda d: -d["bytes"])
     return out[:5]
@@ -198,7 +202,7 @@ def plan_step(settings: PlanSettings, *, stack: str = "qtulu", config=None) -> P
         warnings.simplefilter("ignore")
         model = build_qtulu(config, settings) if stack == "qtulu" else build_hf(config, settings)
     batches = make_batches(config.vocab_size, settings, max(1, settings.accumulation), packed=stack == "qtulu")
-    tracker = StorageTracker(workspace=workspace_table() if cuda else None, round_to=512 if cuda else 1)
+    tracker = StorageTracker(workspace=workspace_table(cuda), round_to=512 if cuda else 1)
     obs = _TrackingObserver(tracker)
     backbone = model.get_base_model().model
     loss_ctx = _loss_context(settings) if stack == "qtulu" else None
@@ -255,7 +259,7 @@ def plan_step(settings: PlanSettings, *, stack: str = "qtulu", config=None) -> P
         host_bytes=a.host_bytes,
         paged_bytes=a.paged_bytes,
         largest_transients=a.largest_transients,
-        dequantized_weight_copies=_dequant_copies(tracker, categories, model),
+        dequantized_weight_copies=_dequant_copies(tracker, model),
         phase_peaks=a.phase_peaks,
         timeline=a.timeline,
         seconds=time.time() - t0,

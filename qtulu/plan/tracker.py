@@ -108,6 +108,10 @@ class StorageTracker(TorchDispatchMode):
         self.recompute_ends: dict[int, int] = {}
         self._refs: dict[int, Any] = {}
         self._names: dict[Any, str] = {}
+        # storages computed from frozen weights and quant state alone, and those of them that read the
+        # 4-bit codes: (parts of) dequantized weights
+        self.weight_side: set[int] = set()
+        self.from_codes: set[int] = set()
 
     # ---- recording ------------------------------------------------------------------------
     def _round(self, n: int) -> int:
@@ -221,12 +225,38 @@ class StorageTracker(TorchDispatchMode):
             nbytes = int(ws(args, kwargs))
             if nbytes > 0:
                 pending.append(self._workspace(self._name(func), nbytes))
+        side, codes = self._weight_inputs(tensors)
         out = func(*args, **kwargs)
         self._record_outputs(func, out)
+        if side:
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    sid = self._ids.get(id(t.untyped_storage()))
+                    if sid is not None:
+                        self.weight_side.add(sid)
+                        if codes:
+                            self.from_codes.add(sid)
         for s in pending:
             s.died = len(self.events)
             self.events.append((s.sid, -1))
         return out
+
+    def _weight_inputs(self, tensors) -> tuple[bool, bool]:
+        """(every input is a frozen weight, quant state or computed from those alone; one of them is
+        4-bit codes or computed from codes)."""
+        codes = False
+        for t in tensors:
+            if t.device.type == "meta":
+                continue
+            sid = self._ids.get(id(t.untyped_storage()))
+            s = self.storages.get(sid) if sid is not None else None
+            if s is None:
+                return False, False
+            if sid in self.from_codes or (s.role == "weights" and s.dtype == "uint8"):
+                codes = True
+            elif s.role not in ("weights", "quant_state") and sid not in self.weight_side:
+                return False, False
+        return bool(tensors), codes
 
     def _record_outputs(self, func, out) -> None:
         if isinstance(out, torch.Tensor):
