@@ -19,16 +19,10 @@ from qtulu.plan.measure import measure_step
 CPU = dict(shape="tiny", device="cpu", compute_dtype="float32", optimizer="adamw_torch", lora_r=8)
 
 
-@pytest.mark.parametrize("changes", [
-    # recipe defaults on a CPU: peft dropout, checkpointing, two micro-batches; TRL's loss tiles narrowed
-    # so that the activations, not one loss tile, make the peak
-    dict(seq_len=256, loss_chunk_size=128),
-    # every switch that runs on a CPU: dropout mask regenerated, host master weights, no checkpointing
-    dict(seq_len=256, lora_dropout_impl="recompute", master_weights="host", gradient_checkpointing=False,
-         loss_chunk_size=512),
-], ids=["defaults", "switches"])
-def test_planned_peak_matches_the_cpu_allocator(changes):
-    s = PlanSettings(**CPU, **changes)
+def test_planned_peak_matches_the_cpu_allocator():
+    # recipe defaults on a CPU (peft dropout, checkpointing, two micro-batches), with TRL's loss tiles
+    # narrowed so that the layers' activations, not one loss tile, make the peak
+    s = PlanSettings(**CPU, seq_len=192, loss_chunk_size=128)
     measured = measure_step(s)
     planned = plan_step(s)
     assert measured.events > 100 and measured.step_peak_bytes > 0
@@ -59,28 +53,29 @@ def test_nf4_skeleton_matches_quantize_model():
     assert sig(meta) == sig(real)
 
 
-@pytest.mark.parametrize("stack", ["qtulu", "hf"])
-def test_depth_extrapolation_equals_the_full_plan(stack):
+def test_depth_extrapolation_equals_the_full_plan():
     cfg = resolve_config("tiny")
-    cfg.num_hidden_layers = 5
-    s = PlanSettings(shape="tiny", seq_len=128, lora_r=8, loss_chunk_size=256)
-    if stack == "hf":
-        s = s.hf_baseline()
-    assert estimate_peak(s, cfg, stack=stack) == plan_step(s, config=cfg, stack=stack).peak_bytes
+    cfg.num_hidden_layers = 4
+    s = PlanSettings(shape="tiny", seq_len=128, lora_r=8, accumulation=1).hf_baseline()
+    assert estimate_peak(s, cfg, stack="hf") == plan_step(s, config=cfg, stack="hf").peak_bytes
 
 
-def test_cuda_plan_has_no_dequantized_weight_and_bnb_does():
-    s = PlanSettings(shape="tiny", seq_len=128, lora_r=8, accumulation=1)
-    ours = plan_step(s)
-    hf = plan_step(s.hf_baseline(), stack="hf")
-    assert ours.dequantized_weight_copies == []
-    # the same model planned for this machine's CPU: the torch backend dequantizes inside the op
-    cpu = plan_step(s.replace(device="cpu", compute_dtype="float32", optimizer="adamw_torch"))
-    assert any(t["op"] == "qtulu::nf4_matmul (workspace)" for t in cpu.largest_transients)
-    assert hf.dequantized_weight_copies, "bitsandbytes' backward dequantizes each weight"
-    assert hf.dequantized_weight_copies[0]["op"] == "bitsandbytes::dequantize_4bit"
-    # bf16 base on the GPU: the weights are NF4 codes (half a byte each) + the bf16 embedding and head
-    assert ours.breakdown["weights"] < hf.breakdown["weights"]  # peft upcasts the non-4-bit weights to fp32
+def test_depth_extrapolation_is_per_window(monkeypatch):
+    """Where the peak moves between windows of the step with depth (transformers+peft+bnb at 65B: a
+    backward window when shallow, the loss window, holding every fp32 layer input, when deep), the
+    windows are extrapolated separately: extrapolating the peak itself would be wrong."""
+    import types
+
+    import qtulu.plan.search as search
+
+    windows = {2: {"backward#0": 100, "loss#0": 90}, 3: {"backward#0": 105, "loss#0": 100}}
+    fake = lambda settings, stack, config: types.SimpleNamespace(  # noqa: E731
+        peak_bytes=max(windows[config.num_hidden_layers].values()), paged_bytes=0,
+        phase_peaks=windows[config.num_hidden_layers])
+    monkeypatch.setattr("qtulu.plan.planner.plan_step", fake)
+    cfg = resolve_config("tiny")
+    cfg.num_hidden_layers = 10
+    assert search.estimate_peak(PlanSettings(shape="tiny"), cfg) == 90 + 8 * 10  # not 100 + 8 * 5
 
 
 def test_offload_moves_the_checkpointed_inputs_to_the_host():
@@ -91,13 +86,20 @@ def test_offload_moves_the_checkpointed_inputs_to_the_host():
     assert off.host_bytes == cfg.num_hidden_layers * per_layer
 
 
-def test_optimize_keeps_only_what_lowers_the_peak():
+def test_optimize_keeps_only_what_lowers_the_peak(monkeypatch):
+    import qtulu.plan.search as search
+
+    # two candidates: one that lowers this tiny model's peak, one that cannot (its layer inputs are
+    # below the offload threshold)
+    monkeypatch.setattr(search, "REDUCTIONS",
+                        {k: search.REDUCTIONS[k] for k in ("loss_chunk_size", "activation_offload")})
     cfg = resolve_config("tiny")
     s = PlanSettings(shape="tiny", seq_len=128, lora_r=8, accumulation=1, optimizer="adamw_torch")
     chosen, report = optimize(s, cfg)
-    assert report["estimated_peak_bytes"] <= estimate_peak(s, cfg)
-    assert chosen.loss_chunk_size == 8192  # TRL's 32768-column tile dominates a tiny model's step
-    assert {t["switch"] for t in report["tried"]} >= {"lora_dropout_impl", "loss_chunk_size"}
+    assert [(t["switch"], t["kept"]) for t in report["tried"]] == [("loss_chunk_size", True),
+                                                                   ("activation_offload", False)]
+    assert chosen.loss_chunk_size == 8192 and not chosen.activation_offload  # TRL's 32768-column tile dominated
+    assert report["estimated_peak_bytes"] == report["tried"][0]["estimated_peak_bytes"]
     assert report["not_applied"][0]["switch"] == "optimizer"  # 8-bit moments: reported, not applied
 
 
@@ -116,6 +118,9 @@ def test_cli_prints_table_json_and_png(tmp_path, capsys):
                                          "loss", "transient"}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(line.startswith("floor") for line in out)
+    # no bf16 copy of a 4-bit weight in qtulu's CUDA step; bitsandbytes' backward makes one per layer
+    assert summary["dequantized_weight_copies"] == 0 and summary["hf_dequantized_weight_copies"] > 0
+    assert summary["breakdown"]["weights"] < summary["hf_breakdown"]["weights"]  # peft upcasts them to fp32
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -7,7 +7,7 @@ positive and negative byte counts in time order). The peak of their running sum 
 plus what was allocated before it (the model's parameters, buffers, quantization state, optimizer
 states and the batches: the unique storages reachable from them), is the measured peak.
 
-A first step runs untimed (it creates the optimizer states, as the planner's warm-up does).
+The optimizer states are created first by an update on zero gradients (as the planner's warm-up does).
 """
 
 from __future__ import annotations
@@ -68,6 +68,15 @@ def allocator_peak(prof) -> tuple[int, int]:
     return peak, len(mem)
 
 
+def _create_states(optimizer) -> None:
+    """The optimizer's states, as after a first step (an update on zero gradients)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def measure_step(settings: PlanSettings, *, stack: str = "qtulu", seed: int = 0, config=None) -> Measurement:
     """Build the model for real on the CPU, run one step, return the allocator's peak."""
     from torch.profiler import ProfilerActivity, profile
@@ -95,7 +104,7 @@ def measure_step(settings: PlanSettings, *, stack: str = "qtulu", seed: int = 0,
 
         ctx = (lambda: loss_chunking(settings.loss_chunk_size)) if stack == "qtulu" else None
         kw: dict[str, Any] = dict(loss_fn=loss_fn, max_grad_norm=settings.max_grad_norm, context=ctx)
-        run_step(model, optimizer, batches, **kw)  # creates the optimizer states
+        _create_states(optimizer)  # as after a first step
         gc.collect()
         resident = _unique_bytes(resident_tensors(model, optimizer, batches))
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:

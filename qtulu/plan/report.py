@@ -78,6 +78,7 @@ def summary(result, hf=None, *, optimized: dict[str, Any] | None = None) -> dict
             hf_peak_gb=round(hf.peak_bytes / GB, 3),
             hf_breakdown=hf.breakdown,
             peak_over_hf=round(result.peak_bytes / max(1, hf.peak_bytes), 4),
+            hf_dequantized_weight_copies=len(hf.dequantized_weight_copies),
         )
     return out
 
