@@ -215,6 +215,19 @@ class TrainerSetup:
     def __init__(self, master: HostMaster, optimizer, callback) -> None:
         self.master, self.optimizer, self.callback = master, optimizer, callback
 
+    def restore(self, checkpoint: Path | None) -> None:
+        """After a checkpoint's adapter weights were loaded into the model: the masters it saved
+        (exact), or, for a checkpoint of a run with the masters on the device, its weights."""
+        if checkpoint is None:
+            return
+        saved = Path(checkpoint) / MASTER_FILE
+        if saved.is_file():
+            self.master.load(saved)
+            return
+        with torch.no_grad():
+            for p, m in zip(self.master.params, self.master.masters):
+                m.copy_(p.detach())
+
 
 def trainer_setup(peft_model, args, train_cfg, *, compute_dtype: torch.dtype, cuda: bool, world_size: int,
                   resume_from: Path | None) -> TrainerSetup:
@@ -244,17 +257,10 @@ def trainer_setup(peft_model, args, train_cfg, *, compute_dtype: torch.dtype, cu
 
     class _HostMasterCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
-            if resume_from is None:
-                return
-            saved = Path(resume_from) / MASTER_FILE
-            if saved.is_file():
-                master.load(saved)
-            else:  # a checkpoint of a device-master run: its adapter weights are the masters now
-                with torch.no_grad():
-                    for p, m in zip(master.params, master.masters):
-                        m.copy_(p.detach())
+            setup.restore(resume_from)  # Trainer has loaded the checkpoint's adapter by now
 
         def on_pre_optimizer_step(self, args, state, control, **kw):
             master.drain()  # the guard that runs next reads the masters' gradients
 
-    return TrainerSetup(master, optimizer, _HostMasterCallback())
+    setup = TrainerSetup(master, optimizer, _HostMasterCallback())
+    return setup

@@ -484,6 +484,8 @@ def train(
 
         set_peft_model_state_dict(peft_model, load_file(str(resume_from / "adapter_model.safetensors")),
                                   adapter_name=adapter_name)
+        if host is not None:
+            host.restore(resume_from)
         trainer.state.global_step = done
         say(f"{resume_from.name} already reached train.max_steps={t.max_steps}: nothing left to train")
     else:
