@@ -59,9 +59,14 @@ def _config(args):
 
 def _cuda_measure(settings, stack, config):
     """The real step on the GPU: torch.cuda.max_memory_allocated around it (after a warm-up step)."""
+    import gc
+
     import torch
 
     from qtulu.plan.models import build_hf, build_qtulu
+
+    gc.collect()  # the previous setting's model (peft keeps reference cycles) must be gone
+    torch.cuda.empty_cache()
     from qtulu.plan.step import hf_loss, make_batches, make_optimizer, qtulu_loss, run_step
 
     model = (build_qtulu if stack == "qtulu" else build_hf)(config, settings, device="cuda")

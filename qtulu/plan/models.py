@@ -50,6 +50,8 @@ def resolve_config(shape: str | None = None, config: str | os.PathLike | None = 
         cfg._name_or_path = name
         return cfg
     p = Path(os.path.expanduser(str(config)))
+    if not p.exists() and (str(config).endswith(".json") or str(config).startswith(("/", ".", "~"))):
+        raise PlanError(f"{config}: no such file or directory")
     try:
         if p.is_file():
             cfg = AutoConfig.from_pretrained(str(p.parent) if p.name == "config.json" else str(p))
