@@ -10,7 +10,6 @@ that step and what was alive at the peak, by category.
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ from qtulu.plan.settings import PlanSettings
 from qtulu.plan.step import Observer, hf_loss, make_batches, make_optimizer, qtulu_loss, run_step
 from qtulu.plan.tracker import CATEGORIES, StorageTracker, analyse, classify
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
