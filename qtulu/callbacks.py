@@ -74,6 +74,9 @@ class GuardCallback(TrainerCallback):
         trainer, guard = self.trainer, self.guard
         model = trainer.model
         params = [p for p in model.parameters() if p.requires_grad]
+        host = getattr(getattr(trainer.optimizer, "optimizer", trainer.optimizer), "qtulu_host_master", None)
+        if host is not None:  # train.master_weights=host: the step's gradients are the host masters'
+            params = host.masters
         bad = guard.loss_nonfinite or not grads_finite(params)
         loss = guard.loss_sum if guard.loss_sum is not None else torch.zeros((), device=args.device)
         acc = trainer.accelerator

@@ -22,6 +22,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("chat", "qtulu.chat"),
     ("bench", "qtulu.bench.cli"),
     ("recipe", "qtulu.recipe_cli"),
+    ("plan", "qtulu.plan.cli"),
     ("study", "qtulu.study.cli"),
     # COMMANDS-END (keep this marker: one line per command above it)
 ]

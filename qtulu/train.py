@@ -281,6 +281,10 @@ def _make_trainer_class():
                 payload = dict(self.qtulu_identity)
                 payload["global_step"] = step
                 payload["guard"] = self.qtulu_guard.state()
+                if getattr(self, "qtulu_master", None) is not None:  # fp32 master weights (exact resume)
+                    from qtulu.master_weights import MASTER_FILE
+
+                    self.qtulu_master.save(written / MASTER_FILE)
                 ck.write_manifest(written, payload)
                 ck.commit(written, run_dir / written.name)
                 import shutil
@@ -364,6 +368,11 @@ def train(
     run_name = check_run_name(name or recipe.name)
     if model is None:
         check_base_source(recipe)
+    if t.master_weights == "host" and (world_size() > 1 or t.fsdp):
+        raise TrainError(f"{recipe.path or recipe.name}: train.master_weights=host runs in a single process (no DDP/FSDP)")
+    if t.activation_offload and not t.gradient_checkpointing:
+        raise TrainError(f"{recipe.path or recipe.name}: train.activation_offload offloads the checkpointed layer "
+                         "inputs: it needs train.gradient_checkpointing: true")
     out = Path(output_dir)
     run_dir = out / CHECKPOINTS_DIRNAME
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -427,6 +436,10 @@ def train(
 
     set_seed(t.seed)  # LoRA init depends only on the seed
     peft_model = attach_lora(base, recipe.lora, adapter_name=adapter_name)
+    if recipe.lora.dropout_impl == "recompute":  # memory switch (qtulu.lora_dropout)
+        from qtulu.lora_dropout import use_recompute_dropout
+
+        use_recompute_dropout(peft_model)
 
     cuda = torch.cuda.is_available()
     dtype = recipe.model.compute_dtype
@@ -467,6 +480,13 @@ def train(
         ddp_backend="gloo" if (world > 1 and not cuda) else None,
         save_only_model=False,
     )
+    host = None
+    if t.master_weights == "host":  # memory switch (qtulu.master_weights): fp32 masters + optimizer on the host
+        from qtulu.master_weights import trainer_setup
+        from qtulu.model import as_dtype
+
+        host = trainer_setup(peft_model, args, t, compute_dtype=as_dtype(dtype), cuda=cuda, world_size=world,
+                             resume_from=resume_from)
     guard = StepGuard(t.max_nonfinite_in_a_row)
     guard.load_state(resumed_guard)
     Trainer = _make_trainer_class()
@@ -478,8 +498,16 @@ def train(
         qtulu_guard=guard,
         qtulu_identity=identity,
         qtulu_keep=t.save_total_limit,
+        optimizers=(host.optimizer if host else None, None),
     )
+    if host is not None:
+        trainer.qtulu_master = host.master
+        trainer.add_callback(host.callback)  # before the guard: it sums the gradients the guard reads
     trainer.add_callback(GuardCallback(trainer, guard))
+    if t.activation_offload:  # memory switch (qtulu.offload): wraps checkpointing once the trainer turned it on
+        from qtulu.offload import offload_callback
+
+        trainer.add_callback(offload_callback())
     for cb in callbacks:
         trainer.add_callback(cb)
     say(
@@ -495,13 +523,17 @@ def train(
 
         set_peft_model_state_dict(peft_model, load_file(str(resume_from / "adapter_model.safetensors")),
                                   adapter_name=adapter_name)
+        if host is not None:
+            host.restore(resume_from)
         trainer.state.global_step = done
         say(f"{resume_from.name} already reached train.max_steps={t.max_steps}: nothing left to train")
     else:
+        from qtulu.loss import loss_chunking
         from qtulu.threads import fitted_threads
 
         try:
-            with fitted_threads(base):  # one intra-op thread for a small model: more only oversubscribe
+            # one intra-op thread for a small model (more only oversubscribe); loss tiles (qtulu.loss)
+            with fitted_threads(base), loss_chunking(t.loss_chunk_size):
                 trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except KeyboardInterrupt:
             raise KeyboardInterrupt(interrupted_message(out, guard.steps, is_main)) from None
@@ -544,7 +576,7 @@ def train(
                 },
             },
             # FSDP2 serves peft_model.state_dict() as local shards: save from the gathered tensors
-            state_dict=gathered,
+            state_dict=host.master.adapter_state(peft_model, adapter_name) if host else gathered,
             name=run_name,
         )
         png = plot_losses(steps, out / "loss.png", title=f"{recipe.name}: training loss")

@@ -1,0 +1,271 @@
+"""Plan one training step: build the model on the meta device, run the step on fake tensors, track.
+
+`plan_step(settings, stack="qtulu")` builds the model (`qtulu.plan.models`), turns its meta tensors
+into fake ones, creates the optimizer and its states (one warm-up update on zero gradients), then
+runs `qtulu.plan.step.run_step` (``settings.accumulation`` micro-batches, clipping, the optimizer
+step) under a `StorageTracker` and returns a `PlanResult`: the peak of live device bytes during
+that step and what was alive at the peak, by category.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from qtulu.plan.emulate import cuda_semantics, offload_to_host, workspace_table
+from qtulu.plan.models import PlanError, build_hf, build_qtulu, quant_state_tensors, resolve_config, to_fake_device
+from qtulu.plan.settings import PlanSettings
+from qtulu.plan.step import Observer, hf_loss, make_batches, make_optimizer, qtulu_loss, run_step
+from qtulu.plan.tracker import CATEGORIES, StorageTracker, analyse, classify
+
+
+
+@dataclass
+class PlanResult:
+    """The planned peak of one optimizer step and its breakdown (bytes)."""
+
+    stack: str
+    settings: dict[str, Any]
+    peak_bytes: int
+    breakdown: dict[str, int]
+    floor_bytes: int
+    floor: dict[str, int]
+    peak_phase: str
+    peak_module: str
+    host_bytes: int
+    paged_bytes: int
+    largest_transients: list[dict[str, Any]]
+    dequantized_weight_copies: list[dict[str, Any]]
+    phase_peaks: dict[str, int]
+    timeline: list[tuple[int, int]] = field(default_factory=list, repr=False)
+    seconds: float = 0.0
+    model: str = ""
+
+    def to_dict(self, timeline: bool = False) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "timeline" or timeline}
+        return d
+
+
+class _TrackingObserver(Observer):
+    def __init__(self, tracker: StorageTracker) -> None:
+        self.tracker = tracker
+        self.forward_end: dict[int, int] = {}
+        self.grads: set[int] = set()
+        self.opt_states: set[int] = set()
+        self.paged: set[int] = set()
+
+    def on_phase(self, name, micro_batch=None):
+        self.tracker.set_phase(name)
+
+    def on_forward_end(self, micro_batch):
+        self.forward_end[micro_batch] = len(self.tracker.events)
+
+    def on_step_end(self, model, optimizer):
+        for p in model.parameters():
+            if p.requires_grad and p.grad is not None:
+                s = self.tracker.track(p.grad)
+                if s is not None:
+                    self.grads.add(s.sid)
+        paged = bool(getattr(optimizer, "is_paged", False))
+        for state in optimizer.state.values():
+            for v in state.values():
+                if isinstance(v, torch.Tensor):
+                    # bitsandbytes pages a state buffer of >= 1e5 elements (Optimizer8bit.get_state_buffer)
+                    s = self.tracker.track(v, paged=paged and v.numel() >= 1e5)
+                    if s is not None:
+                        self.opt_states.add(s.sid)
+
+
+@contextlib.contextmanager
+def _module_hooks(model, tracker: StorageTracker, backbone):
+    """Module names on the tracker's stack; checkpoint recomputation (a forward during backward);
+    the loss region (whatever runs after the backbone in forward, and before its output's grad)."""
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    names = {id(m): n for n, m in model.named_modules()}
+    stack: list[tuple[int, bool]] = []
+
+    def pre(module, args):
+        recompute = tracker.phase in ("loss_backward", "backward")
+        if recompute:
+            tracker.enter_recompute()
+        tracker.module_stack.append(names.get(id(module), type(module).__name__))
+        stack.append((id(module), recompute))
+
+    def post(module, args, output):
+        # always_call: also after an exception (non-reentrant checkpoint stops recomputation early)
+        while stack:
+            mid, recompute = stack.pop()
+            if tracker.module_stack:
+                tracker.module_stack.pop()
+            if recompute:
+                tracker.exit_recompute()
+            if mid == id(module):
+                break
+        if module is backbone and tracker.phase == "forward":
+            tracker.set_phase("loss")
+            hidden = getattr(output, "last_hidden_state", None)
+            if hidden is None and isinstance(output, (tuple, list)):
+                hidden = output[0]
+            if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+                hidden.register_hook(lambda g: tracker.set_phase("backward") if tracker.phase == "loss_backward" else None)
+
+    h1 = register_module_forward_pre_hook(pre)
+    h2 = register_module_forward_hook(post, always_call=True)
+    try:
+        yield
+    finally:
+        h1.remove()
+        h2.remove()
+
+
+def _register_state(tracker: StorageTracker, model, batches) -> None:
+    for _, p in model.named_parameters():
+        tracker.track(p, role="lora" if p.requires_grad else "weights")
+    for _, b in model.named_buffers():
+        tracker.track(b, role="weights")
+    for t in quant_state_tensors(model):
+        tracker.track(t, role="quant_state")
+    for b in batches:
+        for v in b.values():
+            if isinstance(v, torch.Tensor):
+                tracker.track(v, role="activations")
+
+
+def _warm_up(optimizer) -> None:
+    """Create the optimizer states (a step on zero gradients), as after the first real step."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _floor(config, settings: PlanSettings, breakdown_state: dict[str, int]) -> dict[str, int]:
+    """Weights + quant state + LoRA + optimizer states + the checkpointed layer inputs."""
+    layers = int(getattr(config, "num_hidden_layers", 0))
+    hidden = int(getattr(config, "hidden_size", 0))
+    elsize = torch.empty((), dtype=settings.torch_dtype).element_size()
+    acts = layers * settings.tokens * hidden * elsize if settings.gradient_checkpointing else 0
+    return {
+        "weights": breakdown_state["weights"],
+        "quant_state": breakdown_state["quant_state"],
+        "lora": breakdown_state["lora"],
+        "optimizer": breakdown_state["optimizer"],
+        "activations": acts,
+    }
+
+
+def _dequant_copies(tracker: StorageTracker, model) -> list[dict[str, Any]]:
+    """Float buffers computed from a layer's 4-bit codes alone, as large as the layer's weight: a
+    dequantized copy of it. bitsandbytes' backward makes one per layer; qtulu's CUDA kernels none."""
+    numels = set()
+    for m in model.modules():
+        qs = getattr(m, "quant_state", None) or getattr(getattr(m, "weight", None), "quant_state", None)
+        shape = getattr(qs, "shape", None)
+        if shape is not None and len(shape) == 2:
+            numels.add(int(shape[0]) * int(shape[1]))
+    out = []
+    for sid in tracker.from_codes:
+        s = tracker.storages[sid]
+        numel = 1
+        for d in s.shape:
+            numel *= d
+        if s.dtype in ("bfloat16", "float16", "float32") and numel in numels:
+            out.append({"bytes": s.nbytes, "op": s.op, "module": s.module, "shape": list(s.shape)})
+    out.sort(key=lambda d: -d["bytes"])
+    return out[:5]
+
+
+def plan_step(settings: PlanSettings, *, stack: str = "qtulu", config=None) -> PlanResult:
+    """Run the step of ``stack`` ("qtulu" or "hf") on fake tensors and return its memory."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if stack not in ("qtulu", "hf"):
+        raise PlanError(f"unknown stack {stack!r}")
+    if settings.device not in ("cuda", "cpu"):
+        raise PlanError(f"device must be 'cuda' or 'cpu', got {settings.device!r}")
+    if settings.quantize != "nf4" and stack == "hf":
+        raise PlanError("--compare-hf plans bitsandbytes' NF4 base: it needs quantize=nf4")
+    t0 = time.time()
+    if config is None:
+        config = resolve_config(settings.shape, settings.config, seq_len=settings.seq_len)
+    cuda = settings.device == "cuda"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_qtulu(config, settings) if stack == "qtulu" else build_hf(config, settings)
+    batches = make_batches(config.vocab_size, settings, max(1, settings.accumulation), packed=stack == "qtulu")
+    tracker = StorageTracker(workspace=workspace_table(cuda), round_to=512 if cuda else 1)
+    obs = _TrackingObserver(tracker)
+    backbone = model.get_base_model().model
+    loss_ctx = _loss_context(settings) if stack == "qtulu" else None
+    emulation = cuda_semantics() if cuda else contextlib.nullcontext()
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with emulation, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        master, opt_settings = None, settings
+        with fake:
+            to_fake_device(model, "cpu")
+            if settings.master_weights == "host":
+                from qtulu.master_weights import HostMaster, host_optimizer_name
+
+                # the host is the meta device here: never counted
+                master = HostMaster(model.named_parameters(), compute_dtype=settings.torch_dtype, host_device="meta")
+                opt_settings = settings.replace(optimizer=host_optimizer_name(settings.optimizer))
+        # outside the fake mode: bitsandbytes builds its quantization maps from real values
+        optimizer = make_optimizer(model, opt_settings, cuda=cuda, params=master.masters if master else None)
+        if master is not None:
+            master.attach(optimizer, settings.max_grad_norm)
+        offload = offload_to_host(tracker) if cuda and settings.activation_offload else contextlib.nullcontext()
+        with fake, tracker, offload:
+            _register_state(tracker, model, batches)
+            tracker.set_phase("warmup")
+            _warm_up(optimizer)
+            start = len(tracker.events)
+            with _module_hooks(model, tracker, backbone):
+                run_step(
+                    model, optimizer, batches,
+                    loss_fn=qtulu_loss if stack == "qtulu" else hf_loss,
+                    autocast_dtype=settings.torch_dtype if cuda and settings.torch_dtype != torch.float32 else None,
+                    autocast_device="cpu",
+                    max_grad_norm=settings.max_grad_norm,
+                    foreach=True if cuda else None,
+                    observer=obs,
+                    context=loss_ctx,
+                )
+    categories = classify(tracker, forward_end=obs.forward_end, grads=obs.grads, opt_states=obs.opt_states)
+    a = analyse(tracker, categories, start_event=start)
+    state = dict.fromkeys(CATEGORIES, 0)
+    for s in tracker.storages.values():
+        if s.died is None and not s.host:
+            state[categories.get(s.sid, "transient")] += s.nbytes
+    floor = _floor(config, settings, state)
+    return PlanResult(
+        stack=stack,
+        settings=settings.to_dict(),
+        peak_bytes=a.peak_bytes,
+        breakdown=a.breakdown,
+        floor_bytes=sum(floor.values()),
+        floor=floor,
+        peak_phase=a.peak_phase,
+        peak_module=a.peak_module,
+        host_bytes=a.host_bytes,
+        paged_bytes=a.paged_bytes,
+        largest_transients=a.largest_transients,
+        dequantized_weight_copies=_dequant_copies(tracker, model),
+        phase_peaks=a.phase_peaks,
+        timeline=a.timeline,
+        seconds=time.time() - t0,
+        model=str(getattr(config, "_name_or_path", "")),
+    )
+
+
+def _loss_context(settings: PlanSettings):
+    from qtulu.loss import loss_chunking
+
+    return lambda: loss_chunking(settings.loss_chunk_size)
