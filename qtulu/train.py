@@ -15,7 +15,8 @@ ranks: ``num_items_in_batch``) and TRL's fused LM head divides each micro-batch'
 by that count, so the step loss is the mean over supervised tokens of the step, whatever the
 packing, micro-batch size, accumulation or world size (``tests/test_train.py`` checks it).
 
-Reliability: checkpoints are staged then renamed (`qtulu.checkpoint`); resume picks the newest
+Reliability: checkpoints are staged then renamed (`qtulu.checkpoint`, through the trainer subclass
+in `qtulu.trainer`); one run per output directory (`qtulu.runlock`); resume picks the newest
 complete one and refuses a changed recipe unless forced; non-finite steps are skipped and counted
 (`qtulu.callbacks`); nothing non-finite is saved.
 
@@ -39,7 +40,6 @@ from qtulu.errors import QtuluError
 from qtulu.preflight import check_base_source, check_run_name, interrupted_message
 from qtulu.runlock import locks_run_dir, set_aside_checkpoints
 from qtulu.distributed import (
-    fsdp_from_env,
     fsdp_refusal,
     fsdp_settings,
     full_trainable_state,
@@ -188,112 +188,6 @@ def _checkpointing_args(config_cls, enabled: bool) -> dict:
     names = {f.name for f in dataclasses.fields(config_cls)}
     prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
-
-
-# --------------------------------------------------------------------------------------------
-# the trainer
-
-
-def _make_trainer_class():
-    """Build the SFTTrainer subclass lazily (keeps `import qtulu.train` free of trl/transformers)."""
-    import torch
-    from trl import SFTTrainer
-
-    from qtulu import checkpoint as ck
-
-    class QTuluTrainer(SFTTrainer):
-        """SFTTrainer with staged checkpoints, a non-finite step guard and per-step loss records."""
-
-        def __init__(self, *args, qtulu_guard, qtulu_identity: dict, qtulu_keep: int | None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.qtulu_guard = qtulu_guard
-            self.qtulu_identity = qtulu_identity
-            self.qtulu_keep = qtulu_keep
-
-        def create_accelerator_and_postprocess(self):
-            super().create_accelerator_and_postprocess()
-            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-            state = self.accelerator.state
-            plugin_args = self.args.fsdp_plugin_args
-            if state.distributed_type == DistributedType.MULTI_CPU and (plugin_args or fsdp_from_env()):
-                # accelerate enables FSDP on accelerator devices only (its multi-CPU branch drops the plugin),
-                # but torch's fully_shard runs on CPU over gloo: switch the state to FSDP so that
-                # accelerate's own FSDP2 preparation (fsdp2_prepare_model) wraps the model, as on GPUs.
-                state.distributed_type = DistributedType.FSDP
-                state.fsdp_plugin = FullyShardedDataParallelPlugin(**(plugin_args or {}))
-                self.is_fsdp_enabled = True
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            self.qtulu_guard.add_micro_batch(loss)
-            return loss
-
-        def _save_checkpoint(self, model, trial):
-            try:
-                return self._save_checkpoint_staged(model, trial)
-            except Exception as e:
-                # a full disk (torch and safetensors do not raise OSError for it): one clear error, the
-                # stage removed so the space comes back, the last complete checkpoint untouched
-                from qtulu.diskfull import is_disk_full
-                from qtulu.errors import one_line
-
-                run_dir = Path(self._get_output_dir(trial=trial))
-                if not self.args.should_save or not is_disk_full(e, run_dir):
-                    raise
-                import shutil
-
-                shutil.rmtree(ck.stage_dir(run_dir, self.state.global_step), ignore_errors=True)
-                last = ck.last_complete_checkpoint(run_dir)
-                raise ck.CheckpointError(
-                    f"{run_dir}: no space left on device while writing checkpoint-{self.state.global_step} "
-                    f"({type(e).__name__}: {one_line(e)[:200]}); "
-                    + (f"the last complete checkpoint, {last.name}, is intact: free space and run again to resume "
-                       "from it" if last else "no checkpoint had been completed yet")
-                ) from e
-
-        def _save_checkpoint_staged(self, model, trial):
-            run_dir = Path(self._get_output_dir(trial=trial))
-            step = self.state.global_step
-            params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-            bad = [n for n, p in params if not bool(torch.isfinite(p.detach()).all())]
-            if bad:
-                raise ck.CheckpointError(f"refusing to save checkpoint-{step}: non-finite values in {bad[:3]}")
-            stage_root = ck.stage_dir(run_dir, step)
-            if self.args.should_save:
-                if stage_root.exists():
-                    import shutil
-
-                    shutil.rmtree(stage_root)
-                stage_root.mkdir(parents=True)
-            self.accelerator.wait_for_everyone()
-            # Trainer writes into <output_dir>/checkpoint-N: point output_dir at the staging root while it
-            # does, so that every file lands in the stage and nothing is visible under checkpoint-N yet.
-            original = self.args.output_dir
-            self.args.output_dir = str(stage_root)
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self.args.output_dir = original
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                written = stage_root / f"{ck.CHECKPOINT_PREFIX}-{step}"
-                payload = dict(self.qtulu_identity)
-                payload["global_step"] = step
-                payload["guard"] = self.qtulu_guard.state()
-                if getattr(self, "qtulu_master", None) is not None:  # fp32 master weights (exact resume)
-                    from qtulu.master_weights import MASTER_FILE
-
-                    self.qtulu_master.save(written / MASTER_FILE)
-                ck.write_manifest(written, payload)
-                ck.commit(written, run_dir / written.name)
-                import shutil
-
-                shutil.rmtree(stage_root, ignore_errors=True)
-                ck.rotate(run_dir, self.qtulu_keep)
-            self.accelerator.wait_for_everyone()
-
-    return QTuluTrainer
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,7 +383,9 @@ def train(
                              resume_from=resume_from)
     guard = StepGuard(t.max_nonfinite_in_a_row)
     guard.load_state(resumed_guard)
-    Trainer = _make_trainer_class()
+    from qtulu.trainer import make_trainer_class
+
+    Trainer = make_trainer_class()
     trainer = Trainer(
         model=peft_model,
         args=args,
