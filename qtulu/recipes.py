@@ -39,7 +39,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ import yaml
 
 from qtulu.errors import QtuluError
 from qtulu.schema import build, schema_fields, type_name
+from qtulu.yaml_io import parse_yaml_value, read_mapping  # noqa: F401 - parse_yaml_value is API
 
 REPO_RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 SETTINGS_DIR = REPO_RECIPES_DIR / "settings"
@@ -127,7 +127,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The base model and how it is quantized. Owners of train/model may add fields here."""
+    """The base model and how it is quantized."""
 
     base: str | None = None  # base model: a local safetensors directory or a hub id
     revision: str | None = None  # hub revision (branch, tag or commit) of the base
@@ -161,7 +161,7 @@ class TrainConfig:
 
     ``effective_batch_size`` counts examples per optimizer step, as open-instruct does; the
     trainer converts it to accumulation over packed rows unless ``gradient_accumulation_steps``
-    is given. Owners of train may add fields here.
+    is given.
     """
 
     learning_rate: float = 1e-4  # peak learning rate
@@ -225,61 +225,8 @@ class Recipe:
         raise KeyError(f"recipe {self.name!r} has no source {name!r}; sources: {[s.name for s in self.sources]}")
 
 
-# --------------------------------------------------------------------------------------------
-# YAML: YAML-1.2-style floats (1e-4) and duplicate keys as errors
-
-
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-_FLOAT_RE = re.compile(
-    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-    |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""",
-    re.X,
-)
-# copy the resolver table so SafeLoader itself is untouched
-_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
-
-
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False):
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark
-            )
-        seen[key] = key_node.start_mark.line
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def parse_yaml_value(text: str) -> Any:
-    """Parse one scalar/flow value the way recipe files are parsed (``2e-4`` -> float)."""
-    return yaml.load(text, Loader=_Loader)
-
-
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise RecipeError(f"{path}: not valid UTF-8 ({e})") from None
-    try:
-        data = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: invalid YAML: {e}") from None
-    if data is None:
-        raise RecipeError(f"{path}: empty recipe")
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping at the top level, got {type(data).__name__}")
-    return data
+    return read_mapping(path, RecipeError, "recipe")
 
 
 def schema_keys(cls=Recipe, prefix: str = "") -> dict[str, str]:

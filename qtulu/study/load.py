@@ -96,22 +96,9 @@ class LoadedStudy:
 
 
 def _read(path: Path) -> dict:
-    import yaml
+    from qtulu.yaml_io import read_mapping  # recipes' YAML: duplicate keys refused, 1e-4 is a float
 
-    from qtulu.recipes import _Loader  # recipes' YAML: duplicate keys refused, 1e-4 is a float
-
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise StudyError(f"{path}: not valid UTF-8 ({e})") from None
-    try:
-        data = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as e:
-        raise StudyError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise StudyError(f"{path}: a study must be a mapping at the top level, got "
-                         f"{'nothing' if data is None else type(data).__name__}")
-    return data
+    return read_mapping(path, StudyError, "study")
 
 
 def _substitute(value, out: str):
