@@ -1,5 +1,3 @@
-import sys
+from qtulu.cli import entry
 
-from qtulu.cli import main
-
-sys.exit(main())
+entry()

@@ -91,5 +91,31 @@ def main(argv: list[str] | None = None) -> int:
     return int(rc or 0)
 
 
+def entry() -> None:
+    """The ``qtulu`` console script: `main`, then a fast exit.
+
+    With torch, transformers, peft and bitsandbytes imported, the interpreter's own teardown
+    (freeing every module and object one by one) takes ~3 s on 2 cores: 10% of `qtulu demo`. Nothing
+    is lost by skipping it: non-daemon threads are joined, the atexit handlers run (logging's flush,
+    multiprocessing's and tempfile's cleanups, weakref finalizers) and stdout/stderr are flushed
+    before `os._exit`. Every file qtulu writes is closed (and fsynced where it matters) by then.
+    """
+    import atexit
+    import os
+    import threading
+
+    rc = main()
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said
+            pass
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

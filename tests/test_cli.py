@@ -62,3 +62,16 @@ def test_debug_shows_the_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "qtulu.cli", "train", str(tmp_path / "nope.yaml")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_fast_exit_keeps_output_exit_code_and_atexit_work(tmp_path):
+    """`entry` skips the interpreter's teardown with os._exit: piped stdout must still arrive whole,
+    the exit code must be main()'s, and atexit handlers (logging's flush, tempfile cleanups) must run."""
+    proc = subprocess.run([sys.executable, "-m", "qtulu", "recipe", "list"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.count("\n") >= 3 and proc.stdout.endswith("\n")
+    marker = tmp_path / "atexit-ran"
+    code = ("import atexit, sys; from pathlib import Path; "
+            f"atexit.register(lambda: Path({str(marker)!r}).write_text('ok')); "
+            "sys.argv = ['qtulu', 'train', 'nope.yaml']; import qtulu.cli; qtulu.cli.entry()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("qtulu train:") and marker.read_text() == "ok"
