@@ -23,6 +23,7 @@ from qtulu.kernels.nf4_format import (  # noqa: F401  (re-exported: the public N
     NF4_CODE,
     VALID_BLOCKSIZES,
     NF4State,
+    bnb_codes_and_state,
     dequantize_absmax,
     dequantize_nf4,
     dynamic_map,
@@ -33,6 +34,7 @@ from qtulu.kernels.nf4_format import (  # noqa: F401  (re-exported: the public N
 __all__ = [
     "NF4_CODE",
     "NF4State",
+    "bnb_codes_and_state",
     "quantize_nf4",
     "dequantize_nf4",
     "dequantize_absmax",

@@ -35,6 +35,7 @@ __all__ = [
     "VALID_BLOCKSIZES",
     "NESTED_BLOCKSIZE",
     "NF4State",
+    "bnb_codes_and_state",
     "nf4_code",
     "dynamic_map",
     "quantize_nf4",
@@ -225,6 +226,9 @@ class NF4State:
             raise ValueError(f"NF4State.from_bnb: quant_type must be 'nf4', got {getattr(qs, 'quant_type', None)!r}")
         if qs.shape is None:
             raise ValueError("NF4State.from_bnb: the QuantState has no shape")
+        if getattr(qs, "packing_format_for_cpu", False):
+            raise ValueError("NF4State.from_bnb: bitsandbytes repacked this state for its CPU kernel; "
+                             "read it with bnb_codes_and_state(codes, quant_state)")
         code = qs.code.float()
         if not torch.equal(code.cpu(), _nf4_code_cpu()):
             raise ValueError("NF4State.from_bnb: the QuantState's code is not bitsandbytes' NF4 table")
@@ -293,6 +297,45 @@ class NF4State:
             code2=tensors["nested_quant_map"].float() if nested else None,
             blocksize2=int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)),
         )
+
+
+
+# bitsandbytes' CPU GEMM tile: rows are interleaved in groups of 32 (functional.py, block_n=32)
+_BNB_CPU_BLOCK_N = 32
+
+
+def bnb_codes_and_state(codes: torch.Tensor, qs: Any) -> tuple[torch.Tensor, NF4State, bool]:
+    """The codes, in the layout above, and :class:`NF4State` of a bitsandbytes NF4 weight
+    (``Params4bit.data`` and its ``quant_state``); the flag says whether bitsandbytes had repacked
+    them for its CPU kernel, in which case the codes are a new tensor.
+
+    bitsandbytes (0.48 and later) on a CPU with AVX512-BF16 rewrites a ``Linear4bit`` in place at its
+    first forward in eval mode without grad (``functional._convert_weight_packed_for_cpu``): codes
+    interleaved in tiles of 32 rows, absmax transposed to ``(in / blocksize, out)`` and rounded to
+    bfloat16, double quantization undone. bnb's own inverse re-quantizes the absmax around a new
+    mean and leaves a single-level absmax transposed, so it is not used: here the tile permutation
+    is undone exactly and the bf16 absmax is kept, i.e. the weights bnb now computes with (which
+    differ from the checkpoint's by that rounding).
+    """
+    if not getattr(qs, "packing_format_for_cpu", False):
+        return codes, NF4State.from_bnb(qs), False
+    if getattr(qs, "quant_type", None) != "nf4":
+        raise ValueError(f"bnb_codes_and_state: quant_type must be 'nf4', got {getattr(qs, 'quant_type', None)!r}")
+    tiles = codes.view(torch.uint8) if codes.dtype != torch.uint8 else codes
+    n_out, half = tiles.shape
+    b = _BNB_CPU_BLOCK_N
+    pairs = tiles.reshape(-1, b)  # per 64 codes: the low nibbles hold the first 32, the high ones the last 32
+    unpacked = torch.cat([pairs & 0xF, pairs >> 4], dim=-1)
+    unpacked = unpacked.reshape(n_out // b, half, b, 2).transpose(1, 2).reshape(-1)  # (out, in), row-major
+    std = ((unpacked[0::2] << 4) | unpacked[1::2]).to(torch.uint8).reshape(-1, 1)
+    state = NF4State(
+        absmax=qs.absmax.t().reshape(-1).float().contiguous(),
+        shape=qs.shape,
+        dtype=getattr(qs, "original_dtype", qs.dtype),
+        blocksize=int(qs.blocksize),
+        code=qs.code.float(),
+    )
+    return std, state, True
 
 
 def quantize_nf4(

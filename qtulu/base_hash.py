@@ -44,12 +44,15 @@ def _nf4_digest(module: nn.Module) -> str:
     """SHA-256 of an NF4 layer's bits: packed codes, absmax (and the nested absmax state), shape
     and blocksizes. Not the nominal original dtype, nor the fixed NF4 table: two layers with
     these equal dequantize to the same weight in any compute dtype."""
-    from qtulu.kernels.nf4 import NF4State
+    from qtulu.kernels.nf4 import bnb_codes_and_state
 
-    state = module.quant_state if isinstance(module, Linear4bit) else NF4State.from_bnb(module.weight.quant_state)
+    if isinstance(module, Linear4bit):
+        codes, state = module.weight.data, module.quant_state
+    else:
+        codes, state, _ = bnb_codes_and_state(module.weight.data, module.weight.quant_state)
     h = hashlib.sha256(f"nf4|{tuple(state.shape)}|{state.blocksize}|{state.nested}|"
                        f"{state.blocksize2 if state.nested else 0}\n".encode())
-    _update(h, module.weight.data)
+    _update(h, codes)
     _update(h, state.absmax)
     if state.nested:
         for t in (state.offset, state.absmax2, state.code2):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -443,7 +444,11 @@ def _nf4_settings(model, *, where: str) -> dict:
     and double-quant setting for all; the Linear layers left in float are its ``skip``)."""
     settings = {(m.quant_state.blocksize, m.quant_state.nested) for m in model.modules() if isinstance(m, Linear4bit)}
     if len(settings) != 1:
-        raise ModelLoadError(f"{where}: NF4 layers with different settings {sorted(settings)} (blocksize, double quant)")
+        why = ("; bitsandbytes had repacked some of them for its CPU kernel, which undoes double quantization: "
+               "load the checkpoint instead" if any(getattr(m, "bnb_cpu_repacked", False) for m in model.modules())
+               else "")
+        raise ModelLoadError(f"{where}: NF4 layers with different settings {sorted(settings)} (blocksize, double quant)"
+                             + why)
     (blocksize, nested), = settings
     skip = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                    if isinstance(m, nn.Linear) and not isinstance(m, Linear4bit)})
@@ -453,16 +458,25 @@ def _nf4_settings(model, *, where: str) -> dict:
 def _convert_bnb_layers(model, dtype: torch.dtype | None) -> None:
     """Replace every quantized ``bitsandbytes.nn.Linear4bit`` by qtulu's `Linear4bit` over the
     same codes (no copy); the model stops presenting itself as bitsandbytes-quantized."""
+    repacked = 0
     for name, module in list(model.named_modules()):
         if _is_nf4_layer(module) and not isinstance(module, Linear4bit):
             try:
                 q = Linear4bit.from_bnb(module)
             except ValueError as e:  # FP4, or not quantized yet
                 raise ModelLoadError(f"{name}: {e}") from None
+            repacked += q.bnb_cpu_repacked
             if dtype is not None:
                 q.compute_dtype = dtype
             parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
             setattr(parent, name.rsplit(".", 1)[-1], q)
+    if repacked:
+        warnings.warn(
+            f"{repacked} NF4 layers had been repacked by bitsandbytes for its CPU kernel (an eval-mode forward "
+            "on a CPU with AVX512-BF16), which rounds their absmax to bfloat16 and undoes double quantization: "
+            "qtulu takes them as they now compute, so this base's weights_sha256 is not its checkpoint's; "
+            "for the original bits load the checkpoint, or hand the model over before any CPU forward",
+            stacklevel=3)
     # transformers marks the model as bnb-quantized; it now holds qtulu modules instead
     for attr in ("is_loaded_in_4bit", "is_quantized"):
         if getattr(model, attr, False):

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from qtulu.errors import QtuluError
-from qtulu.kernels.nf4 import NF4State, dequantize_nf4, nf4_matmul, quantize_nf4
+from qtulu.kernels.nf4 import NF4State, bnb_codes_and_state, dequantize_nf4, nf4_matmul, quantize_nf4
 
 __all__ = ["Linear4bit", "quantize_model_", "is_quantized", "MergeNotSupportedError"]
 
@@ -181,7 +181,9 @@ class Linear4bit(nn.Linear):
     @classmethod
     def from_bnb(cls, bnb_linear, *, backend: str = "auto") -> "Linear4bit":
         """Wrap the codes of a quantized ``bitsandbytes.nn.Linear4bit`` (NF4) without copying them:
-        the same bits, so adapters trained on either base are interchangeable."""
+        the same bits, so adapters trained on either base are interchangeable. A layer that
+        bitsandbytes repacked for its CPU kernel is read back exactly as it now computes
+        (:func:`~qtulu.kernels.nf4.bnb_codes_and_state`; new tensors, ``bnb_cpu_repacked`` set)."""
         weight = getattr(bnb_linear, "weight", None)
         qs = getattr(weight, "quant_state", None)
         if qs is None:
@@ -189,13 +191,14 @@ class Linear4bit(nn.Linear):
                 "Linear4bit.from_bnb: the bitsandbytes layer is not quantized yet (its Params4bit has no "
                 "quant_state; bitsandbytes quantizes when the layer is moved to a device)"
             )
-        state = NF4State.from_bnb(qs)
+        codes, state, repacked = bnb_codes_and_state(weight.data, qs)
         mod = cls.__new__(cls)
         nn.Module.__init__(mod)
         mod.in_features, mod.out_features = int(state.shape[1]), int(state.shape[0])
         mod.compute_dtype = getattr(bnb_linear, "compute_dtype", None)
         mod.backend = backend
-        mod._set_weight(weight.data, state)
+        mod._set_weight(codes, state)
+        mod.bnb_cpu_repacked = repacked  # see bnb_codes_and_state: the absmax is bnb's bf16 rounding
         if bnb_linear.bias is not None:
             mod.bias = nn.Parameter(bnb_linear.bias.detach().clone(), requires_grad=bnb_linear.bias.requires_grad)
         else:

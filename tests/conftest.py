@@ -74,3 +74,66 @@ class _Launcher:
 @pytest.fixture(scope="session")
 def launch() -> _Launcher:
     return _Launcher()
+
+
+# --- bitsandbytes as the reference, the same on every CPU ----------------------------------------
+# bitsandbytes' CPU backend takes other paths on CPUs with AVX-512 (seen with 0.50.1 and 0.50.2 on
+# an AMD EPYC with AVX512-BF16; a CPU without it takes the portable paths):
+#  * its native dequantizer, which its CPU matmul uses too, mis-reads blocks that straddle rows:
+#    a (64, 96) weight at blocksize 64 comes back with max error 0.10 against 0.023 from bnb's own
+#    portable dequantizer, and a Linear4bit(48, 48) computes outputs off by up to 0.09;
+#  * Linear4bit's first eval-mode forward without grad repacks the layer in place for its CPU GEMM
+#    (asserting out_features % 32 == 0, which the tiny test models do not meet; absmax rounded to
+#    bf16). qtulu reads such layers (tests/kernels/test_nf4.py, tests/test_quant.py).
+# The format is defined by the bits; these fixtures give bnb's portable answer on every machine.
+
+
+def _bnb_portable_dequantizer():
+    """bnb's portable 4-bit dequantizer, ``f(flat_codes, absmax, code, blocksize, shape, dtype)``."""
+    from bitsandbytes.backends.default import ops as default_ops
+
+    compute = default_ops._dequantize_4bit_compute
+    return getattr(compute, "__wrapped__", compute)  # skip its torch.compile: new shapes in every test
+
+
+@pytest.fixture
+def bnb_dequantize():
+    """bitsandbytes' portable NF4 dequantizer: ``f(packed, quant_state) -> weight``."""
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    compute = _bnb_portable_dequantizer()
+
+    def dequantize(packed: torch.Tensor, qs) -> torch.Tensor:
+        absmax = qs.absmax
+        if qs.nested:
+            absmax = bnbF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+        flat = (packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)).reshape(-1)
+        return compute(flat, absmax.float(), _get_4bit_code("nf4", packed.device), qs.blocksize, qs.shape, qs.dtype)
+
+    return dequantize
+
+
+@pytest.fixture
+def bnb_portable(monkeypatch):
+    """For the test's duration, bitsandbytes computes on the CPU as it does on a CPU without
+    AVX-512: Linear4bit layers built during the test are never repacked, and its 4-bit
+    dequantization (behind its CPU matmul too) is its portable implementation."""
+    import warnings
+
+    modules = pytest.importorskip("bitsandbytes.nn.modules")
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    monkeypatch.setattr(modules, "has_avx512bf16", lambda: False, raising=False)
+    compute = _bnb_portable_dequantizer()
+
+    def kernel(A, absmax, blocksize, quant_type, shape, dtype):
+        flat = (A if A.dtype == torch.uint8 else A.view(torch.uint8)).reshape(-1)
+        return compute(flat, absmax, _get_4bit_code(quant_type, A.device), blocksize, shape, dtype)
+
+    lib = torch.library.Library("bitsandbytes", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel": on purpose, undone below
+        lib.impl("dequantize_4bit", kernel, "CPU")
+    yield
+    lib._destroy()

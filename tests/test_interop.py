@@ -178,20 +178,19 @@ def _bnb_model(base_dir):
         pytest.skip(f"transformers cannot quantize with bitsandbytes on this machine: {type(e).__name__}: {e}")
 
 
-def _bnb_dequantized_weights(bnb_model) -> dict:
+def _bnb_dequantized_weights(bnb_model, dequantize) -> dict:
     """fp32 state dict with every NF4 Linear weight dequantized by bitsandbytes itself."""
-    import bitsandbytes.functional as bf
-
     sd = {}
     for mod_name, m in bnb_model.named_modules():
         for p_name, p in m.named_parameters(recurse=False):
             qs = getattr(p, "quant_state", None)
             key = f"{mod_name}.{p_name}" if mod_name else p_name
-            sd[key] = bf.dequantize_4bit(p.data, qs).float() if qs is not None else p.detach().float()
+            sd[key] = dequantize(p.data, qs).float() if qs is not None else p.detach().float()
     return sd
 
 
-def test_bnb_model_and_its_peft_adapter_through_load_eval_merge_full(base_dir, tmp_path, capsys):
+def test_bnb_model_and_its_peft_adapter_through_load_eval_merge_full(base_dir, tmp_path, capsys, bnb_portable,
+                                                                      bnb_dequantize):
     from peft import get_peft_model
 
     from qtulu.adapters import attach_adapters, load_model
@@ -206,7 +205,7 @@ def test_bnb_model_and_its_peft_adapter_through_load_eval_merge_full(base_dir, t
         pm.save_pretrained(tmp_path / name)
         made[name] = (pm, _deltas(pm))
     author = _logits(made["alpha"][0])  # the QLoRA author's logits (bnb NF4 base + LoRA, fp32 compute)
-    nf4_weights = _bnb_dequantized_weights(_bnb_model(base_dir))
+    nf4_weights = _bnb_dequantized_weights(_bnb_model(base_dir), bnb_dequantize)
     assert len([k for k in nf4_weights if "proj" in k]) == 14
 
     # 1. load: the in-memory bnb model taken over by load_base (its bits), and qtulu's own NF4

@@ -127,7 +127,7 @@ def test_refuses_pickle_checkpoints_and_missing_weights(tmp_path):
         load_base(str(d), quantize=None, compute_dtype=torch.float32)
 
 
-def test_accepts_a_bitsandbytes_4bit_checkpoint(tmp_path):
+def test_accepts_a_bitsandbytes_4bit_checkpoint(tmp_path, bnb_portable):
     """A base quantized by bitsandbytes (NF4) loads with its layers converted to qtulu's Linear4bit."""
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -167,7 +167,7 @@ def _bnb_model(directory, double_quant=True):
         pytest.skip(f"transformers cannot quantize with bitsandbytes on this machine: {type(e).__name__}: {e}")
 
 
-def test_same_nf4_bits_are_the_same_base_from_every_source(tmp_path):
+def test_same_nf4_bits_are_the_same_base_from_every_source(tmp_path, bnb_portable):
     """Issue 14, point 2: a qtulu quantization, a bitsandbytes checkpoint and an in-memory
     bitsandbytes model of the same weights have one weights_sha256 (and one quantization record);
     another base has another. Point 3: load_base takes over the in-memory model's bits (no copy)."""
@@ -205,6 +205,30 @@ def test_same_nf4_bits_are_the_same_base_from_every_source(tmp_path):
                           attn_implementation="sdpa")  # the same weights, other NF4 settings: another base
     assert base_info(single)["quantization"]["double_quant"] is False
     assert base_info(single)["weights_sha256"] != infos[0]["weights_sha256"]
+
+
+
+def test_in_memory_bnb_model_repacked_for_the_cpu_is_taken_as_it_computes(tmp_path, bnb_portable):
+    """bitsandbytes on an AVX512-BF16 CPU repacks Linear4bit layers at their first eval forward
+    (tests/conftest.py); done here with its own function on the layers it can repack, so on any
+    CPU. load_base reads them back, warns that the absmax is now bnb's bf16 rounding, and the base
+    is then another base (its bits differ from the checkpoint's)."""
+    import bitsandbytes.functional as bnbF
+
+    d = _save_dir(tmp_path, build_tiny_llama(0))
+    plain, _ = load_base(_bnb_model(d, double_quant=False), compute_dtype=torch.float32, device="cpu",
+                         attn_implementation="sdpa")
+    mem = _bnb_model(d, double_quant=False)
+    layers = [m for m in mem.modules() if hasattr(m, "support_avx512bf16_for_cpu")
+              and m.out_features % 32 == 0 and m.in_features % 64 == 0]  # what bnb can repack
+    for m in layers:
+        m.weight.data, m.weight.quant_state = bnbF._convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
+    with pytest.warns(UserWarning, match=f"{len(layers)} NF4 layers had been repacked by bitsandbytes"):
+        taken, _ = load_base(mem, compute_dtype=torch.float32, device="cpu", attn_implementation="sdpa")
+    with torch.no_grad():
+        torch.testing.assert_close(taken(input_ids=_ids()).logits, plain(input_ids=_ids()).logits,
+                                   rtol=2e-2, atol=2e-2)  # bf16 rounding of the repacked absmax only
+    assert base_info(taken)["weights_sha256"] != base_info(plain)["weights_sha256"]
 
 
 def test_bf16_values_hash_alike_in_any_compute_dtype(tmp_path):

@@ -54,6 +54,21 @@ def test_from_bnb_holds_the_same_bits():
     with pytest.raises(ValueError, match="not quantized"):
         Linear4bit.from_bnb(bnb.nn.Linear4bit(64, 96, quant_type="nf4"))
 
+    # a layer bitsandbytes repacked for its CPU GEMM (what its first eval forward does on an
+    # AVX512-BF16 CPU; done here with its own function, so on any CPU): read as bnb now computes it
+    assert not q.bnb_cpu_repacked
+    b4.weight.data, b4.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(
+        b4.weight.data, b4.weight.quant_state)
+    r = Linear4bit.from_bnb(b4)
+    assert r.bnb_cpu_repacked and torch.equal(r.weight, ours.weight)  # the same codes, standard layout
+    from qtulu.kernels.nf4 import dequantize_absmax
+
+    assert torch.equal(r.quant_state.absmax, dequantize_absmax(ours.quant_state).bfloat16().float())
+    torch.testing.assert_close(r(x), q(x), rtol=2e-2, atol=2e-3)  # only the bf16 rounding of absmax
+    if bnb.functional.has_avx512bf16():  # bnb's CPU kernel itself, where this CPU has it
+        with torch.no_grad():
+            torch.testing.assert_close(r(x), b4.eval()(x), rtol=2e-2, atol=2e-2)
+
 
 def test_quantize_model_replaces_frees_and_matches():
     model = build_tiny_llama(0, torch.float32)

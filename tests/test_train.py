@@ -82,7 +82,7 @@ def test_loss_is_mean_over_supervised_tokens_of_the_step(tmp_path):
             assert _rel(grads[k], ref_grads[k]) < 1e-4, (label, k, _rel(grads[k], ref_grads[k]))
 
 
-def test_train_writes_peft_adapter_metadata_and_curve(tmp_path):
+def test_train_writes_peft_adapter_metadata_and_curve(tmp_path, bnb_portable):
     """OUT/adapter loads with vanilla peft and reproduces the trained model; qtulu.json is complete."""
     from peft import PeftModel
 

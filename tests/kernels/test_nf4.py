@@ -8,6 +8,8 @@ import torch
 
 from qtulu.kernels.nf4 import (
     NF4State,
+    bnb_codes_and_state,
+    dequantize_absmax,
     dequantize_nf4,
     dynamic_map,
     nf4_matmul,
@@ -44,7 +46,7 @@ def test_dynamic_map_matches_bitsandbytes():
     ids=str,
 )
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
-def test_quantize_matches_bitsandbytes(dtype, double_quant, shape):
+def test_quantize_matches_bitsandbytes(dtype, double_quant, shape, bnb_dequantize):
     w = _weight(shape, dtype)
     packed, st = quantize_nf4(w, blocksize=64, double_quant=double_quant)
     bp, bs = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
@@ -58,13 +60,13 @@ def test_quantize_matches_bitsandbytes(dtype, double_quant, shape):
         assert torch.equal(st.code2, bs.state2.code)
     # qtulu dequantizes bnb's bits, bnb dequantizes qtulu's: identical values, original dtype
     ours = dequantize_nf4(bp, NF4State.from_bnb(bs))
-    theirs = bnbF.dequantize_4bit(packed, st.to_bnb())
+    theirs = bnb_dequantize(packed, st.to_bnb())  # bnb's portable dequantizer: see conftest
     assert ours.dtype == dtype and ours.shape == shape
     assert torch.equal(ours, theirs)
-    assert torch.equal(ours, bnbF.dequantize_4bit(bp, bs))
+    assert torch.equal(ours, bnb_dequantize(bp, bs))
 
 
-def test_nan_and_blocksize_128_match_bitsandbytes():
+def test_nan_and_blocksize_128_match_bitsandbytes(bnb_dequantize):
     w = _weight((64, 96), torch.float32)
     w[3, 5] = float("nan")
     for dq in (False, True):
@@ -72,9 +74,34 @@ def test_nan_and_blocksize_128_match_bitsandbytes():
         bp, bs = bnbF.quantize_4bit(w, blocksize=128, quant_type="nf4", compress_statistics=dq)
         assert torch.equal(packed, bp)
         assert torch.equal(st.absmax, bs.absmax) or torch.equal(st.absmax.isnan(), bs.absmax.isnan())
-        a, b = dequantize_nf4(packed, st), bnbF.dequantize_4bit(bp, bs)
+        a, b = dequantize_nf4(packed, st), bnb_dequantize(bp, bs)
         assert torch.equal(a.isnan(), b.isnan())
         assert torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_reads_a_layer_bitsandbytes_repacked_for_its_cpu_kernel(double_quant):
+    """bitsandbytes on an AVX512-BF16 CPU repacks a Linear4bit in place at its first eval forward
+    (conftest). qtulu reads such a layer back: the same codes, the absmax bnb now computes with
+    (bf16-rounded, single level), the same weights as the standard layout with that absmax. The
+    repack is bnb's own function, so this runs on any CPU."""
+    import copy
+
+    w = _weight((96, 192), torch.float32)
+    bp, bs = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    plain_absmax = dequantize_absmax(NF4State.from_bnb(bs))  # fp32, one per block of 64
+    tiles, qs = bnbF._convert_weight_packed_for_cpu(bp.clone(), copy.deepcopy(bs))
+    assert qs.packing_format_for_cpu and tiles.shape == (96, 96)
+    with pytest.raises(ValueError, match="repacked"):
+        NF4State.from_bnb(qs)
+    codes, st, repacked = bnb_codes_and_state(tiles, qs)
+    assert repacked and not st.nested and st.dtype == torch.float32
+    assert torch.equal(codes, bp)  # the tile permutation undone exactly
+    assert torch.equal(st.absmax, plain_absmax.bfloat16().float())
+    want = dequantize_nf4(bp, NF4State(absmax=st.absmax, shape=w.shape, dtype=torch.float32, blocksize=64))
+    assert torch.equal(dequantize_nf4(codes, st), want)
+    _, _, again = bnb_codes_and_state(bp, bs)  # a standard layer: as it is
+    assert not again
 
 
 def test_state_roundtrips_and_validation():
