@@ -8,8 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -71,17 +69,6 @@ def _safetensors_layout(path: Path) -> dict[str, dict[str, Any]]:
             sl = f.get_slice(key)
             out[key] = {"shape": list(sl.get_shape()), "dtype": str(sl.get_dtype())}
     return out
-
-
-def _replace_dir(stage: Path, out_dir: Path) -> None:
-    """Move a fully written ``stage`` dir to ``out_dir`` (replacing it) with renames only."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out_dir, old)
-    os.replace(stage, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_meta(adapter_dir: str | os.PathLike) -> dict:

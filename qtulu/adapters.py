@@ -56,12 +56,12 @@ from qtulu.adapter_files import (  # noqa: F401 - the format's names are part of
     WEIGHTS_NAME,
     AdapterError,
     _json_default,
-    _replace_dir,
     _safetensors_layout,
     _write_json,
     read_meta,
     sha256_file,
 )
+from qtulu.checkpoint import replace_dir
 from qtulu.swap import (  # noqa: F401 - re-exported: qtulu.adapters.set_active etc.
     adapter_names_of,
     adapters_disabled,
@@ -148,7 +148,7 @@ def save_adapter(
             "tensors": _safetensors_layout(weights),
         }
         _write_json(stage / META_NAME, meta)
-        _replace_dir(stage, out_dir)
+        replace_dir(stage, out_dir)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

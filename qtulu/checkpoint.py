@@ -98,6 +98,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def replace_dir(stage: Path, out_dir: Path) -> None:
+    """Move a fully written ``stage`` dir to ``out_dir`` (replacing it) with renames only."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out_dir, old)
+    os.replace(stage, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def stage_dir(run_dir: Path, step: int) -> Path:
     """Where checkpoint ``step`` is written before it is renamed to ``checkpoint-<step>``."""
     return Path(run_dir) / f"{STAGE_PREFIX}{CHECKPOINT_PREFIX}-{step}"

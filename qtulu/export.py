@@ -493,9 +493,9 @@ def export_merged(
                 "weight_rel_error_mean": sum(requant) / len(requant) if requant else 0.0,
             }
         (stage / MERGE_META).write_text(json.dumps(report, indent=2, default=str) + "\n")
-        from qtulu.adapters import _replace_dir
+        from qtulu.checkpoint import replace_dir
 
-        _replace_dir(stage, out_dir)
+        replace_dir(stage, out_dir)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

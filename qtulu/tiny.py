@@ -81,9 +81,10 @@ def save_base(model, tokenizer, out_dir) -> Path:
     never leaves a half-written base that a later command would load; an existing ``out_dir`` is
     replaced.
     """
-    import os
     import shutil
     import uuid
+
+    from qtulu.checkpoint import replace_dir
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -91,13 +92,7 @@ def save_base(model, tokenizer, out_dir) -> Path:
     try:
         model.save_pretrained(stage, safe_serialization=True)
         tokenizer.save_pretrained(stage)
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(out_dir, old)
-        os.replace(stage, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(stage, out_dir)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -137,3 +137,22 @@ def bnb_portable(monkeypatch):
         lib.impl("dequantize_4bit", kernel, "CPU")
     yield
     lib._destroy()
+
+
+@pytest.fixture
+def bnb_4bit_model(bnb_portable):
+    """``f(directory, double_quant=True) -> model``: transformers + bitsandbytes NF4 from a local
+    checkpoint, quantized on the CPU (fp32 compute, eval mode, bnb's portable CPU paths); skips
+    where this transformers/bitsandbytes pair cannot quantize on the CPU."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    def load(directory, double_quant: bool = True):
+        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                 bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)
+        try:
+            return AutoModelForCausalLM.from_pretrained(str(directory), quantization_config=cfg,
+                                                        device_map={"": "cpu"}, dtype=torch.float32).eval()
+        except Exception as e:  # noqa: BLE001 - environment capability, reported as the skip reason
+            pytest.skip(f"transformers cannot quantize with bitsandbytes on this machine: {type(e).__name__}: {e}")
+
+    return load

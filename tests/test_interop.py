@@ -165,19 +165,6 @@ def test_peft_adapter_load_eval_merge_full_from_pretrained(base_dir, tmp_path, c
 # ------------------------------------------------------------ a bitsandbytes 4-bit model + its adapter
 
 
-def _bnb_model(base_dir):
-    pytest.importorskip("bitsandbytes")
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32)
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(base_dir), quantization_config=cfg, device_map={"": "cpu"},
-                                                    dtype=torch.float32).eval()
-    except Exception as e:  # noqa: BLE001 - environment capability, reported as the skip reason
-        pytest.skip(f"transformers cannot quantize with bitsandbytes on this machine: {type(e).__name__}: {e}")
-
-
 def _bnb_dequantized_weights(bnb_model, dequantize) -> dict:
     """fp32 state dict with every NF4 Linear weight dequantized by bitsandbytes itself."""
     sd = {}
@@ -189,7 +176,7 @@ def _bnb_dequantized_weights(bnb_model, dequantize) -> dict:
     return sd
 
 
-def test_bnb_model_and_its_peft_adapter_through_load_eval_merge_full(base_dir, tmp_path, capsys, bnb_portable,
+def test_bnb_model_and_its_peft_adapter_through_load_eval_merge_full(base_dir, tmp_path, capsys, bnb_4bit_model,
                                                                       bnb_dequantize):
     from peft import get_peft_model
 
@@ -201,16 +188,16 @@ def test_bnb_model_and_its_peft_adapter_through_load_eval_merge_full(base_dir, t
     made = {}
     for name, seed in (("alpha", 3), ("beta", 4)):  # QLoRA adapters made with peft on the bnb model
         torch.manual_seed(seed)
-        pm = get_peft_model(_bnb_model(base_dir), _lora_config()).eval()
+        pm = get_peft_model(bnb_4bit_model(base_dir), _lora_config()).eval()
         pm.save_pretrained(tmp_path / name)
         made[name] = (pm, _deltas(pm))
     author = _logits(made["alpha"][0])  # the QLoRA author's logits (bnb NF4 base + LoRA, fp32 compute)
-    nf4_weights = _bnb_dequantized_weights(_bnb_model(base_dir), bnb_dequantize)
+    nf4_weights = _bnb_dequantized_weights(bnb_4bit_model(base_dir), bnb_dequantize)
     assert len([k for k in nf4_weights if "proj" in k]) == 14
 
     # 1. load: the in-memory bnb model taken over by load_base (its bits), and qtulu's own NF4
     #    quantization of the fp32 checkpoint: the same base, and the author's logits on both
-    mem, _ = load_base(_bnb_model(base_dir), compute_dtype=torch.float32, device="cpu", attn_implementation="sdpa")
+    mem, _ = load_base(bnb_4bit_model(base_dir), compute_dtype=torch.float32, device="cpu", attn_implementation="sdpa")
     on_mem = attach_adapters(mem, [f"alpha={tmp_path / 'alpha'}"], base_info=base_info(mem), trained_on="nf4")
     _close(_logits(on_mem), author)
     model, _ = load_model(str(base_dir), [f"alpha={tmp_path / 'alpha'}"], trained_on="nf4", compute_dtype="float32",
@@ -226,13 +213,13 @@ def test_bnb_model_and_its_peft_adapter_through_load_eval_merge_full(base_dir, t
                            "--compute-dtype", "float32", "--out", str(tmp_path / "mix")], capsys)
     assert rc == 0, err
     combo = _logits(_model_with(nf4_weights, [(0.6, made["alpha"][1]), (0.4, made["beta"][1])]))
-    ab = attach_adapters(load_base(_bnb_model(base_dir), compute_dtype=torch.float32, device="cpu",
+    ab = attach_adapters(load_base(bnb_4bit_model(base_dir), compute_dtype=torch.float32, device="cpu",
                                    attn_implementation="sdpa")[0], [tmp_path / "mix"])
     _close(_logits(ab), combo)  # the saved combination binds to the bnb model's bits
 
     # 4. merge --full from the fp32 checkpoint, and from a bitsandbytes checkpoint of the same bits
     bnb_dir = tmp_path / "bnb_ckpt"
-    _bnb_model(base_dir).save_pretrained(bnb_dir)
+    bnb_4bit_model(base_dir).save_pretrained(bnb_dir)
     tok.save_pretrained(bnb_dir)
     for src, out in ((base_dir, "full"), (bnb_dir, "full_from_bnb")):
         rc, _, err = _run_cli(["merge", "--model", str(src), "--adapter", str(tmp_path / "alpha"), "--full",

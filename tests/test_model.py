@@ -127,21 +127,12 @@ def test_refuses_pickle_checkpoints_and_missing_weights(tmp_path):
         load_base(str(d), quantize=None, compute_dtype=torch.float32)
 
 
-def test_accepts_a_bitsandbytes_4bit_checkpoint(tmp_path, bnb_portable):
+def test_accepts_a_bitsandbytes_4bit_checkpoint(tmp_path, bnb_4bit_model):
     """A base quantized by bitsandbytes (NF4) loads with its layers converted to qtulu's Linear4bit."""
-    pytest.importorskip("bitsandbytes")
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     from qtulu.quant import Linear4bit
 
     d = _save_dir(tmp_path, build_tiny_llama(0))
-    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32)
-    try:
-        bnb_model = AutoModelForCausalLM.from_pretrained(str(d), quantization_config=cfg, device_map={"": "cpu"},
-                                                         dtype=torch.float32)
-    except Exception as e:  # noqa: BLE001 - environment capability, reported as the skip reason
-        pytest.skip(f"transformers cannot quantize with bitsandbytes on this machine: {type(e).__name__}: {e}")
+    bnb_model = bnb_4bit_model(d)
     qdir = tmp_path / "bnb"
     bnb_model.save_pretrained(qdir, safe_serialization=True)
     build_char_tokenizer().save_pretrained(qdir)
@@ -153,36 +144,20 @@ def test_accepts_a_bitsandbytes_4bit_checkpoint(tmp_path, bnb_portable):
                                    rtol=1e-4, atol=1e-4)
 
 
-def _bnb_model(directory, double_quant=True):
-    """transformers + bitsandbytes 4-bit (NF4) from a local checkpoint, quantized on the CPU."""
-    pytest.importorskip("bitsandbytes")
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
-                             bnb_4bit_compute_dtype=torch.float32)
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(directory), quantization_config=cfg, device_map={"": "cpu"},
-                                                    dtype=torch.float32).eval()
-    except Exception as e:  # noqa: BLE001 - environment capability, reported as the skip reason
-        pytest.skip(f"transformers cannot quantize with bitsandbytes on this machine: {type(e).__name__}: {e}")
-
-
-def test_same_nf4_bits_are_the_same_base_from_every_source(tmp_path, bnb_portable):
+def test_same_nf4_bits_are_the_same_base_from_every_source(tmp_path, bnb_4bit_model):
     """Issue 14, point 2: a qtulu quantization, a bitsandbytes checkpoint and an in-memory
     bitsandbytes model of the same weights have one weights_sha256 (and one quantization record);
     another base has another. Point 3: load_base takes over the in-memory model's bits (no copy)."""
-    import bitsandbytes as bnb  # noqa: F401 - _bnb_model skips first when it is absent
-
     from qtulu.quant import Linear4bit
 
     d = _save_dir(tmp_path, build_tiny_llama(0))
     ours, _ = load_base(str(d), compute_dtype=torch.float32, device="cpu", attn_implementation="sdpa")
 
     qdir = tmp_path / "bnb"
-    _bnb_model(d).save_pretrained(qdir, safe_serialization=True)
+    bnb_4bit_model(d).save_pretrained(qdir, safe_serialization=True)
     from_ckpt, _ = load_base(str(qdir), compute_dtype=torch.float32, device="cpu", attn_implementation="sdpa")
 
-    mem = _bnb_model(d)
+    mem = bnb_4bit_model(d)
     with torch.no_grad():
         want = mem(input_ids=_ids()).logits
     bnb_layer = mem.model.layers[0].self_attn.q_proj
@@ -201,14 +176,14 @@ def test_same_nf4_bits_are_the_same_base_from_every_source(tmp_path, bnb_portabl
     assert all(i["quantization"] == infos[0]["quantization"] for i in infos), infos
     other, _ = load_base(build_tiny_llama(1), compute_dtype=torch.float32, device="cpu", attn_implementation="sdpa")
     assert base_info(other)["weights_sha256"] != infos[0]["weights_sha256"]
-    single, _ = load_base(_bnb_model(d, double_quant=False), compute_dtype=torch.float32, device="cpu",
+    single, _ = load_base(bnb_4bit_model(d, double_quant=False), compute_dtype=torch.float32, device="cpu",
                           attn_implementation="sdpa")  # the same weights, other NF4 settings: another base
     assert base_info(single)["quantization"]["double_quant"] is False
     assert base_info(single)["weights_sha256"] != infos[0]["weights_sha256"]
 
 
 
-def test_in_memory_bnb_model_repacked_for_the_cpu_is_taken_as_it_computes(tmp_path, bnb_portable):
+def test_in_memory_bnb_model_repacked_for_the_cpu_is_taken_as_it_computes(tmp_path, bnb_4bit_model):
     """bitsandbytes on an AVX512-BF16 CPU repacks Linear4bit layers at their first eval forward
     (tests/conftest.py); done here with its own function on the layers it can repack, so on any
     CPU. load_base reads them back, warns that the absmax is now bnb's bf16 rounding, and the base
@@ -216,9 +191,9 @@ def test_in_memory_bnb_model_repacked_for_the_cpu_is_taken_as_it_computes(tmp_pa
     import bitsandbytes.functional as bnbF
 
     d = _save_dir(tmp_path, build_tiny_llama(0))
-    plain, _ = load_base(_bnb_model(d, double_quant=False), compute_dtype=torch.float32, device="cpu",
+    plain, _ = load_base(bnb_4bit_model(d, double_quant=False), compute_dtype=torch.float32, device="cpu",
                          attn_implementation="sdpa")
-    mem = _bnb_model(d, double_quant=False)
+    mem = bnb_4bit_model(d, double_quant=False)
     layers = [m for m in mem.modules() if hasattr(m, "support_avx512bf16_for_cpu")
               and m.out_features % 32 == 0 and m.in_features % 64 == 0]  # what bnb can repack
     for m in layers:
