@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qtulu.checkpoint import atomic_write_text
+
 MEMO = ".qtulu-study/hashes.json"
 
 
@@ -36,12 +38,7 @@ def digest(obj: Any) -> str:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a temp file beside ``path``, flush it to disk, rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
