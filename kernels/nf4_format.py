@@ -299,7 +299,6 @@ class NF4State:
         )
 
 
-
 # bitsandbytes' CPU GEMM tile: rows are interleaved in groups of 32 (functional.py, block_n=32)
 _BNB_CPU_BLOCK_N = 32
 
