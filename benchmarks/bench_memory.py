@@ -63,29 +63,12 @@ def _cuda_measure(settings, stack, config):
 
     import torch
 
-    from qtulu.plan.models import build_hf, build_qtulu
+    from qtulu.plan.measure import build_real_step
+    from qtulu.plan.step import run_step
 
     gc.collect()  # the previous setting's model (peft keeps reference cycles) must be gone
     torch.cuda.empty_cache()
-    from qtulu.plan.step import hf_loss, make_batches, make_optimizer, qtulu_loss, run_step
-
-    model = (build_qtulu if stack == "qtulu" else build_hf)(config, settings, device="cuda")
-    master, opt_settings = None, settings
-    if settings.master_weights == "host":
-        from qtulu.master_weights import HostMaster, host_optimizer_name
-
-        master = HostMaster(model.named_parameters(), compute_dtype=settings.torch_dtype)
-        opt_settings = settings.replace(optimizer=host_optimizer_name(settings.optimizer))
-    optimizer = make_optimizer(model, opt_settings, cuda=True, params=master.masters if master else None)
-    if master is not None:
-        master.attach(optimizer, settings.max_grad_norm)
-    batches = [{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
-               for b in make_batches(config.vocab_size, settings, settings.accumulation, packed=stack == "qtulu")]
-    from qtulu.loss import loss_chunking
-
-    kw = dict(loss_fn=qtulu_loss if stack == "qtulu" else hf_loss, autocast_dtype=settings.torch_dtype,
-              autocast_device="cuda", max_grad_norm=settings.max_grad_norm,
-              context=(lambda: loss_chunking(settings.loss_chunk_size)) if stack == "qtulu" else None)
+    model, optimizer, batches, kw = build_real_step(settings, stack=stack, config=config, device="cuda")
     run_step(model, optimizer, batches, **kw)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -77,6 +77,35 @@ def _create_states(optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+
+def build_real_step(settings: PlanSettings, *, stack: str, config, device: str):
+    """The model, optimizer (with host master weights attached when asked), batches and `run_step`
+    keyword arguments of one real training step of ``stack`` ("qtulu" or "hf") on ``device``: what
+    `measure_step` runs here and benchmarks/bench_memory.py runs on CUDA."""
+    model = (build_qtulu if stack == "qtulu" else build_hf)(config, settings, device=device)
+    master, opt_settings = None, settings
+    if settings.master_weights == "host":
+        from qtulu.master_weights import HostMaster, host_optimizer_name
+
+        master = HostMaster(model.named_parameters(), compute_dtype=settings.torch_dtype)
+        opt_settings = settings.replace(optimizer=host_optimizer_name(settings.optimizer))
+    cuda = device == "cuda"
+    optimizer = make_optimizer(model, opt_settings, cuda=cuda, params=master.masters if master else None)
+    if master is not None:
+        master.attach(optimizer, settings.max_grad_norm)  # the optimizer keeps it (qtulu_host_master)
+    batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+               for b in make_batches(config.vocab_size, settings, max(1, settings.accumulation),
+                                     packed=stack == "qtulu")]
+    from qtulu.loss import loss_chunking
+
+    kw: dict[str, Any] = dict(loss_fn=qtulu_loss if stack == "qtulu" else hf_loss,
+                              max_grad_norm=settings.max_grad_norm,
+                              context=(lambda: loss_chunking(settings.loss_chunk_size)) if stack == "qtulu" else None)
+    if cuda:
+        kw.update(autocast_dtype=settings.torch_dtype, autocast_device="cuda")
+    return model, optimizer, batches, kw
+
+
 def measure_step(settings: PlanSettings, *, stack: str = "qtulu", seed: int = 0, config=None) -> Measurement:
     """Build the model for real on the CPU, run one step, return the allocator's peak."""
     from torch.profiler import ProfilerActivity, profile
@@ -88,22 +117,7 @@ def measure_step(settings: PlanSettings, *, stack: str = "qtulu", seed: int = 0,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(seed)
-        model = (build_qtulu if stack == "qtulu" else build_hf)(config, settings, device="cpu")
-        master, opt_settings = None, settings
-        if settings.master_weights == "host":
-            from qtulu.master_weights import HostMaster, host_optimizer_name
-
-            master = HostMaster(model.named_parameters(), compute_dtype=settings.torch_dtype)
-            opt_settings = settings.replace(optimizer=host_optimizer_name(settings.optimizer))
-        optimizer = make_optimizer(model, opt_settings, cuda=False, params=master.masters if master else None)
-        if master is not None:
-            master.attach(optimizer, settings.max_grad_norm)
-        batches = make_batches(config.vocab_size, settings, max(1, settings.accumulation), packed=stack == "qtulu")
-        loss_fn = qtulu_loss if stack == "qtulu" else hf_loss
-        from qtulu.loss import loss_chunking
-
-        ctx = (lambda: loss_chunking(settings.loss_chunk_size)) if stack == "qtulu" else None
-        kw: dict[str, Any] = dict(loss_fn=loss_fn, max_grad_norm=settings.max_grad_norm, context=ctx)
+        model, optimizer, batches, kw = build_real_step(settings, stack=stack, config=config, device="cpu")
         _create_states(optimizer)  # as after a first step
         gc.collect()
         resident = _unique_bytes(resident_tensors(model, optimizer, batches))
