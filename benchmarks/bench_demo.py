@@ -48,7 +48,8 @@ def run_once(out_dir: Path, extra: list[str]) -> dict:
     return {"wall": wall, "output": output, "report": report}
 
 
-def _child_cpu() -> float:
+def child_cpu() -> float:
+    """CPU seconds (user + sys) of the waited-for child processes so far."""
     import resource
 
     u = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -61,9 +62,9 @@ def measure(repeat: int, busy: int, extra: list[str]) -> dict:
     try:
         for i in range(repeat):
             with tempfile.TemporaryDirectory(prefix="qtulu-bench-demo-") as tmp:
-                cpu0 = _child_cpu()
+                cpu0 = child_cpu()
                 r = run_once(Path(tmp) / "demo_out", extra)
-                r["cpu"] = _child_cpu() - cpu0
+                r["cpu"] = child_cpu() - cpu0
                 runs.append(r)
                 print(f"run {i + 1}/{repeat}: {r['wall']:.1f}s wall, {r['cpu']:.1f}s CPU", file=sys.stderr, flush=True)
     finally:

@@ -16,27 +16,23 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench_demo import child_cpu, start_busy  # this folder: the script's own sys.path entry
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _child_cpu() -> float:
-    u = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return u.ru_utime + u.ru_stime
 
 
 def timed(cmd: list[str]) -> dict:
     """Run ``cmd`` in a child process; its wall and CPU seconds (it must succeed)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cpu0, t0 = _child_cpu(), time.perf_counter()
+    cpu0, t0 = child_cpu(), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    wall, cpu = time.perf_counter() - t0, _child_cpu() - cpu0
+    wall, cpu = time.perf_counter() - t0, child_cpu() - cpu0
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"{' '.join(cmd[2:4])} failed with exit status {proc.returncode}")
@@ -44,7 +40,7 @@ def timed(cmd: list[str]) -> dict:
 
 
 def measure(busy: int, demo: bool) -> dict:
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True:\n    pass\n"]) for _ in range(busy)]
+    hogs = start_busy(busy)
     try:
         with tempfile.TemporaryDirectory(prefix="qtulu-bench-study-") as tmp:
             out = Path(tmp) / "study_out"
