@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 from pathlib import Path
+from typing import Any, Iterator
 
 from qtulu.errors import QtuluError
 
@@ -36,6 +39,18 @@ def require(path: Path, what: str) -> Path:
     if not path.exists():
         raise TaskDataError(f"{what} not found: {path} (point --data-dir at the eval data root)")
     return path
+
+
+def jsonl_rows(path: Path, bad: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed line)`` for each non-blank line of a JSON-lines file (``.gz`` too); a
+    line that is not JSON is a `TaskDataError` ``"PATH:LINE: {bad} (why)"``."""
+    with (gzip.open if Path(path).suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TaskDataError(f"{path}:{lineno}: {bad} ({e})") from e
 
 
 def head(items: list, limit: int | None) -> list:

@@ -20,14 +20,12 @@ Data: ``codex_humaneval/HumanEval.jsonl.gz`` under the data dir, else the file b
 
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
 
 from ..metrics import mean_pass_at_k
 from ..sandbox import humaneval as execution
 from ..sandbox import require_opt_in
-from ._common import PROFILE_OPTION, TaskDataError, check_profile, comparability, head
+from ._common import PROFILE_OPTION, TaskDataError, check_profile, comparability, head, jsonl_rows
 
 NAME = "codex_humaneval"
 VERSION = "2.0"
@@ -69,16 +67,12 @@ def _data_file(data_dir) -> Path:
 def load(data_dir, *, limit=None, profile="open_instruct", **_):
     check_profile(profile)
     path = _data_file(data_dir)
-    opener = gzip.open if path.suffix == ".gz" else open
     rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                row = json.loads(line)
-                missing = {"task_id", "prompt", "entry_point", "test"} - set(row)
-                if missing:
-                    raise TaskDataError(f"{path}:{lineno}: missing keys {sorted(missing)}")
-                rows.append({"id": row["task_id"], **row})
+    for lineno, row in jsonl_rows(path, "bad HumanEval row"):
+        missing = {"task_id", "prompt", "entry_point", "test"} - set(row if isinstance(row, dict) else ())
+        if missing:
+            raise TaskDataError(f"{path}:{lineno}: missing keys {sorted(missing)}")
+        rows.append({"id": row["task_id"], **row})
     return head(rows, limit)
 
 

@@ -24,12 +24,11 @@ Data: ``gsm/test.jsonl`` (``{"question", "answer"}``, the final answer after ``#
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from ..metrics import hf_exact_match, last_number, numbers_equal, oi_gsm_answer, oi_gsm_gold
-from ._common import PROFILE_OPTION, TaskDataError, check_profile, comparability, head, require
+from ._common import PROFILE_OPTION, TaskDataError, check_profile, comparability, head, jsonl_rows, require
 
 NAME = "gsm8k"
 VERSION = "2.0"
@@ -73,18 +72,14 @@ def load(data_dir, *, limit=None, cot=True, n_shot=8, max_num_examples=200, seed
     check_profile(profile)
     path = require(Path(data_dir) / DATA_SUBDIR / "test.jsonl", "GSM8K test file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                question, answer = row["question"], row["answer"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise TaskDataError(f"{path}:{lineno}: bad GSM8K row ({e})") from e
-            if not isinstance(answer, str) or "####" not in answer:
-                raise TaskDataError(f"{path}:{lineno}: answer has no '####' final answer")
-            rows.append({"id": str(len(rows)), "question": question, "gold": oi_gsm_gold(answer)})
+    for lineno, row in jsonl_rows(path, "bad GSM8K row"):
+        try:
+            question, answer = row["question"], row["answer"]
+        except (KeyError, TypeError) as e:
+            raise TaskDataError(f"{path}:{lineno}: bad GSM8K row ({e})") from e
+        if not isinstance(answer, str) or "####" not in answer:
+            raise TaskDataError(f"{path}:{lineno}: answer has no '####' final answer")
+        rows.append({"id": str(len(rows)), "question": question, "gold": oi_gsm_gold(answer)})
     rng = random.Random(seed)  # open-instruct: random.seed(42) once, then every draw in this order
     if max_num_examples and len(rows) > max_num_examples:
         rows = [rows[i] for i in rng.sample(range(len(rows)), max_num_examples)]

@@ -14,10 +14,9 @@ reply, stripped, must equal the answer (the demo's own table scores the same way
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ._common import TaskDataError, head, require
+from ._common import TaskDataError, head, jsonl_rows, require
 
 NAME = "synthetic"
 VERSION = "1.0"
@@ -45,16 +44,14 @@ def load(data_dir, *, limit=None, skill=None, **_):
     for path in _files(data_dir, skill):
         name = path.name[: -len("_test.jsonl")]
         rows = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    user, assistant = json.loads(line)["messages"]
-                    rows.append({"id": f"{name}/{lineno - 1}", "skill": name, "prompt": user["content"],
-                                 "gold": assistant["content"]})
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                    raise TaskDataError(f"{path}:{lineno}: expected {{'messages': [user, assistant]}} ({e})") from e
+        bad = "expected {'messages': [user, assistant]}"
+        for lineno, row in jsonl_rows(path, bad):
+            try:
+                user, assistant = row["messages"]
+                rows.append({"id": f"{name}/{lineno - 1}", "skill": name, "prompt": user["content"],
+                             "gold": assistant["content"]})
+            except (KeyError, TypeError, ValueError) as e:
+                raise TaskDataError(f"{path}:{lineno}: {bad} ({e})") from e
         examples += head(rows, limit)
     return examples
 
