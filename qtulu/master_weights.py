@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from qtulu.errors import QtuluError
+from qtulu.offload import copy_to_host_async
 
 __all__ = ["HostMaster", "MasterWeightsError", "MASTER_FILE", "host_optimizer_name"]
 
@@ -108,12 +109,7 @@ class HostMaster:
         buf = self._staging.get(i)
         if buf is None:
             buf = self._staging[i] = torch.empty(g.shape, dtype=g.dtype, device="cpu", pin_memory=True)
-        side = self._side_stream(g.device)
-        side.wait_stream(torch.cuda.current_stream(g.device))
-        with torch.cuda.stream(side):
-            buf.copy_(g, non_blocking=True)
-            g.record_stream(side)
-            event = side.record_event()
+        event = copy_to_host_async(g, buf, self._side_stream(g.device))
         self._pending.append((i, buf, event))
         self._finish(lambda entry: entry[2].query())  # sum whatever copies have landed
 

@@ -42,6 +42,17 @@ MIN_BYTES = 1 << 20  # smaller inputs stay where they are (position tables, mask
 offload_device_type = "cuda"
 
 
+def copy_to_host_async(src: torch.Tensor, host: torch.Tensor, side: "torch.cuda.Stream") -> "torch.cuda.Event":
+    """Copy the CUDA tensor ``src`` into pinned ``host`` on stream ``side``, after the current
+    stream has produced it; ``src``'s memory is not reused before the copy is done, which the
+    returned event marks (also used by `qtulu.master_weights` for gradients)."""
+    side.wait_stream(torch.cuda.current_stream(src.device))
+    with torch.cuda.stream(side):
+        host.copy_(src, non_blocking=True)
+        src.record_stream(side)
+        return side.record_event()
+
+
 def _host_buffer(t: torch.Tensor) -> torch.Tensor:
     """A host tensor to hold ``t`` (pinned when CUDA is there: asynchronous copies)."""
     return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.device.type == "cuda")
@@ -81,12 +92,7 @@ class OffloadHooks(torch.autograd.graph.saved_tensors_hooks):
         host = _host_buffer(t)
         copied = None
         if t.device.type == "cuda":
-            side = self._side_stream(t.device)
-            side.wait_stream(torch.cuda.current_stream(t.device))
-            with torch.cuda.stream(side):
-                host.copy_(t, non_blocking=True)
-                t.record_stream(side)
-                copied = side.record_event()
+            copied = copy_to_host_async(t, host, self._side_stream(t.device))
         else:
             host.copy_(t)
         h = _Handle(host, t.device, copied, t.shape, t.dtype)
