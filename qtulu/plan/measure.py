@@ -21,7 +21,7 @@ import torch
 
 from qtulu.plan.models import build_hf, build_qtulu, quant_state_tensors, resolve_config
 from qtulu.plan.settings import PlanSettings
-from qtulu.plan.step import hf_loss, make_batches, make_optimizer, qtulu_loss, run_step
+from qtulu.plan.step import create_optimizer_states, hf_loss, make_batches, make_optimizer, qtulu_loss, run_step
 
 
 @dataclass
@@ -68,15 +68,6 @@ def allocator_peak(prof) -> tuple[int, int]:
     return peak, len(mem)
 
 
-def _create_states(optimizer) -> None:
-    """The optimizer's states, as after a first step (an update on zero gradients)."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 
 def build_real_step(settings: PlanSettings, *, stack: str, config, device: str):
     """The model, optimizer (with host master weights attached when asked), batches and `run_step`
@@ -118,7 +109,7 @@ def measure_step(settings: PlanSettings, *, stack: str = "qtulu", seed: int = 0,
         warnings.simplefilter("ignore")
         torch.manual_seed(seed)
         model, optimizer, batches, kw = build_real_step(settings, stack=stack, config=config, device="cpu")
-        _create_states(optimizer)  # as after a first step
+        create_optimizer_states(optimizer)  # as after a first step
         gc.collect()
         resident = _unique_bytes(resident_tensors(model, optimizer, batches))
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:

@@ -20,7 +20,15 @@ import torch
 from qtulu.plan.emulate import cuda_semantics, offload_to_host, workspace_table
 from qtulu.plan.models import PlanError, build_hf, build_qtulu, quant_state_tensors, resolve_config, to_fake_device
 from qtulu.plan.settings import PlanSettings
-from qtulu.plan.step import Observer, hf_loss, make_batches, make_optimizer, qtulu_loss, run_step
+from qtulu.plan.step import (
+    Observer,
+    create_optimizer_states,
+    hf_loss,
+    make_batches,
+    make_optimizer,
+    qtulu_loss,
+    run_step,
+)
 from qtulu.plan.tracker import CATEGORIES, StorageTracker, analyse, classify
 
 
@@ -137,15 +145,6 @@ def _register_state(tracker: StorageTracker, model, batches) -> None:
                 tracker.track(v, role="activations")
 
 
-def _warm_up(optimizer) -> None:
-    """Create the optimizer states (a step on zero gradients), as after the first real step."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def _floor(config, settings: PlanSettings, breakdown_state: dict[str, int]) -> dict[str, int]:
     """Weights + quant state + LoRA + optimizer states + the checkpointed layer inputs."""
     layers = int(getattr(config, "num_hidden_layers", 0))
@@ -225,7 +224,7 @@ def plan_step(settings: PlanSettings, *, stack: str = "qtulu", config=None) -> P
         with fake, tracker, offload:
             _register_state(tracker, model, batches)
             tracker.set_phase("warmup")
-            _warm_up(optimizer)
+            create_optimizer_states(optimizer)
             start = len(tracker.events)
             with _module_hooks(model, tracker, backbone):
                 run_step(

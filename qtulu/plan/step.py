@@ -79,6 +79,16 @@ def make_optimizer(model, settings, *, cuda: bool, params=None):
     return cls(params, **kwargs)
 
 
+def create_optimizer_states(optimizer) -> None:
+    """Create the optimizer's states (an update on zero gradients), as after the first real step."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+
 class Observer:
     """Hooks the planner uses to mark the phases of the step (no-ops by default)."""
 
