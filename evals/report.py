@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from qtulu.checkpoint import atomic_write, atomic_write_text
+
 HEADLINE = {  # what "score" means per task, for the table's row labels
     "mmlu": "acc", "mmlu_5shot": "acc", "gsm8k": "EM", "gsm8k_direct": "EM", "bbh": "EM", "bbh_direct": "EM",
     "tydiqa": "F1", "tydiqa_nocontext": "F1", "codex_humaneval": "pass@10", "codex_humaneval_t01": "pass@1",
@@ -101,10 +103,8 @@ def bar_chart(results: dict, path: Path) -> Path:
     ax.set_title("qtulu eval")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -116,9 +116,7 @@ def write_report(results: dict, out_dir) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md", "chart": out_dir / "results.png"}
     write_json(paths["json"], results)
-    tmp = paths["markdown"].with_name("results.md.tmp")
-    tmp.write_text(markdown_table(results), encoding="utf-8")
-    tmp.replace(paths["markdown"])
+    atomic_write_text(paths["markdown"], markdown_table(results))
     bar_chart(results, paths["chart"])
     return paths
 

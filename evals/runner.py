@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from qtulu.checkpoint import atomic_write_text
+
 from .lm import LM
 from .tasks import get_task, parse_task_list
 
@@ -32,13 +34,8 @@ NEEDS = {
 
 
 def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    """Atomic: write a temp file in the same dir, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """Atomic (`qtulu.checkpoint.atomic_write_text`)."""
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -54,10 +51,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=_json_default), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=_json_default))
 
 
 def _json_default(o):

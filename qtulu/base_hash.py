@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qtulu.checkpoint import atomic_write_text
 from qtulu.quant import Linear4bit
 
 log = logging.getLogger(__name__)
@@ -175,10 +176,7 @@ def files_sha256(files: list[Path]) -> str:
         total.update(f"{f.name}:{digest}\n".encode())
     if changed:
         try:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache, indent=0, sort_keys=True))
-            os.replace(tmp, cache_path)
+            atomic_write_text(cache_path, json.dumps(cache, indent=0, sort_keys=True))
         except OSError as e:  # a read-only home must not stop training; the hash is recomputed next time
             log.warning("could not write the weights-hash cache %s: %s", cache_path, e)
     return total.hexdigest()

@@ -20,7 +20,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from qtulu.errors import QtuluError
 
@@ -87,15 +87,28 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory and a rename."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` writes a temp file beside ``path`` (same suffix, so that e.g. matplotlib picks
+    the format from it), which is flushed to disk and renamed into place: a reader sees the old file
+    or the whole new one, never a part. The temp file is removed if ``write`` fails. The one way
+    qtulu writes a file that others read while it may be rewritten (reports, logs, charts)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (`atomic_write`)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def replace_dir(stage: Path, out_dir: Path) -> None:

@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qtulu.checkpoint import atomic_write, atomic_write_text
+
 # num_key_value_heads 4 (no GQA) and initializer_range 0.06 (HF's 0.02 is for wide models): the
 # warm-up's copy skill then appears after ~80 steps instead of ~250 (measured over seeds 0-2).
 DEMO_MODEL = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
@@ -307,9 +309,7 @@ def _run(out: Path, *, seed: int, progress: bool, cfg: dict[str, Any]) -> dict:
         "settings": {k: v for k, v in cfg.items() if k not in ("model", "recipe_overrides")},
         "loss_png": str(png) if png else None,
     }
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out / "report.json")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     _say(f"done in {report['seconds']:.0f}s: {out / 'report.json'}, {png}")
     _say(f"try it: qtulu chat --model {_rel(base_dir)} --adapter {_rel(adapters[DEMO_SKILLS[0]])} "
          f"--adapter {_rel(adapters[DEMO_SKILLS[1]])}   (then /adapter {DEMO_SKILLS[1]}; the README has the tour)")
@@ -364,10 +364,8 @@ def _plot(path: Path, warm: list[float], curves: dict[str, list[dict]]) -> Path 
         ax.set_yscale("log")
     # fixed margins: tight_layout measures every log-scale tick label (a second of the demo's CPU)
     fig.subplots_adjust(left=0.06, right=0.99, bottom=0.12, top=0.92, wspace=0.15)
-    tmp = path.with_name(".loss.tmp.png")
-    fig.savefig(tmp)
+    atomic_write(path, fig.savefig)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

@@ -93,14 +93,9 @@ def make_examples(task: str, n: int, *, split: str, seed: int) -> list[dict]:
 
 def write_jsonl(examples: list[dict], path: str | Path) -> Path:
     """Write ``{"messages": ...}`` rows (the ``messages`` source format) to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for ex in examples:
-            f.write(json.dumps({"messages": ex["messages"]}) + "\n")
-    tmp.replace(path)
-    return path
+    from qtulu.checkpoint import atomic_write_text
+
+    return atomic_write_text(path, "".join(json.dumps({"messages": ex["messages"]}) + "\n" for ex in examples))
 
 
 def packed_toy_dataset(n_rows: int = 16, per_row: int = 3, *, seed: int = 0, vocab: tuple[int, int] = (4, 100),

@@ -35,6 +35,7 @@ from qtulu.bench.build import attach_lora, build_bnb_model, build_qtulu_model, m
 from qtulu.bench.flops import mfu, peak_tflops, step_flops
 from qtulu.bench.lengths import padded_microbatches
 from qtulu.bench.shapes import shape_from_dict
+from qtulu.checkpoint import atomic_write_text
 
 GB = 1024**3
 PAD_ID = 0
@@ -254,6 +255,4 @@ def child_main(spec_path: str, result_path: str) -> None:
     """Process entry point: read the spec JSON, run, write the result JSON atomically."""
     spec = json.loads(Path(spec_path).read_text())
     result = run_config(spec)
-    tmp = Path(result_path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, result_path)
+    atomic_write_text(result_path, json.dumps(result))

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qtulu.checkpoint import atomic_write
 from qtulu.plan.tracker import CATEGORIES
 
 GB = 1e9  # decimal gigabytes, as the memory goals are stated
@@ -123,11 +124,8 @@ def plot(path: str | os.PathLike, result, hf=None) -> Path:
     ax2.legend(fontsize=8)
     ax2.set_title("forward, loss, backward with recomputation, optimizer step", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -21,7 +21,8 @@ import json
 import math
 from pathlib import Path
 
-from qtulu.study.store import digest, write_json_atomic, write_text_atomic
+from qtulu.checkpoint import atomic_write, atomic_write_text
+from qtulu.study.store import digest, write_json_atomic
 
 
 def _num(x) -> float | None:
@@ -196,10 +197,8 @@ def heatmap(res: dict, path: Path) -> Path:
     ax.set_title(f"study {res['study']['name']}: score x100, colour = % of the best in the column", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02).set_label("% of the best", fontsize=8)
     fig.subplots_adjust(left=0.16, right=0.92, bottom=0.14, top=0.88)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
+    atomic_write(path, fig.savefig)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -216,7 +215,7 @@ def write_results(plan, *, progress: bool = True) -> dict:
     if old is not None and old.get("cells_digest") == res["cells_digest"] and old.get("study") == res["study"] \
             and all(p.is_file() for p in paths):
         return old
-    write_text_atomic(paths[1], markdown({**res, "_metrics": metrics}))
+    atomic_write_text(paths[1], markdown({**res, "_metrics": metrics}))
     heatmap(res, paths[2])
     write_json_atomic(paths[0], res)  # last: it marks the three as written
     return res

@@ -142,7 +142,7 @@ class StudyRun:
 
     def prepare(self) -> None:
         """Inside the locked output folder: the synthetic data, then the checks of what lies there."""
-        from qtulu.study.store import write_text_atomic
+        from qtulu.checkpoint import atomic_write_text
 
         s = self.study
         if s.synthetic is not None:
@@ -150,7 +150,7 @@ class StudyRun:
 
             write_synthetic(s.synthetic, s.out / "data")
         self.preflight(inside_out=True)
-        write_text_atomic(s.out / "study.json", to_json(s))
+        atomic_write_text(s.out / "study.json", to_json(s))
 
     def show_plan(self) -> dict:
         status = self.plan.status()

@@ -35,14 +35,8 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a temp file beside ``path``, flush it to disk, rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text)
-
-
 def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, default=str))
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
 class Hasher:
