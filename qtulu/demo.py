@@ -191,7 +191,7 @@ def _run(out: Path, *, seed: int, progress: bool, cfg: dict[str, Any]) -> dict:
 
     from qtulu.adapters import attach_adapters, set_active
     from qtulu.model import base_info, load_base
-    from qtulu.recipes import load_recipe
+    from qtulu.recipes import REPO_RECIPES_DIR, load_recipe
     from qtulu.synthetic import DEMO_SKILLS, TASKS, make_examples, write_jsonl
     from qtulu.threads import threads_for
     from qtulu.tiny import build_char_tokenizer, build_tiny_llama, save_base
@@ -257,7 +257,7 @@ def _run(out: Path, *, seed: int, progress: bool, cfg: dict[str, Any]) -> dict:
          f"{info['quantization']['blocksize']}, double quant); weights sha256 {info['weights_sha256'][:12]}...")
 
     # ---- one adapter per skill through the `qtulu train` path
-    recipe_path = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+    recipe_path = REPO_RECIPES_DIR / "demo.yaml"
     adapters: dict[str, Path] = {}
     curves: dict[str, list[dict]] = {}
     for skill in DEMO_SKILLS:

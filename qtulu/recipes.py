@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.resources
 import os
 import typing
 from dataclasses import dataclass, field
@@ -50,7 +51,9 @@ from qtulu.errors import QtuluError
 from qtulu.schema import build, schema_fields, type_name
 from qtulu.yaml_io import parse_yaml_value, read_mapping  # noqa: F401 - parse_yaml_value is API
 
-REPO_RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+# The shipped recipes (the repo's recipes/ folder, packaged as qtulu/builtin_recipes). qtulu is
+# never imported from a zip, so the resource is a real directory.
+REPO_RECIPES_DIR = Path(str(importlib.resources.files("qtulu") / "builtin_recipes"))
 SETTINGS_DIR = REPO_RECIPES_DIR / "settings"
 SETTINGS_SECTIONS = ("data", "model", "lora", "train")
 
