@@ -19,11 +19,48 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("QTULU_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+# CI sets QTULU_NO_SKIP=1: then a missing ../shared/data, or a root that cannot create the sandbox's
+# namespaces, fails the test instead of skipping it, so that a run which silently lost its parity
+# oracles or its sandbox tests cannot look like one that passed them.
+NO_SKIP = os.environ.get("QTULU_NO_SKIP") == "1"
+
+
+def skip_unless_required(reason: str, *, module: bool = False) -> None:
+    """Skip with ``reason``, or fail with it under ``QTULU_NO_SKIP=1``."""
+    if NO_SKIP:
+        pytest.fail(f"{reason} (QTULU_NO_SKIP=1: this run requires it)", pytrace=False)
+    pytest.skip(reason, allow_module_level=module)
+
+
+def skip_without_namespaces(probe_result: dict, *, module: bool = False) -> None:
+    """Skip when the sandbox's namespaces cannot be made; as root under ``QTULU_NO_SKIP=1``, fail."""
+    if probe_result["namespaces"]:
+        return
+    reason = f"this machine cannot create the sandbox's namespaces: {probe_result['reason']}"
+    if os.geteuid() == 0:
+        skip_unless_required(reason, module=module)
+    pytest.skip(reason, allow_module_level=module)
+
+
+@pytest.fixture
+def skip_or_fail():
+    """:func:`skip_unless_required`, for a test whose requirement is checked inside it."""
+    return skip_unless_required
+
+
+@pytest.fixture
+def require_namespaces():
+    """Skip unless the sandbox's namespaces can be made (as root under QTULU_NO_SKIP=1: fail)."""
+    from qtulu.evals.sandbox import probe
+
+    skip_without_namespaces(probe())
+
+
 def shared_path(*parts: str) -> Path:
-    """Path under ../shared/data, or skip the test naming what is missing."""
+    """Path under ../shared/data, or skip the test naming what is missing (fail under QTULU_NO_SKIP=1)."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"real data not found: {path} (../shared/data is absent on this machine)")
+        skip_unless_required(f"real data not found: {path} (../shared/data is absent on this machine)")
     return path
 
 

@@ -398,3 +398,26 @@ def test_a_bad_training_row_stops_the_study_before_the_base_loads(tmp_path, caps
     assert err.startswith("qtulu study: error: cell data/succ: ") and f"{rows}:2" in err, err
     assert err.endswith(f"(2 of 14 cells complete in {tmp_path / 'out'})"), err  # the base and data/up
     assert (tmp_path / "out" / "cells" / "data" / "up.json").is_file()  # what was done is kept
+
+
+def test_a_kill_between_the_record_and_its_log_line_is_recovered_on_the_next_start(tmp_path):
+    """The record is the commit point: a run killed after writing it but before its "done" line (the
+    race a SIGKILL can hit) gets that line back, with the killed run's pid, when the next run starts;
+    a line torn mid-append is ended, not glued to the next one."""
+    from qtulu.study.store import Records
+
+    rec = Records(tmp_path)
+    rec.log("run", "train/a")
+    rec.write("train/a", "k1", {}, {}, 1.0)
+    rec.log("done", "train/a", key="k1")
+    rec.write("train/b", "k2", {}, {}, 2.0)  # killed here: record written, "done" not logged
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"t": 1, "pid": 1, "event": "ru')  # and a line torn by the kill
+    assert rec.recover() == 1
+    assert rec.recover() == 0  # idempotent
+    done = [x for x in read_log(tmp_path) if x["event"] == "done"]
+    assert [(x["cell"], x["key"], x["pid"]) for x in done] == [("train/a", "k1", os.getpid()),
+                                                                ("train/b", "k2", os.getpid())]
+    assert done[1]["recovered"] is True and done[1]["seconds"] == 2.0
+    rec.write("train/a", "k3", {}, {}, 1.0)  # the cell re-ran with another key: its new record needs its line
+    assert rec.recover() == 1

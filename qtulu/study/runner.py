@@ -172,6 +172,7 @@ class StudyRun:
         status = self.plan.status()
         self.total, self.complete = len(status), sum(status.values())
         missing = [c for c, ok in status.items() if not ok]
+        self.records.recover()
         self.records.log("start", total=self.total, complete=self.complete)
         say(describe(s))
         if missing:
@@ -253,7 +254,8 @@ class StudyRun:
             self.records.log("failed", cell, error=str(e))
             raise StudyError(f"cell {cell}: {e} ({self.complete} of {self.total} cells complete in "
                              f"{self.study.out})") from e
-        self.records.log("done", cell, seconds=round(time.perf_counter() - t, 2))
+        rec = self.records.read(cell) or {}
+        self.records.log("done", cell, key=rec.get("key"), seconds=round(time.perf_counter() - t, 2))
         self._done(cell)
 
     def _done(self, cell: str) -> None:

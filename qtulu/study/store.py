@@ -11,9 +11,15 @@ Layout (``OUT`` = ``qtulu study --out``)::
     OUT/.qtulu-study/hashes.json         SHA-256 of files by (path, size, mtime): a finished study
                                          re-run hashes nothing twice
 
-A record is ``{"key": ..., "what": {...}, "result": {...}, "seconds": ..., "finished": ...}``, written
-atomically once its cell's outputs are complete, so a cell is complete exactly when its record
+A record is ``{"key": ..., "what": {...}, "result": {...}, "seconds": ..., "finished": ..., "pid": ...}``,
+written atomically once its cell's outputs are complete, so a cell is complete exactly when its record
 carries the key the current study computes for it (and its outputs still hash as recorded).
+
+Order of writes, so that a kill between any two leaves a consistent store: a cell's outputs, then
+its record (the commit point), then its "done" log line. A run killed between the last two leaves a
+record whose "done" line is missing; the next run's :meth:`Records.recover` appends it from the
+record (same pid, key and seconds, ``"recovered": true``) before it starts. A line torn by a kill
+mid-append is skipped by :func:`read_log` and never glued to the next line.
 """
 
 from __future__ import annotations
@@ -112,17 +118,39 @@ class Records:
 
     def write(self, cell: str, key: str, what: dict, result: dict, seconds: float) -> dict:
         rec = {"cell": cell, "key": key, "what": what, "result": result, "seconds": round(seconds, 2),
-               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid()}
         write_json_atomic(self.path(cell), rec)
         return rec
+
+    def recover(self) -> int:
+        """Append the "done" line of each record whose run was killed between writing the record and
+        logging it (see the module docstring); returns how many were appended."""
+        lines = [x for x in read_log(self.out) if x.get("event") == "done"]
+        logged = {(x.get("cell"), x.get("key")) for x in lines}
+        unkeyed = {x.get("cell") for x in lines if "key" not in x}  # logs written before keys were logged
+        n = 0
+        for path in sorted(self.root.rglob("*.json")) if self.root.is_dir() else []:
+            cell = path.relative_to(self.root).with_suffix("").as_posix()
+            rec = self.read(cell)
+            if rec is None or (cell, rec.get("key")) in logged or cell in unkeyed:
+                continue
+            self.log("done", cell, pid=rec.get("pid"), key=rec.get("key"), seconds=rec.get("seconds"),
+                     recovered=True)
+            n += 1
+        return n
 
     def log(self, event: str, cell: str | None = None, **extra) -> None:
         """Append one line: ``{"t", "pid", "event", "cell", ...}`` (run, done, reused, start, end, ...)."""
         self.out.mkdir(parents=True, exist_ok=True)
         line = {"t": round(time.time(), 3), "pid": os.getpid(), "event": event, **({"cell": cell} if cell else {}),
                 **extra}
-        with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(line, default=str) + "\n")
+        data = (json.dumps(line, default=str) + "\n").encode("utf-8")
+        with open(self.out / "log.jsonl", "a+b") as f:
+            if f.seek(0, os.SEEK_END):  # a line torn by a kill mid-append: end it, or this one is lost with it
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    data = b"\n" + data
+            f.write(data)
             f.flush()
 
 

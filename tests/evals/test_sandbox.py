@@ -27,14 +27,7 @@ pytestmark = pytest.mark.skipif(os.name != "posix" or not os.path.exists("/proc"
                                 reason="the sandbox needs Linux (/proc, rlimits, namespaces)")
 
 
-def _needs_namespaces():
-    p = probe()
-    if not p["namespaces"]:
-        pytest.skip(f"this machine cannot create the sandbox's namespaces: {p['reason']}")
-
-
-def test_canonical_humaneval_solutions_all_pass(shared_data):
-    _needs_namespaces()
+def test_canonical_humaneval_solutions_all_pass(shared_data, require_namespaces):
     task = get_task("codex_humaneval")
     problems = task.module.load(shared_data("eval"))
     assert len(problems) == 164
@@ -71,8 +64,7 @@ def test_code_execution_is_opt_in(char_tokenizer):
         task.module.predict(LM(None, char_tokenizer), [ex])
 
 
-def test_isolation_layers_reported():
-    _needs_namespaces()
+def test_isolation_layers_reported(require_namespaces):
     iso = isolation()
     assert iso["level"] == "full"
     assert set(iso["namespaces"]) == {"mount", "pid", "network", "ipc", "uts"}
@@ -199,8 +191,7 @@ def test_private_uids_never_collide_across_processes(tmp_path):
         holder.wait(timeout=30)
 
 
-def test_concurrent_runs_use_distinct_uids():
-    _needs_namespaces()
+def test_concurrent_runs_use_distinct_uids(require_namespaces):
     results = run_programs(["import time\ntime.sleep(0.5)\n"] * 4, SandboxConfig(timeout=10), workers=4,
                            allow_code_execution=True)
     assert all(r.passed for r in results), [r.reason for r in results]

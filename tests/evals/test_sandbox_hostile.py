@@ -24,8 +24,12 @@ from qtulu.evals.tasks import get_task
 
 if os.name != "posix" or not os.path.exists("/proc"):
     pytest.skip("the sandbox needs Linux", allow_module_level=True)
-if not probe()["namespaces"]:
-    pytest.skip(f"this machine cannot create the sandbox's namespaces: {probe()['reason']}", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _namespaces(require_namespaces):
+    """Every test here needs the namespaces (as root under QTULU_NO_SKIP=1, their absence fails)."""
+
 
 IPC_CREAT, IPC_RMID, IPC_NOWAIT = 0o1000, 0, 0o4000
 MARK = "4242.4242"  # argv of escaping grandchildren: the host looks for it in /proc afterwards
