@@ -3,7 +3,7 @@
     python .ci/wheel_smoke.py README.md PATH/TO/qtulu      (the venv's console script)
 
 The README's tour is read from README.md (between its tour markers, continuation lines joined) and
-run as written on the demo's artefacts, as tests/test_demo.py runs it in the checkout.
+run as written on the demo's artefacts, as tests/demo/test_demo.py runs it in the checkout.
 """
 
 from __future__ import annotations

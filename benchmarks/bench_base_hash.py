@@ -1,12 +1,12 @@
 """What binding adapters to their base costs: ``weights_sha256`` on the load benchmark's model.
 
-Adapters bind to what they trained against (qtulu.model.state_dict_sha256: the NF4 codes + quant
+Adapters bind to what they trained against (qtulu.model.load.state_dict_sha256: the NF4 codes + quant
 state of every quantized layer, the values of every other tensor), hashed from memory after the
 load, so the checkpoint is read once. This writes the same random LLaMA-architecture bf16
 checkpoint as ``benchmarks/bench_load.py`` (~167M parameters by default), loads it (NF4 with bf16
 compute, and unquantized bf16), and times, on the CPU:
 
-* the load itself (``qtulu.model.load_base``, streamed);
+* the load itself (``qtulu.model.load.load_base``, streamed);
 * the trained-against hash of the loaded model (what ``base_info`` computes once per load);
 * for comparison, the former binding: SHA-256 of the checkpoint files (a second read of the
   checkpoint; here from the page cache, so a lower bound of what a cold disk costs).
@@ -40,8 +40,8 @@ def main() -> int:
 
     import torch
 
-    from qtulu.model import _safetensor_files, base_info, files_sha256, load_base, state_dict_sha256
-    from qtulu.tiny import tiny_llama_config
+    from qtulu.model.load import _safetensor_files, base_info, files_sha256, load_base, state_dict_sha256
+    from qtulu.model.tiny import tiny_llama_config
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     cfg = tiny_llama_config(vocab_size=args.vocab, hidden_size=args.hidden,

@@ -17,17 +17,16 @@ import os
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 _CHILD = r"""
 import json, resource, sys, time
 import torch
 method, path, device = sys.argv[1], sys.argv[2], sys.argv[3]
-import transformers, qtulu.model, qtulu.quant  # imports are part of the baseline, not the load
+import transformers, qtulu.model.load, qtulu.model.quant  # imports are part of the baseline, not the load
 import accelerate, safetensors.torch, tqdm.auto
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from transformers.models.llama import modeling_llama
-qtulu.quant.Linear4bit.from_linear(torch.nn.Linear(64, 64, dtype=torch.bfloat16))  # warm the kernel code paths
+qtulu.model.quant.Linear4bit.from_linear(torch.nn.Linear(64, 64, dtype=torch.bfloat16))  # warm the kernel code paths
 def anon_mb():  # anonymous resident memory: safetensors' mmapped file pages are excluded
     with open("/proc/self/status") as f:
         for line in f:
@@ -44,11 +43,11 @@ base = anon_mb()
 threading.Thread(target=sample, daemon=True).start()
 t = time.time()
 if method == "qtulu_stream":
-    model, _ = qtulu.model.load_base(path, quantize="nf4", compute_dtype=torch.bfloat16, device=device,
+    model, _ = qtulu.model.load.load_base(path, quantize="nf4", compute_dtype=torch.bfloat16, device=device,
                                      attn_implementation="sdpa")
 else:
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device)
-    qtulu.quant.quantize_model_(model, compute_dtype=torch.bfloat16)
+    qtulu.model.quant.quantize_model_(model, compute_dtype=torch.bfloat16)
 seconds = time.time() - t
 stop.set()
 peak[0] = max(peak[0], anon_mb())
@@ -73,7 +72,7 @@ def main() -> int:
 
     import torch
 
-    from qtulu.tiny import tiny_llama_config
+    from qtulu.model.tiny import tiny_llama_config
 
     cfg = tiny_llama_config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.6875) // 64 * 64,
                             num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 128),

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="comma-separated setting keys: " + ", ".join(list(SETTINGS) + list(CUDA_SETTINGS)))
     p.add_argument("--fast-plan", action="store_true",
                    help="plan 2 and 3 layers and extrapolate to the full depth (exact for identical layers; "
-                        "tests/test_plan.py checks it) instead of planning every layer")
+                        "tests/plan/test_plan.py checks it) instead of planning every layer")
     args = p.parse_args(argv)
     if args.smoke:
         args.shape, args.seq_len = "tiny", 256

@@ -111,7 +111,7 @@ def main() -> int:
     iters = args.iters or (3 if args.tiny else 50)
     warmup = args.warmup or (1 if args.tiny else 10)
     timer = _Timer(dev, iters, warmup)
-    from qtulu.backend import resolve_backend
+    from qtulu.kernels.backend import resolve_backend
 
     backend = resolve_backend(args.backend, torch.empty(0, device=dev))
     dq = not args.no_double_quant

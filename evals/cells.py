@@ -4,7 +4,7 @@ An interrupted ``qtulu eval`` resumes where it stopped: a cell whose ``metrics.j
 key the current run would produce is read back instead of recomputed; any other is recomputed.
 The key covers:
 
-- the model: the base's identity (`qtulu.model.base_info`: weights SHA-256, quantization, prequantized
+- the model: the base's identity (`qtulu.model.load.base_info`: weights SHA-256, quantization, prequantized
   format), its compute dtype, and for an adapter label the SHA-256 of that adapter's LoRA tensors as
   loaded plus its peft config (so a retrained adapter under the same name is not mistaken);
 - the task: name, version, resolved options (profile included), ``limit``;
@@ -64,8 +64,8 @@ def data_sha256(task, data_dir) -> str | None:
 
 def model_identity(model, label: str | None) -> dict[str, Any]:
     """What a cell's predictions depend on in ``model`` under ``label`` (an adapter, "base" or None)."""
-    from qtulu.adapters import BASE_NAME, compute_dtype_of
-    from qtulu.model import base_info
+    from qtulu.adapters.store import BASE_NAME, compute_dtype_of
+    from qtulu.model.load import base_info
 
     info = base_info(model)
     ident: dict[str, Any] = {
@@ -148,7 +148,7 @@ def _complete(cell_dir: Path, key: str) -> dict | None:
 
 def seal_cell(cell_dir: Path, key: str, what: dict, metrics: dict, cache_dir: Path | None = None) -> dict:
     """Mark a cell complete: ``metrics.json`` rewritten (atomically, last) with its key; copied to the cache."""
-    from .runner import write_json
+    from qtulu.files import write_json
 
     metrics = {**metrics, "cell": {"key": key, "model": what["model"], "data_sha256": what["data"],
                                    "code_sha256": what["code"]}}

@@ -122,7 +122,7 @@ def _clean_errors(fn):
         known: tuple = (CodeExecutionRefused, JudgeNotConfigured, JudgeError, ClassifierNotConfigured,
                         TaskDataError, KeyError, ValueError)
         try:
-            from qtulu.adapters import AdapterError
+            from qtulu.adapters.store import AdapterError
 
             known += (AdapterError,)
         except ImportError:
@@ -208,7 +208,7 @@ def _preflight(args, names: list[str], task_options: dict) -> None:
 
 
 def _load(args):
-    from qtulu.adapters import load_model, parse_adapter_spec
+    from qtulu.adapters.store import load_model, parse_adapter_spec
 
     if not args.model:
         raise EvalUsageError("--model is required")
@@ -216,7 +216,7 @@ def _load(args):
     model, tok = load_model(args.model, [(n, str(p)) for n, p in specs],
                             quantize={None: "auto", "none": None}.get(args.quantize, args.quantize), force=args.force,
                             compute_dtype=args.dtype, trained_on=args.trained_on)
-    from qtulu.threads import fit_threads
+    from qtulu.model.threads import fit_threads
 
     fit_threads(model)  # one intra-op thread for a small model: more only oversubscribe the cores
     return model, tok, [n for n, _ in specs]
@@ -284,7 +284,8 @@ def _run(args) -> int:
 def _score(args) -> int:
     from pathlib import Path
 
-    from .runner import read_jsonl, write_json
+    from qtulu.files import write_json
+    from .runner import read_jsonl
     from .tasks import get_task
 
     task = get_task(args.task, **{"profile": args.profile, **_task_options(args.task_option, prefixed=False)})

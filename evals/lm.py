@@ -11,7 +11,7 @@ SDPA's masked path; (2) SDPA's CPU kernel splits keys into blocks whose size dep
 length and whose boundaries move with the padding, so the softmax sums are rounded differently.
 Log-probabilities then moved by up to 1e-6 in fp32 and 8e-3 in bf16 between batch 1 and 8.
 
-For models on qtulu's ``qtulu_varlen`` attention (every model ``qtulu.adapters.load_model``
+For models on qtulu's ``qtulu_varlen`` attention (every model ``qtulu.adapters.store.load_model``
 loads) the padding of a row gets positions of its own (0, 1, ... after the example), so the kernel
 sees the pad run as a separate packed sequence and computes each example's attention over exactly
 its own tokens, with no mask. Measured on the CPU (tests/evals/test_lm.py): bf16 and NF4 scores are

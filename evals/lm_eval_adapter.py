@@ -8,7 +8,7 @@ lm-eval task runs on qtulu models::
         model_args="pretrained=BASE_DIR,adapter=ADAPTER_DIR,quantize=nf4", tasks=["hellaswag"])
 
 Importing this module registers the type (lm_eval's ``register_model``). Loading goes through
-``qtulu.adapters.load_model`` (safetensors only, adapter verified against the base), and the
+``qtulu.adapters.store.load_model`` (safetensors only, adapter verified against the base), and the
 loaded model is handed to lm-eval's ``HFLM`` as a pre-initialized model, so batching, caching and
 every request type are lm-eval's own.
 """
@@ -35,7 +35,7 @@ class QtuluLM(HFLM):
 
     def __init__(self, pretrained, adapter: str | None = None, quantize: str | None = "nf4",
                  tokenizer=None, force: bool = False, compute_dtype: str = "bfloat16", **kwargs):
-        from qtulu.adapters import load_model
+        from qtulu.adapters.store import load_model
 
         quantize = None if quantize in (None, "none", "None", "") else quantize
         adapters = [a for a in str(adapter).split("+") if a] if adapter else []

@@ -1,9 +1,9 @@
 """Merge search: let the suite choose the merge.
 
 Given several adapters loaded on one base, build candidate merges (methods x weight vectors x
-densities) with ``qtulu.merge.combine_adapters``, evaluate each (and each input adapter alone, for
+densities) with ``qtulu.adapters.merge.combine_adapters``, evaluate each (and each input adapter alone, for
 reference) on small slices of the chosen tasks, tabulate, and save the best candidate as an
-adapter with ``qtulu.adapters.save_adapter`` (its ``qtulu.json`` ``extra.merge_search`` records
+adapter with ``qtulu.adapters.store.save_adapter`` (its ``qtulu.json`` ``extra.merge_search`` records
 the method, weights, density and the slice scores).
 
 The objective is the mean headline score over the tasks (``1 - score`` for tasks where lower is
@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Sequence
 
 from .lm import LM
-from .runner import check_requirements, run_task, write_json
+from qtulu.files import write_json
+
+from .runner import check_requirements, run_task
 from .tasks import parse_task_list
 
 
@@ -59,8 +61,8 @@ def merge_search(model, tokenizer, adapters: Sequence[str], tasks, *, data_dir, 
     ``{"name", "method", "weights", "density", "objective", "scores": {task: score}}``; also
     writes ``out_dir/merge_search.json`` and ``out_dir/merge_search.md``.
     """
-    from qtulu.adapters import save_adapter, set_active
-    from qtulu.merge import METHODS, combine_adapters
+    from qtulu.adapters.store import save_adapter, set_active
+    from qtulu.adapters.merge import METHODS, combine_adapters
 
     names = parse_task_list(tasks)
     check_requirements(names, judge=score_context.get("judge"), classifier=score_context.get("classifier"),
@@ -121,7 +123,7 @@ def merge_search(model, tokenizer, adapters: Sequence[str], tasks, *, data_dir, 
     # rebuild the winner (deterministic for a seed) and save it
     combine_adapters(model, adapters, best["method"], best["weights"], best["density"], new_name=best["name"], seed=seed)
     if base_info is None:
-        from qtulu.model import base_info as get_base_info
+        from qtulu.model.load import base_info as get_base_info
 
         base_info = get_base_info(model)
     best_dir = save_adapter(model, out_dir / "best", adapter_name=best["name"], base_info=base_info,

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from qtulu.checkpoint import atomic_write, atomic_write_text
+from qtulu.files import atomic_write, atomic_write_text
 
 HEADLINE = {  # what "score" means per task, for the table's row labels
     "mmlu": "acc", "mmlu_5shot": "acc", "gsm8k": "EM", "gsm8k_direct": "EM", "bbh": "EM", "bbh_direct": "EM",
@@ -110,7 +110,7 @@ def bar_chart(results: dict, path: Path) -> Path:
 
 def write_report(results: dict, out_dir) -> dict[str, Path]:
     """Write results.json, results.md and results.png into ``out_dir``; returns their paths."""
-    from .runner import write_json
+    from qtulu.files import write_json
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,13 +13,12 @@ evaluated as is. Several adapters are evaluated on one loaded base by swapping t
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from qtulu.checkpoint import atomic_write_text
+from qtulu.files import atomic_write_text, write_json, write_jsonl  # noqa: F401 - write_json(l) used by the tasks
 
 from .lm import LM
 from .tasks import get_task, parse_task_list
@@ -33,11 +32,6 @@ NEEDS = {
 }
 
 
-def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    """Atomic (`qtulu.checkpoint.atomic_write_text`)."""
-    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -48,18 +42,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: not JSON ({e})") from e
     return rows
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=_json_default))
-
-
-def _json_default(o):
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON-able: {type(o).__name__}")
 
 
 def check_requirements(task_names: Sequence[str], *, judge=None, classifier=None, allow_code_execution=False,
@@ -156,7 +138,7 @@ def evaluate(model, tokenizer, tasks, *, data_dir, out_dir, adapters: Sequence[s
     out_dir = Path(out_dir)
     labels = list(adapters) if adapters else [model_name]
     if adapters:
-        from qtulu.adapters import set_active
+        from qtulu.adapters.store import set_active
     ctx = {"judge": judge, "classifier": classifier, "allow_code_execution": allow_code_execution,
            "workers": workers, "progress": progress, "unsafe_no_isolation": unsafe_no_isolation}
     def make_lm(fmt):

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from qtulu.backend import resolve_backend
+from qtulu.kernels.backend import resolve_backend
 from qtulu.kernels.nf4_format import (  # noqa: F401  (re-exported: the public NF4 API)
     NESTED_BLOCKSIZE,
     NF4_CODE,
@@ -210,7 +210,7 @@ SMALL_M = 16  # rows up to this use the memory-bound path (one pass over the cod
 
 
 def _interpreting() -> bool:
-    from qtulu.backend import triton_interpreting
+    from qtulu.kernels.backend import triton_interpreting
 
     return triton_interpreting()
 

@@ -21,7 +21,7 @@ Per-model variants (both in the Triton kernels and in the reference):
 * ``softcap`` (Gemma-2's ``attn_logit_softcapping``): each score ``s = scale * q.k`` becomes
   ``softcap * tanh(s / softcap)`` before the mask and the softmax.
 
-Backends (see :func:`qtulu.backend.resolve_backend`): ``"triton"`` runs the kernels of
+Backends (see :func:`qtulu.kernels.backend.resolve_backend`): ``"triton"`` runs the kernels of
 :mod:`qtulu.kernels.varlen_attention_triton` (CPU tensors need ``TRITON_INTERPRET=1``),
 ``"torch"`` runs the reference (one ``scaled_dot_product_attention`` per example, or the explicit
 softmax when there is a softcap), ``"auto"`` picks Triton on CUDA. The kernels are registered as
@@ -35,7 +35,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from qtulu.backend import resolve_backend
+from qtulu.kernels.backend import resolve_backend
 from qtulu.kernels.varlen_attention_triton import triton_backward, triton_forward
 
 __all__ = ["varlen_attention", "varlen_attention_torch", "TRITON_DTYPES"]

@@ -40,7 +40,7 @@ _TUNED: dict[str, object] = {}
 
 
 def _interpreting() -> bool:
-    from qtulu.backend import triton_interpreting
+    from qtulu.kernels.backend import triton_interpreting
 
     return triton_interpreting()
 

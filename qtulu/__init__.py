@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 # public name -> "module:attribute", resolved on first access
 _LAZY = {
     "load_recipe": "qtulu.recipes:load_recipe",
-    "load_model": "qtulu.adapters:load_model",
+    "load_model": "qtulu.adapters.store:load_model",
+    "load_base": "qtulu.model.load:load_base",
 }
 
 

@@ -60,7 +60,7 @@ def reply(model, tokenizer, messages, *, chat_format: str = "tulu", max_new_toke
 def run_chat(model, tokenizer, stdin: TextIO, stdout: TextIO, *, chat_format: str = "tulu",
              max_new_tokens: int = 128, temperature: float = 0.0, max_context: int | None = None) -> int:
     """The read-eval-print loop; returns the number of replies generated."""
-    from qtulu.adapters import BASE_NAME, AdapterError, adapter_names_of, adapters_disabled, set_active
+    from qtulu.adapters.store import BASE_NAME, AdapterError, adapter_names_of, adapters_disabled, set_active
 
     names = adapter_names_of(model)
     interactive = stdin.isatty()
@@ -158,7 +158,7 @@ class ChatError(QtuluError, ValueError):
 
 def _main(args: argparse.Namespace) -> int:
     # errors are qtulu errors (AdapterError, ModelLoadError, ...): qtulu.cli prints them as one line
-    from qtulu.adapters import AUTO, load_model
+    from qtulu.adapters.store import AUTO, load_model
     from qtulu.preflight import check_before_load
 
     check_before_load(args.model, args.adapter, args.trained_on)  # a typo costs seconds, not a base load

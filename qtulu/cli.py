@@ -14,11 +14,11 @@ import sys
 
 # (command, module): order is the order of `qtulu --help`.
 COMMANDS: list[tuple[str, str]] = [
-    ("demo", "qtulu.demo"),
+    ("demo", "qtulu.demo.run"),
     ("data", "qtulu.data.cli"),
-    ("train", "qtulu.train"),
+    ("train", "qtulu.train.run"),
     ("eval", "qtulu.evals.cli"),
-    ("merge", "qtulu.merge"),
+    ("merge", "qtulu.adapters.merge"),
     ("chat", "qtulu.chat"),
     ("bench", "qtulu.bench.cli"),
     ("recipe", "qtulu.recipe_cli"),

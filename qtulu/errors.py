@@ -17,6 +17,18 @@ class QtuluError(Exception):
     """An error qtulu reports to the user as one line (exit 2), not as a traceback."""
 
 
+# Errors raised by more than one module of a stage live here, so that the modules that raise them
+# need not import each other (an error class is the usual root of an import cycle).
+
+
+class AdapterError(QtuluError, ValueError):
+    """An adapter directory is corrupt, incomplete or bound to another base/quantization."""
+
+
+class ExportError(QtuluError, ValueError):
+    """An adapter/base pair that cannot be merged (unsupported adapter kind, keys not matching)."""
+
+
 def one_line(err: BaseException) -> str:
     """``err`` as one line: its message with newlines folded (a KeyError's quotes removed)."""
     if isinstance(err, KeyError) and err.args:

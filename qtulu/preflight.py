@@ -19,7 +19,7 @@ class PreflightError(QtuluError, ValueError):
 
 def check_run_name(name: str) -> str:
     """``name`` if it can name the adapter in chat/eval/merge; `PreflightError` otherwise."""
-    from qtulu.adapters import adapter_name_problem
+    from qtulu.adapters.store import adapter_name_problem
 
     problem = adapter_name_problem(name)
     if problem:
@@ -30,7 +30,7 @@ def check_run_name(name: str) -> str:
 def check_base_dir(model, revision: str | None = None, what: str = "--model") -> None:
     """A base that cannot load fails now: a local path must be a model directory (config.json,
     *.safetensors, no pickles only; no weights are read); a hub id, offline, must be in the cache."""
-    from qtulu.model import resolve_checkpoint
+    from qtulu.model.load import resolve_checkpoint
 
     p = Path(os.path.expanduser(str(model)))
     if p.exists():
@@ -38,7 +38,7 @@ def check_base_dir(model, revision: str | None = None, what: str = "--model") ->
     elif str(model).startswith(("/", "./", "../", "~")):
         raise PreflightError(f"{what}: {p}: not found (no such directory)")
     else:
-        from qtulu.hub import offline_reason
+        from qtulu.model.hub import offline_reason
 
         if offline_reason():  # only the cache can serve it: a miss fails now, in one line
             resolve_checkpoint(str(model), revision)
@@ -54,10 +54,10 @@ def check_base_source(recipe) -> None:
 
 def interrupted_message(out: Path, steps: list[dict], is_main: bool = True) -> str:
     """What Ctrl-C left behind: the last complete checkpoint (resume point) and the steps so far."""
-    from qtulu import checkpoint as ck
-
+    from qtulu import files
+    from qtulu.train import checkpoint as ck
     if is_main and steps:
-        ck.atomic_write_text(out / "steps.jsonl", "".join(json.dumps(s) + "\n" for s in steps))
+        files.atomic_write_text(out / "steps.jsonl", "".join(json.dumps(s) + "\n" for s in steps))
     last = ck.last_complete_checkpoint(out / "checkpoints")
     where = (f"last complete checkpoint {last}; run the same command again to resume from it" if last
              else "no checkpoint was complete yet (train.save_steps); a new run starts over")
@@ -68,9 +68,9 @@ def check_before_load(model: str, adapters, trained_on: str | None = None) -> No
     """What chat/eval/merge can check before loading the base: each adapter's files and manifest
     (checksums; the base match needs the base), what a plain PEFT adapter was trained against
     (``--trained-on``), unique usable names, the base directory's files."""
-    from qtulu.trained_on import adapter_record
+    from qtulu.adapters.trained_on import adapter_record
 
-    from qtulu.adapters import AdapterError, adapter_name_problem, parse_adapter_spec, verify_adapter
+    from qtulu.adapters.store import AdapterError, adapter_name_problem, parse_adapter_spec, verify_adapter
 
     specs = [parse_adapter_spec(a) for a in adapters]
     for name, path in specs:

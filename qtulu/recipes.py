@@ -153,7 +153,7 @@ class LoraSpec:
     dropout: float = 0.1  # dropout on the LoRA input
     target_modules: str | list[str] = "all-linear"  # layers that get an adapter: all-linear or a list of module names
     # "recompute": the dropout mask is regenerated in backward instead of keeping a dropped copy of
-    # each module's input (same maths; qtulu.lora_dropout). "peft": peft's nn.Dropout.
+    # each module's input (same maths; qtulu.train.lora_dropout). "peft": peft's nn.Dropout.
     dropout_impl: Literal["peft", "recompute"] = "peft"
 
 
@@ -189,12 +189,12 @@ class TrainConfig:
     # re-shards parameters after each forward, shard_grad_op keeps them gathered until backward.
     fsdp: Literal["full_shard", "shard_grad_op"] | None = None
     # Memory switches (measured by `qtulu plan` and benchmarks/bench_memory.py; all keep the maths):
-    # vocabulary columns per tile of TRL's chunked LM-head loss (None: TRL's 32768; qtulu.loss)
+    # vocabulary columns per tile of TRL's chunked LM-head loss (None: TRL's 32768; qtulu.train.loss)
     loss_chunk_size: int | None = None
-    # checkpointed layer inputs held in pinned host memory between forward and backward (CUDA; qtulu.offload)
+    # checkpointed layer inputs held in pinned host memory between forward and backward (CUDA; qtulu.train.offload)
     activation_offload: bool = False
     # "host": fp32 master LoRA weights, their gradient sums and the optimizer on the host, bf16 copies
-    # on the device (qtulu.master_weights); "device": peft's fp32 LoRA weights on the device
+    # on the device (qtulu.train.master_weights); "device": peft's fp32 LoRA weights on the device
     master_weights: Literal["device", "host"] = "device"
 
 

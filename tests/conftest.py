@@ -76,7 +76,7 @@ def llama_tokenizer_path() -> Path:
 
 @pytest.fixture
 def char_tokenizer():
-    from qtulu.tiny import build_char_tokenizer
+    from qtulu.model.tiny import build_char_tokenizer
 
     return build_char_tokenizer()
 
@@ -121,7 +121,7 @@ def launch() -> _Launcher:
 #    portable dequantizer, and a Linear4bit(48, 48) computes outputs off by up to 0.09;
 #  * Linear4bit's first eval-mode forward without grad repacks the layer in place for its CPU GEMM
 #    (asserting out_features % 32 == 0, which the tiny test models do not meet; absmax rounded to
-#    bf16). qtulu reads such layers (tests/kernels/test_nf4.py, tests/test_quant.py).
+#    bf16). qtulu reads such layers (tests/kernels/test_nf4.py, tests/model/test_quant.py).
 # The format is defined by the bits; these fixtures give bnb's portable answer on every machine.
 
 

@@ -13,9 +13,9 @@ import torch
 def base_and_adapters(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
 
-    from qtulu.adapters import save_adapter
-    from qtulu.model import base_info, load_base
-    from qtulu.tiny import build_char_tokenizer, build_tiny_llama
+    from qtulu.adapters.store import save_adapter
+    from qtulu.model.load import base_info, load_base
+    from qtulu.model.tiny import build_char_tokenizer, build_tiny_llama
 
     root = tmp_path_factory.mktemp("chat")
     base_dir = root / "base"
@@ -37,7 +37,7 @@ def base_and_adapters(tmp_path_factory):
 
 
 def _load(base_dir, adapters):
-    from qtulu.adapters import load_model
+    from qtulu.adapters.store import load_model
 
     return load_model(str(base_dir), adapters, compute_dtype=torch.float32, device="cpu")
 
@@ -85,7 +85,7 @@ def test_chat_cli_with_piped_stdin(base_and_adapters, monkeypatch, capsys):
 
 def test_chat_cli_refuses_adapter_of_other_base(base_and_adapters, tmp_path):
     from qtulu.cli import main
-    from qtulu.tiny import build_tiny_llama
+    from qtulu.model.tiny import build_tiny_llama
 
     _, dirs = base_and_adapters
     other = tmp_path / "other"

@@ -12,14 +12,14 @@ from qtulu.errors import QtuluError, one_line
 
 
 def test_qtulu_errors_share_one_base():
-    from qtulu.adapters import AdapterError
+    from qtulu.adapters.store import AdapterError
     from qtulu.data.errors import BadRow, DataError
     from qtulu.evals.sandbox import CodeExecutionRefused
-    from qtulu.export import ExportError
-    from qtulu.merge import MergeError
-    from qtulu.model import ModelLoadError
+    from qtulu.adapters.export import ExportError
+    from qtulu.adapters.merge import MergeError
+    from qtulu.model.load import ModelLoadError
     from qtulu.recipes import RecipeError
-    from qtulu.train import TrainError
+    from qtulu.train.run import TrainError
 
     for cls in (AdapterError, BadRow, DataError, CodeExecutionRefused, ExportError, MergeError, ModelLoadError,
                 RecipeError, TrainError):
@@ -45,7 +45,7 @@ def test_directory_as_recipe_is_one_line_exit_2(capsys, tmp_path):
 
 
 def test_interrupt_is_one_line_130(capsys, monkeypatch):
-    import qtulu.train as train_mod
+    import qtulu.train.run as train_mod
 
     def interrupted(args):
         raise KeyboardInterrupt

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from qtulu.synthetic import make_examples, packed_toy_dataset, toy_recipe, write_jsonl
-from qtulu.tiny import build_char_tokenizer, build_tiny_llama
+from qtulu.demo.synthetic import make_examples, packed_toy_dataset, toy_recipe, write_jsonl
+from qtulu.model.tiny import build_char_tokenizer, build_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,8 @@ def adapter_dir(tmp_path_factory):
     """A genuine qtulu adapter (its base is another, tiny one: the match is checked after the load)."""
     import torch
 
-    from qtulu.adapters import save_adapter
-    from qtulu.model import attach_lora, base_info, load_base
+    from qtulu.adapters.store import save_adapter
+    from qtulu.model.load import attach_lora, base_info, load_base
 
     root = tmp_path_factory.mktemp("adapter")
     model, _ = load_base(build_tiny_llama(0), quantize=None, compute_dtype=torch.float32, device="cpu")
@@ -177,8 +177,8 @@ def test_chat_ctrl_c_stops_the_reply_and_stays_open(monkeypatch):
 def test_train_ctrl_c_names_the_last_complete_checkpoint_and_resumes(tmp_path):
     from transformers import TrainerCallback
 
-    from qtulu.checkpoint import check_complete
-    from qtulu.train import train
+    from qtulu.train.checkpoint import check_complete
+    from qtulu.train.run import train
 
     class CtrlC(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -217,7 +217,7 @@ def test_ctrl_c_one_line_with_what_was_left(monkeypatch, capsys):
 
 
 def test_adapters_are_named_after_their_run(adapter_dir, tmp_path):
-    from qtulu.adapters import parse_adapter_spec
+    from qtulu.adapters.store import parse_adapter_spec
 
     assert parse_adapter_spec(str(adapter_dir)) == ("toy", adapter_dir)  # the run name, not "adapter"
     assert parse_adapter_spec(f"mine={adapter_dir}")[0] == "mine"  # NAME=DIR still renames

@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qtulu.recipes import RecipeError, load_recipe
-from qtulu.runlock import RunDirLocked, run_lock
-from qtulu.synthetic import make_examples, packed_toy_dataset, toy_recipe, write_jsonl
-from qtulu.tiny import build_char_tokenizer, build_tiny_llama
+from qtulu.train.runlock import RunDirLocked, run_lock
+from qtulu.demo.synthetic import make_examples, packed_toy_dataset, toy_recipe, write_jsonl
+from qtulu.model.tiny import build_char_tokenizer, build_tiny_llama
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 RECIPE = """\
@@ -58,7 +58,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str, alon
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """A tiny NF4 base dir, a recipe file and an adapter trained from it (in this process)."""
-    from qtulu.train import train
+    from qtulu.train.run import train
 
     d = tmp_path_factory.mktemp("hard")
     model, tok = build_tiny_llama(0), build_char_tokenizer()
@@ -140,7 +140,7 @@ def test_second_run_on_a_directory_fails_at_once_naming_the_holder(toy, tmp_path
     out.mkdir()
     (out / "mine.txt").write_text("the first run's data")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom qtulu.runlock import run_lock\n"
+        [sys.executable, "-c", "import sys, time\nfrom qtulu.train.runlock import run_lock\n"
          "with run_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n", str(out)],
         stdout=subprocess.PIPE, text=True, env=ENV)
     try:
@@ -160,7 +160,7 @@ def test_second_run_on_a_directory_fails_at_once_naming_the_holder(toy, tmp_path
 def test_train_holds_the_lock_while_it_runs_and_releases_it_on_error(tmp_path):
     from transformers import TrainerCallback
 
-    from qtulu.train import TrainError, train
+    from qtulu.train.run import TrainError, train
 
     out, seen = tmp_path / "run", []
 
@@ -182,7 +182,7 @@ def test_train_holds_the_lock_while_it_runs_and_releases_it_on_error(tmp_path):
 
 
 def _toy_train(out, **kw):
-    from qtulu.train import train
+    from qtulu.train.run import train
 
     recipe = toy_recipe(train={"max_steps": 2, "save_steps": 1, "save_total_limit": 5})
     return train(recipe, output_dir=out, model=build_tiny_llama(0), tokenizer=build_char_tokenizer(),
@@ -190,8 +190,7 @@ def _toy_train(out, **kw):
 
 
 def test_resume_never_keeps_an_earlier_runs_checkpoints(tmp_path):
-    from qtulu import checkpoint as ck
-
+    from qtulu.train import checkpoint as ck
     out = tmp_path / "run"
     _toy_train(out)
     first = {p.name: ck.read_manifest(p)["files"] for p in ck.list_checkpoints(out / "checkpoints")}
@@ -210,7 +209,7 @@ def test_resume_never_keeps_an_earlier_runs_checkpoints(tmp_path):
 
 def _tampered(src: Path, dst: Path, *, tensors=None, config=None) -> Path:
     """A copy of adapter ``src`` with new tensors/config and a qtulu.json rewritten to match them."""
-    from qtulu.adapters import _safetensors_layout, sha256_file
+    from qtulu.adapters.store import _safetensors_layout, sha256_file
 
     shutil.copytree(src, dst)
     if tensors is not None:
@@ -227,8 +226,8 @@ def _tampered(src: Path, dst: Path, *, tensors=None, config=None) -> Path:
 
 
 def test_nonfinite_adapter_is_refused_naming_the_tensor(toy, tmp_path):
-    from qtulu.adapters import load_model, verify_adapter
-    from qtulu.integrity import NonFiniteWeights
+    from qtulu.adapters.store import load_model, verify_adapter
+    from qtulu.adapters.integrity import NonFiniteWeights
 
     sd = load_file(str(toy.adapter / "adapter_model.safetensors"))
     key = sorted(k for k in sd if "lora_B" in k)[1]
@@ -245,8 +244,8 @@ def test_nonfinite_adapter_is_refused_naming_the_tensor(toy, tmp_path):
 
 
 def test_adapter_with_changed_r_or_shape_is_refused_naming_the_tensor(toy, tmp_path):
-    from qtulu.adapters import load_model
-    from qtulu.integrity import AdapterShapeError
+    from qtulu.adapters.store import load_model
+    from qtulu.adapters.integrity import AdapterShapeError
 
     config = json.loads((toy.adapter / "adapter_config.json").read_text())
     r8 = _tampered(toy.adapter, tmp_path / "r8", config={**config, "r": 8})
@@ -278,8 +277,8 @@ def test_merged_output_is_checked_finite_before_it_is_written(toy, tmp_path):
 def test_disk_full_during_a_checkpoint_save(toy, tmp_path, skip_or_fail):
     """The run dir on a tmpfs with room for one checkpoint and a half: the second save fails with one
     line saying so, its stage is removed, checkpoint-1 stays complete, and a run resumes from it."""
-    from qtulu import checkpoint as ck
-    from qtulu.train import train
+    from qtulu.train import checkpoint as ck
+    from qtulu.train.run import train
 
     if os.geteuid() != 0:
         pytest.skip("needs root to mount a small tmpfs privately")

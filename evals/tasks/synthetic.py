@@ -1,4 +1,4 @@
-"""The synthetic skills of `qtulu demo` (``qtulu.synthetic``) as an eval task: held-out exact match.
+"""The synthetic skills of `qtulu demo` (``qtulu.demo.synthetic``) as an eval task: held-out exact match.
 
 Not a benchmark of the paper: it lets ``qtulu eval`` (and a study over adapters) run offline on
 the demo's own artefacts::

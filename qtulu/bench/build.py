@@ -5,7 +5,7 @@ random bf16 weight on the target device that is quantized at once and dropped, s
 bf16 tensor alive is one linear (65B: 22016 x 8192, 360 MB): a 65B model never exists in bf16.
 Both stacks get the same random weights (same seed per layer and projection):
 
-- qtulu: ``qtulu.quant.Linear4bit`` (NF4, double quant, blocksize 64) and the ``qtulu_varlen``
+- qtulu: ``qtulu.model.quant.Linear4bit`` (NF4, double quant, blocksize 64) and the ``qtulu_varlen``
   attention (or SDPA for the A/B run without it);
 - baseline: what ``from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double quant, bf16
   compute))`` builds: transformers' own ``replace_with_bnb_linear`` then ``bnb.nn.Params4bit``
@@ -100,10 +100,10 @@ def build_qtulu_model(
     progress: bool = True,
 ):
     """A ``LlamaForCausalLM`` of ``shape`` with qtulu NF4 linears (random weights) on ``device``."""
-    from qtulu.quant import Linear4bit
+    from qtulu.model.quant import Linear4bit
 
     if attn_implementation == "qtulu_varlen":
-        from qtulu.attention import register_attention
+        from qtulu.model.attention import register_attention
 
         attn_implementation = register_attention()
     device = torch.device(device)

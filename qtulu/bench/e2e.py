@@ -37,7 +37,7 @@ from qtulu.bench.build import OPTIMIZERS
 from qtulu.bench.lengths import DEFAULT_RECIPE, pack_bfd, read_lengths_file, select_rows, token_lengths
 from qtulu.bench.report import append_record, ratios, write_chart
 from qtulu.bench.shapes import get_shape
-from qtulu.checkpoint import atomic_write_text
+from qtulu.files import atomic_write_text
 
 CONFIGS: dict[str, dict[str, str]] = {
     "qtulu": {"stack": "qtulu", "nf4_backend": "auto", "attention": "qtulu_varlen", "batching": "packed"},

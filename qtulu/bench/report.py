@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qtulu.checkpoint import atomic_write, atomic_write_text
+from qtulu.files import atomic_write, atomic_write_text
 
 
 def _fmt(v: Any, spec: str, none: str = "-") -> str:

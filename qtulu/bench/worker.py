@@ -27,15 +27,15 @@ import peft  # noqa: F401
 import transformers.integrations.bitsandbytes  # noqa: F401
 import transformers.models.llama.modeling_llama  # noqa: F401
 
-import qtulu.attention  # noqa: F401
+import qtulu.model.attention  # noqa: F401
 import qtulu.kernels.varlen_attention  # noqa: F401
-import qtulu.quant  # noqa: F401
+import qtulu.model.quant  # noqa: F401
 
 from qtulu.bench.build import attach_lora, build_bnb_model, build_qtulu_model, make_optimizer
 from qtulu.bench.flops import mfu, peak_tflops, step_flops
 from qtulu.bench.lengths import padded_microbatches
 from qtulu.bench.shapes import shape_from_dict
-from qtulu.checkpoint import atomic_write_text
+from qtulu.files import atomic_write_text
 
 GB = 1024**3
 PAD_ID = 0

@@ -141,7 +141,7 @@ def cuda_semantics() -> Iterator[None]:
     from qtulu.kernels import varlen_attention as va_mod
 
     def triton_backend(backend, *tensors):
-        from qtulu.backend import BACKENDS
+        from qtulu.kernels.backend import BACKENDS
 
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -185,9 +185,9 @@ def cuda_semantics() -> Iterator[None]:
 
 @contextlib.contextmanager
 def offload_to_host(tracker) -> Iterator[None]:
-    """`qtulu.offload` on the planner's fake CPU tensors: they stand for CUDA tensors, and the
+    """`qtulu.train.offload` on the planner's fake CPU tensors: they stand for CUDA tensors, and the
     buffers it allocates for them are host memory (not counted on the device)."""
-    import qtulu.offload as offload
+    import qtulu.train.offload as offload
 
     orig = offload._host_buffer
 

@@ -76,7 +76,7 @@ def build_real_step(settings: PlanSettings, *, stack: str, config, device: str):
     model = (build_qtulu if stack == "qtulu" else build_hf)(config, settings, device=device)
     master, opt_settings = None, settings
     if settings.master_weights == "host":
-        from qtulu.master_weights import HostMaster, host_optimizer_name
+        from qtulu.train.master_weights import HostMaster, host_optimizer_name
 
         master = HostMaster(model.named_parameters(), compute_dtype=settings.torch_dtype)
         opt_settings = settings.replace(optimizer=host_optimizer_name(settings.optimizer))
@@ -87,7 +87,7 @@ def build_real_step(settings: PlanSettings, *, stack: str, config, device: str):
     batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
                for b in make_batches(config.vocab_size, settings, max(1, settings.accumulation),
                                      packed=stack == "qtulu")]
-    from qtulu.loss import loss_chunking
+    from qtulu.train.loss import loss_chunking
 
     kw: dict[str, Any] = dict(loss_fn=qtulu_loss if stack == "qtulu" else hf_loss,
                               max_grad_norm=settings.max_grad_norm,

@@ -2,7 +2,7 @@
 
 * `build_qtulu`: what ``qtulu train`` builds: the transformers model, every ``nn.Linear`` but the
   LM head replaced by qtulu's NF4 ``Linear4bit``, the ``qtulu_varlen`` attention, TRL's fused LM
-  head (as ``SFTTrainer`` adds it), peft LoRA through `qtulu.model.attach_lora`, then the recipe's
+  head (as ``SFTTrainer`` adds it), peft LoRA through `qtulu.model.load.attach_lora`, then the recipe's
   memory switches (`apply_reductions`).
 * `build_hf`: the transformers + peft + bitsandbytes recipe (QLoRA's): bitsandbytes ``Linear4bit``
   NF4 layers, ``prepare_model_for_kbit_training`` (which upcasts the non-quantized weights to fp32
@@ -11,7 +11,7 @@
 
 On ``meta`` the NF4 layers are built with their constructors (all-zero codes of the real layout:
 ``quantize_nf4`` needs the weight's values); for real tensors the weights are quantized
-(`qtulu.quant.quantize_model_`). `tests/test_plan.py` checks that both give the same tensors.
+(`qtulu.model.quant.quantize_model_`). `tests/plan/test_plan.py` checks that both give the same tensors.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _replace_linears(model: nn.Module, make) -> list[str]:
 
 def nf4_layers_(model: nn.Module, *, blocksize: int, double_quant: bool, compute_dtype: torch.dtype) -> nn.Module:
     """qtulu's NF4 layers in place of every ``nn.Linear`` except ``lm_head`` (as `load_base` does)."""
-    from qtulu.quant import Linear4bit, quantize_model_
+    from qtulu.model.quant import Linear4bit, quantize_model_
 
     meta = next(model.parameters()).device.type == "meta"
     if not meta:
@@ -105,7 +105,7 @@ def build_qtulu(config, settings, *, device: str = "meta"):
     """qtulu's training model for ``settings`` (a `qtulu.plan.settings.PlanSettings`)."""
     from trl.trainer.utils import add_fused_lm_head
 
-    from qtulu.model import attach_lora, set_attention
+    from qtulu.model.load import attach_lora, set_attention
 
     dtype = settings.torch_dtype
     model = _from_config(config, dtype, device)
@@ -136,11 +136,11 @@ def _enable_checkpointing(model, use_reentrant: bool = False) -> None:
 def apply_reductions(peft_model, settings) -> None:
     """The recipe's memory switches, through the same functions ``qtulu train`` calls."""
     if settings.lora_dropout_impl == "recompute":
-        from qtulu.lora_dropout import use_recompute_dropout
+        from qtulu.train.lora_dropout import use_recompute_dropout
 
         use_recompute_dropout(peft_model)
     if settings.activation_offload:
-        from qtulu.offload import enable_activation_offload
+        from qtulu.train.offload import enable_activation_offload
 
         enable_activation_offload(peft_model)
 
@@ -212,7 +212,7 @@ def _meta_params4bit(out_features: int, in_features: int, blocksize: int, double
 def quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:
     """The NF4 quant-state tensors of every 4-bit layer (qtulu's or bitsandbytes'): not parameters."""
     out: list[torch.Tensor] = []
-    from qtulu.quant import Linear4bit
+    from qtulu.model.quant import Linear4bit
 
     for m in model.modules():
         if isinstance(m, Linear4bit):
@@ -231,7 +231,7 @@ def quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:
 def to_fake_device(model: nn.Module, device: str = "cpu") -> None:
     """Inside a FakeTensorMode: turn every meta tensor of ``model`` (quant states included) into a
     fake tensor on ``device``."""
-    from qtulu.quant import Linear4bit
+    from qtulu.model.quant import Linear4bit
 
     # bitsandbytes keeps the quant state on its Params4bit, which to_empty turns into a plain
     # Parameter (a tensor subclass cannot wrap a fake tensor): carry the state over as an attribute,

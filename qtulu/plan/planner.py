@@ -211,7 +211,7 @@ def plan_step(settings: PlanSettings, *, stack: str = "qtulu", config=None) -> P
         with fake:
             to_fake_device(model, "cpu")
             if settings.master_weights == "host":
-                from qtulu.master_weights import HostMaster, host_optimizer_name
+                from qtulu.train.master_weights import HostMaster, host_optimizer_name
 
                 # the host is the meta device here: never counted
                 master = HostMaster(model.named_parameters(), compute_dtype=settings.torch_dtype, host_device="meta")
@@ -265,6 +265,6 @@ def plan_step(settings: PlanSettings, *, stack: str = "qtulu", config=None) -> P
 
 
 def _loss_context(settings: PlanSettings):
-    from qtulu.loss import loss_chunking
+    from qtulu.train.loss import loss_chunking
 
     return lambda: loss_chunking(settings.loss_chunk_size)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qtulu.checkpoint import atomic_write
+from qtulu.files import atomic_write
 from qtulu.plan.tracker import CATEGORIES
 
 GB = 1e9  # decimal gigabytes, as the memory goals are stated

@@ -4,7 +4,7 @@ Each switch of `qtulu.plan.settings.REDUCTIONS` is tried in turn on top of those
 it is kept when the planned peak goes down. Candidates are compared on the same model cut to 2
 and 3 decoder layers, extrapolated to the full depth: the layers are identical, so the peak of each
 window of the step (a phase of one micro-batch) is affine in the depth, ``w(L) = w(2) + (L - 2) x
-(w(3) - w(2))``, and the full-depth peak is the largest extrapolated window (`tests/test_plan.py`
+(w(3) - w(2))``, and the full-depth peak is the largest extrapolated window (`tests/plan/test_plan.py`
 checks it against full plans); the winner is then planned in full by the caller. Switches that would change the maths (8-bit optimizer states for a recipe
 that asked for 32-bit ones) are measured and reported, never applied.
 """

@@ -16,7 +16,7 @@ from qtulu.study.schema import DemoBaseSpec, SyntheticSpec
 def write_synthetic(spec: SyntheticSpec, data_dir: Path) -> list[Path]:
     """Write each skill's train and held-out splits; a file already holding the same rows is left
     untouched (its mtime too). Returns the files."""
-    from qtulu.synthetic import make_examples, write_jsonl
+    from qtulu.demo.synthetic import make_examples, write_jsonl
 
     paths = []
     for skill in spec.skills:
@@ -43,10 +43,10 @@ def build_demo_base(spec: DemoBaseSpec, out_dir: Path, *, progress: bool = True,
 
     import torch
 
-    from qtulu.demo import warmup_pretrain
-    from qtulu.synthetic import make_examples
-    from qtulu.threads import threads_for
-    from qtulu.tiny import build_char_tokenizer, build_tiny_llama, save_base
+    from qtulu.demo.run import warmup_pretrain
+    from qtulu.demo.synthetic import make_examples
+    from qtulu.model.threads import threads_for
+    from qtulu.model.tiny import build_char_tokenizer, build_tiny_llama, save_base
 
     saved = torch.get_num_threads()
     try:
@@ -58,7 +58,7 @@ def build_demo_base(spec: DemoBaseSpec, out_dir: Path, *, progress: bool = True,
         model = build_tiny_llama(spec.seed, torch.float32, vocab_size=len(tok), **shape)
         model.set_attn_implementation("sdpa")
         n_params = sum(p.numel() for p in model.parameters())
-        torch.set_num_threads(threads_for(n_params))  # one thread for so small a model (qtulu.threads)
+        torch.set_num_threads(threads_for(n_params))  # one thread for so small a model (qtulu.model.threads)
         say(f"building the demo base: tiny LLaMA ({n_params / 1e3:.0f}k parameters), warm-up on the synthetic "
             f"'copy' task ({spec.warmup_steps} steps, all weights)")
         copy = make_examples("copy", spec.warmup_examples, split="train", seed=spec.seed)

@@ -223,7 +223,7 @@ def _check_base(b: BaseSpec, here: Path, err) -> BaseSpec:
 def _check_synthetic(s: SyntheticSpec | None, err) -> SyntheticSpec | None:
     if s is None:
         return None
-    from qtulu.synthetic import TASKS
+    from qtulu.demo.synthetic import TASKS
 
     for i, skill in enumerate(s.skills):
         if skill not in TASKS:
@@ -275,7 +275,7 @@ def _overrides_dict(items: dict, where: str, here: Path, err) -> dict:
 
 
 def _load_rows(spec: Study, base: BaseSpec, base_path: str, here: Path, err) -> list[Row]:
-    from qtulu.adapters import adapter_name_problem
+    from qtulu.adapters.store import adapter_name_problem
     from qtulu.presets import preset_overrides
     from qtulu.recipes import parse_yaml_value, resolve_recipe_path
 
@@ -350,8 +350,8 @@ def _load_columns(spec: Study, ev: EvalSpec, here: Path, err) -> tuple[list[Colu
 
 
 def _check_merge(m: MergeSearchSpec, rows: list[Row], cols: list[Column], err) -> MergePlan:
-    from qtulu.adapters import adapter_name_problem
-    from qtulu.merge import METHODS
+    from qtulu.adapters.store import adapter_name_problem
+    from qtulu.adapters.merge import METHODS
 
     names = [r.name for r in rows]
     adapters = list(m.adapters) if m.adapters is not None else names

@@ -10,7 +10,7 @@ Cells, in the order they run::
 
 A cell's key is the SHA-256 of what produced it:
 
-- base: the demo base settings, the code that builds it (qtulu/demo.py, tiny.py, synthetic.py) and
+- base: the demo base settings, the code that builds it (qtulu/demo/run.py, tiny.py, synthetic.py) and
   the torch and transformers versions;
 - the base identity every other key uses: the SHA-256 of the base folder's files (config, weights,
   tokenizer) and how it is loaded (quantization, block size, compute dtype, attention);
@@ -23,7 +23,7 @@ A cell's key is the SHA-256 of what produced it:
   chat format, batch size, max length, scoring, the task's data files and code), with the model
   named by the base identity and the adapter (its weights file and its peft config, see `adapter_sha`);
 - merge: the input adapters' files, the base identity, the search settings and its tasks' keys,
-  and the merge code (qtulu/merge.py, evals/merge_search.py).
+  and the merge code (qtulu/adapters/merge.py, evals/merge_search.py).
 
 Keys hold no absolute path: a study folder moved or copied elsewhere is still complete.
 """
@@ -37,7 +37,6 @@ from typing import Any
 from qtulu.study.load import BASE_ROW, Column, LoadedStudy, Row
 from qtulu.study.store import Hasher, Records, digest
 
-QTULU = Path(__file__).resolve().parents[1]
 ADAPTER_FILES = ["adapter_model.safetensors", "adapter_config.json"]
 BASE_PATTERNS = (".json", ".safetensors", ".model", ".txt", ".tiktoken")  # what load_base reads (model._HF_FILE_PATTERNS)
 
@@ -100,7 +99,7 @@ class Plan:
 
     def base_key(self) -> str:
         d = self.study.base.demo
-        return digest({"demo": asdict(d), "code": _code(QTULU / "demo.py", QTULU / "tiny.py", QTULU / "synthetic.py"),
+        return digest({"demo": asdict(d), "code": _code(*map(_module_file, ("qtulu.demo.run", "qtulu.model.tiny", "qtulu.demo.synthetic"))),
                        "versions": _versions("torch", "transformers")})
 
     def base_dir(self) -> Path | None:
@@ -274,7 +273,7 @@ class Plan:
                        "tasks": [self.task_id(cols[t], m.spec.limit) for t in m.tasks],
                        "run": {"chat_format": ev.chat_format, "batch_size": ev.batch_size,
                                "scoring": [self.scoring(cols[t]) for t in m.tasks]},
-                       "code": _code(QTULU / "merge.py", _module_file("qtulu.evals.merge_search"))})
+                       "code": _code(_module_file("qtulu.adapters.merge"), _module_file("qtulu.evals.merge_search"))})
 
     def merge_complete(self) -> bool:
         rec = self.records.matching("merge", self.merge_key())

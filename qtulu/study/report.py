@@ -21,7 +21,7 @@ import json
 import math
 from pathlib import Path
 
-from qtulu.checkpoint import atomic_write, atomic_write_text
+from qtulu.files import atomic_write, atomic_write_text
 from qtulu.study.store import digest, write_json_atomic
 
 

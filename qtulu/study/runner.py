@@ -4,7 +4,7 @@ Order: checks that need no model (`preflight`: the study file, every recipe, eve
 options, eval data, sources, judge/classifier/code-execution settings, the base's files), then the
 demo base if the study builds one, then each missing recipe's packed data (tokenizer only, so a
 bad row stops the study before any model load), then, with the base loaded once, each missing
-adapter (`qtulu.train.train` on the loaded base), each missing (row, task) eval cell
+adapter (`qtulu.train.run.train` on the loaded base), each missing (row, task) eval cell
 (`qtulu.evals.runner.evaluate` with the row's adapter active on that base), the merge search and
 its row, and last the table (`qtulu.study.report`).
 
@@ -33,7 +33,7 @@ def say(msg: str) -> None:
 def run_study(path, out_dir=None, *, progress: bool = True, plan_only: bool = False) -> dict:
     """Run (or resume) the study at ``path`` in ``out_dir`` (default ``studies/NAME``); returns the
     results (also ``OUT/results.json``). ``plan_only``: print which cells are complete and stop."""
-    from qtulu.runlock import run_lock
+    from qtulu.train.runlock import run_lock
 
     out = Path(out_dir) if out_dir is not None else default_out(path)
     study = load_study(path, out)
@@ -142,7 +142,7 @@ class StudyRun:
 
     def prepare(self) -> None:
         """Inside the locked output folder: the synthetic data, then the checks of what lies there."""
-        from qtulu.checkpoint import atomic_write_text
+        from qtulu.files import atomic_write_text
 
         s = self.study
         if s.synthetic is not None:
@@ -210,7 +210,7 @@ class StudyRun:
             if not status.get("base", True):
                 self._cell("base", self._build_base)
             elif s.base.demo is None and plan.base_dir() is None:  # a hub id not in the local cache yet
-                from qtulu.model import resolve_checkpoint
+                from qtulu.model.load import resolve_checkpoint
 
                 say(f"downloading the base {s.base_path} (config, safetensors, tokenizer files)")
                 resolve_checkpoint(s.base_path, s.base.revision)
@@ -300,9 +300,9 @@ class StudyRun:
             return
         import torch
 
-        from qtulu.model import base_info, load_base
+        from qtulu.model.load import base_info, load_base
         from qtulu.preflight import check_base_dir
-        from qtulu.threads import fit_threads
+        from qtulu.model.threads import fit_threads
 
         b = self.study.base
         check_base_dir(self.study.base_path, b.revision, "base.path")
@@ -326,7 +326,7 @@ class StudyRun:
 
         from qtulu.data.build import load_built
         from qtulu.study.store import write_json_atomic
-        from qtulu.train import train
+        from qtulu.train.run import train
 
         if not self.plan.data_complete(row):  # its data was removed since the run began
             self._build_data(row)
@@ -363,7 +363,7 @@ class StudyRun:
         shutil.rmtree(run_dir / "data", ignore_errors=True)
 
     def _attach(self, labels: list[str]) -> None:
-        from qtulu.adapters import attach_adapters
+        from qtulu.adapters.store import attach_adapters
 
         self._load_base()
         new = [lab for lab in labels if lab != BASE_ROW and lab not in self.attached]

@@ -58,7 +58,7 @@ class BaseSpec:
 
 @dataclass(frozen=True)
 class SyntheticSpec:
-    """The demo's synthetic skills (`qtulu.synthetic`), written to ``OUT/data/SKILL_{train,test}.jsonl``."""
+    """The demo's synthetic skills (`qtulu.demo.synthetic`), written to ``OUT/data/SKILL_{train,test}.jsonl``."""
 
     skills: list[str] = field(default_factory=lambda: ["upper", "successor"])  # skills to write (copy, upper, successor)
     train_examples: int = 1000  # training examples per skill

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qtulu.checkpoint import atomic_write_text
+from qtulu.files import atomic_write_text
 
 MEMO = ".qtulu-study/hashes.json"
 

@@ -75,7 +75,7 @@ def llama_tok_bos(llama_tok):
 
 @pytest.fixture(scope="session")
 def tiny():
-    from qtulu.tiny import build_char_tokenizer, build_tiny_llama
+    from qtulu.model.tiny import build_char_tokenizer, build_tiny_llama
 
     return build_tiny_llama(seed=0, dtype=torch.float32), build_char_tokenizer()
 
@@ -101,8 +101,8 @@ def make_lora():
 @pytest.fixture(scope="session")
 def lora_pair():
     """(peft model with adapters 'alpha' and 'beta' on a tiny llama loaded by load_base, tokenizer)."""
-    from qtulu.model import load_base
-    from qtulu.tiny import build_char_tokenizer, build_tiny_llama
+    from qtulu.model.load import load_base
+    from qtulu.model.tiny import build_char_tokenizer, build_tiny_llama
 
     tok = build_char_tokenizer()
     base, _ = load_base(build_tiny_llama(seed=0, dtype=torch.float32), quantize=None, compute_dtype=torch.float32,

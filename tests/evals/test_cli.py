@@ -1,4 +1,4 @@
-"""`qtulu eval` end to end: a base and two adapters on disk, loaded by qtulu.adapters.load_model."""
+"""`qtulu eval` end to end: a base and two adapters on disk, loaded by qtulu.adapters.store.load_model."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 @pytest.fixture(scope="module")
 def disk_model(tmp_path_factory, make_lora):
     """A tiny base saved as safetensors + two qtulu adapters trained against it (random B)."""
-    from qtulu.adapters import save_adapter
-    from qtulu.model import base_info, load_base
-    from qtulu.tiny import build_char_tokenizer, build_tiny_llama
+    from qtulu.adapters.store import save_adapter
+    from qtulu.model.load import base_info, load_base
+    from qtulu.model.tiny import build_char_tokenizer, build_tiny_llama
 
     root = tmp_path_factory.mktemp("cli")
     base_dir = root / "base"
@@ -68,7 +68,7 @@ def test_eval_cli_errors_are_one_line(eval_data, tmp_path, capsys):
 
 
 def test_merge_search_cli(disk_model, eval_data, tmp_path, capsys):
-    from qtulu.adapters import verify_adapter
+    from qtulu.adapters.store import verify_adapter
     from qtulu.cli import main
 
     base_dir, (a, b) = disk_model

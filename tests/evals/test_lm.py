@@ -24,7 +24,7 @@ def test_cut_at_stop():
 
 def test_greedy_generation_independent_of_batch_size(lora_pair):
     model, tok = lora_pair
-    from qtulu.adapters import set_active
+    from qtulu.adapters.store import set_active
 
     for name in ("alpha", "base"):
         set_active(model, name)
@@ -48,8 +48,8 @@ def test_scores_bit_identical_at_any_batch_size_on_qtulu_attention(char_tokenize
     packed sequence gives every example the same attention at batch 1, 3 and 8. bf16 and NF4 scores
     come out bit-identical on the CPU; fp32 ones within 1e-5 (MKL's fp32 matmuls may round a row
     differently for another row count: 5e-7 measured)."""
-    from qtulu.model import load_base
-    from qtulu.tiny import build_tiny_llama
+    from qtulu.model.load import load_base
+    from qtulu.model.tiny import build_tiny_llama
 
     base = build_tiny_llama(seed=1, dtype=torch.float32, hidden_size=128, intermediate_size=344,
                             num_attention_heads=4, num_key_value_heads=2)
@@ -69,7 +69,7 @@ def test_scores_bit_identical_at_any_batch_size_on_qtulu_attention(char_tokenize
 def test_scores_within_1e5_in_fp32_on_transformers_attention(impl, char_tokenizer):
     """Any other model: right padding and an attention mask; fp32 log-probabilities agree within 1e-5
     (in bf16 eager attention is bit-identical, SDPA's CPU kernel differs by up to ~1e-2)."""
-    from qtulu.tiny import build_tiny_llama
+    from qtulu.model.tiny import build_tiny_llama
 
     model = build_tiny_llama(seed=1, dtype=torch.float32, hidden_size=128, intermediate_size=344)
     model.set_attn_implementation(impl)

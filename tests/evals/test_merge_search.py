@@ -13,8 +13,8 @@ OPTS = {"mmlu": {"subjects": ["world_religions", "miscellaneous"], "split": "dev
 
 @pytest.fixture(scope="module")
 def pair(make_lora):
-    from qtulu.model import load_base
-    from qtulu.tiny import build_char_tokenizer, build_tiny_llama
+    from qtulu.model.load import load_base
+    from qtulu.model.tiny import build_char_tokenizer, build_tiny_llama
 
     tok = build_char_tokenizer()
     base, _ = load_base(build_tiny_llama(seed=0, dtype=torch.float32), quantize=None, compute_dtype=torch.float32,
@@ -25,11 +25,11 @@ def pair(make_lora):
 def test_merge_search_picks_and_saves_the_best(pair, eval_data, tmp_path):
     from peft import PeftModel
 
-    from qtulu.adapters import verify_adapter
+    from qtulu.adapters.store import verify_adapter
     from qtulu.evals.merge_search import merge_search
     from qtulu.evals.runner import evaluate
-    from qtulu.model import base_info
-    from qtulu.tiny import build_tiny_llama
+    from qtulu.model.load import base_info
+    from qtulu.model.tiny import build_tiny_llama
 
     model, tok = pair
     res = merge_search(model, tok, ["alpha", "beta"], ["mmlu"], data_dir=eval_data, out_dir=tmp_path,

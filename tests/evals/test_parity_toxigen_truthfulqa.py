@@ -168,7 +168,7 @@ def oi_run_probs(questions, model, tokenizer):
 @pytest.fixture(scope="module")
 def tiny_long():
     """A tiny LLaMA taking the ~700-character TruthfulQA prompts of the character tokenizer."""
-    from qtulu.tiny import build_char_tokenizer, build_tiny_llama
+    from qtulu.model.tiny import build_char_tokenizer, build_tiny_llama
 
     return build_tiny_llama(seed=3, dtype=torch.float32, max_position_embeddings=2048), build_char_tokenizer()
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from qtulu.synthetic import make_examples, write_jsonl
+from qtulu.demo.synthetic import make_examples, write_jsonl
 
 
 @pytest.fixture

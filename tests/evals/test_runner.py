@@ -181,7 +181,7 @@ def test_toxigen_classifier_from_a_saved_model(tmp_path):
     from transformers import LlamaForSequenceClassification
 
     from qtulu.evals.tasks import toxigen
-    from qtulu.tiny import build_char_tokenizer, tiny_llama_config
+    from qtulu.model.tiny import build_char_tokenizer, tiny_llama_config
 
     torch_mod = pytest.importorskip("torch")
     torch_mod.manual_seed(0)

@@ -17,7 +17,6 @@ from qtulu.evals.sandbox import (
     IsolationUnavailable,
     SandboxConfig,
     isolation,
-    probe,
     run_programs,
     uids,
 )

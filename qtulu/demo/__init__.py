@@ -1,0 +1,2 @@
+"""`qtulu demo`: the embedded default (a tiny LLaMA built in-process, synthetic skills).
+"""

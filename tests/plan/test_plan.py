@@ -1,0 +1,138 @@
+"""qtulu.plan: the planner against the CPU allocator, its model skeletons, its CUDA emulation, the CLI.
+
+The planner runs the real step on fake tensors and counts storages; `qtulu.plan.measure` runs the
+same step on real tensors under ``torch.profiler`` (``profile_memory=True``: the CPU allocator's own
+allocation and free events). Both must agree within 10% (they agree within 1% today), so a change
+to the model code, the loss, LoRA or the optimizer that the planner misses fails here.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qtulu.plan import PlanSettings, estimate_peak, optimize, plan_step, resolve_config
+from qtulu.plan.measure import measure_step
+
+CPU = dict(shape="tiny", device="cpu", compute_dtype="float32", optimizer="adamw_torch", lora_r=8)
+
+
+def test_planned_peak_matches_the_cpu_allocator():
+    # recipe defaults on a CPU (peft dropout, checkpointing, two micro-batches), with TRL's loss tiles
+    # narrowed so that the layers' activations, not one loss tile, make the peak
+    s = PlanSettings(**CPU, seq_len=192, loss_chunk_size=128)
+    measured = measure_step(s)
+    planned = plan_step(s)
+    assert measured.events > 100 and measured.step_peak_bytes > 0
+    assert planned.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.10), (planned.breakdown, measured)
+
+
+def test_nf4_skeleton_matches_quantize_model():
+    """The meta-device NF4 layers have the tensors quantize_model_ gives a real model."""
+    from transformers import AutoModelForCausalLM
+
+    from qtulu.plan.models import nf4_layers_, quant_state_tensors
+    from qtulu.model.quant import Linear4bit
+
+    cfg = resolve_config("tiny")
+    real = AutoModelForCausalLM.from_config(cfg)
+    nf4_layers_(real, blocksize=64, double_quant=True, compute_dtype=torch.bfloat16)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(cfg)
+    nf4_layers_(meta, blocksize=64, double_quant=True, compute_dtype=torch.bfloat16)
+
+    def sig(model):
+        named = list(model.named_parameters()) + list(model.named_buffers())
+        out = {n: (tuple(t.shape), t.dtype) for n, t in named}
+        out["#4bit"] = sum(isinstance(m, Linear4bit) for m in model.modules())
+        out["#state"] = [(tuple(t.shape), t.dtype) for t in quant_state_tensors(model)]
+        return out
+
+    assert sig(meta) == sig(real)
+
+
+def test_depth_extrapolation_equals_the_full_plan():
+    cfg = resolve_config("tiny")
+    cfg.num_hidden_layers = 4
+    s = PlanSettings(shape="tiny", seq_len=128, lora_r=8, accumulation=1).hf_baseline()
+    assert estimate_peak(s, cfg, stack="hf") == plan_step(s, config=cfg, stack="hf").peak_bytes
+
+
+def test_depth_extrapolation_is_per_window(monkeypatch):
+    """Where the peak moves between windows of the step with depth (transformers+peft+bnb at 65B: a
+    backward window when shallow, the loss window, holding every fp32 layer input, when deep), the
+    windows are extrapolated separately: extrapolating the peak itself would be wrong."""
+    import types
+
+    import qtulu.plan.search as search
+
+    windows = {2: {"backward#0": 100, "loss#0": 90}, 3: {"backward#0": 105, "loss#0": 100}}
+    fake = lambda settings, stack, config: types.SimpleNamespace(  # noqa: E731
+        peak_bytes=max(windows[config.num_hidden_layers].values()), paged_bytes=0,
+        phase_peaks=windows[config.num_hidden_layers])
+    monkeypatch.setattr("qtulu.plan.planner.plan_step", fake)
+    cfg = resolve_config("tiny")
+    cfg.num_hidden_layers = 10
+    assert search.estimate_peak(PlanSettings(shape="tiny"), cfg) == 90 + 8 * 10  # not 100 + 8 * 5
+
+
+def test_offload_moves_the_checkpointed_inputs_to_the_host():
+    cfg = resolve_config("tiny")
+    s = PlanSettings(shape="tiny", seq_len=8192, lora_r=8, accumulation=1, loss_chunk_size=1024)
+    off = plan_step(s.replace(activation_offload=True), config=cfg)
+    per_layer = 8192 * cfg.hidden_size * 2  # one bf16 hidden state per checkpointed layer (1 MiB: offloaded)
+    assert off.host_bytes == cfg.num_hidden_layers * per_layer
+
+
+def test_optimize_keeps_only_what_lowers_the_peak(monkeypatch):
+    import qtulu.plan.search as search
+
+    # two candidates: one that lowers this tiny model's peak, one that cannot (its layer inputs are
+    # below the offload threshold)
+    monkeypatch.setattr(search, "REDUCTIONS",
+                        {k: search.REDUCTIONS[k] for k in ("loss_chunk_size", "activation_offload")})
+    cfg = resolve_config("tiny")
+    s = PlanSettings(shape="tiny", seq_len=128, lora_r=8, accumulation=1, optimizer="adamw_torch")
+    chosen, report = optimize(s, cfg)
+    assert [(t["switch"], t["kept"]) for t in report["tried"]] == [("loss_chunk_size", True),
+                                                                   ("activation_offload", False)]
+    assert chosen.loss_chunk_size == 8192 and not chosen.activation_offload  # TRL's 32768-column tile dominated
+    assert report["estimated_peak_bytes"] == report["tried"][0]["estimated_peak_bytes"]
+    assert report["not_applied"][0]["switch"] == "optimizer"  # 8-bit moments: reported, not applied
+
+
+def test_cli_prints_table_json_and_png(tmp_path, capsys):
+    from qtulu.cli import main
+
+    png = tmp_path / "plan.png"
+    rc = main(["plan", "--shape", "tiny", "--seq-len", "128", "--rank", "8", "--accumulation", "1",
+               "--compare-hf", "--plot", str(png)])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0
+    summary = json.loads(out[-1])
+    assert summary["peak_bytes"] > 0 and summary["hf_peak_bytes"] > 0
+    assert summary["settings"]["lora_r"] == 8 and summary["settings"]["seq_len"] == 128
+    assert set(summary["breakdown"]) == {"weights", "quant_state", "lora", "grads", "optimizer", "activations",
+                                         "loss", "transient"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(line.startswith("floor") for line in out)
+    # no bf16 copy of a 4-bit weight in qtulu's CUDA step; bitsandbytes' backward makes one per layer
+    assert summary["dequantized_weight_copies"] == 0 and summary["hf_dequantized_weight_copies"] > 0
+    assert summary["breakdown"]["weights"] < summary["hf_breakdown"]["weights"]  # peft upcasts them to fp32
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["plan", "--shape", "llama-99b"], "unknown shape"),
+    (["plan", "--shape", "tiny", "--seq-len", "0"], "--seq-len"),
+    (["plan", "--shape", "tiny", "--optimizer", "sgd_nonsense"], "--optimizer"),
+    (["plan", "--shape", "tiny", "--activation-offload", "--no-gradient-checkpointing"], "checkpointing"),
+    (["plan"], "--shape"),
+])
+def test_cli_errors_are_one_line(argv, needle, capsys):
+    from qtulu.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
