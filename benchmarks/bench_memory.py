@@ -50,7 +50,7 @@ def _config(args):
     if args.shape != "small":
         return resolve_config(args.shape, seq_len=args.seq_len)
     # a LLaMA-architecture model with LLaMA's vocabulary, small enough for a CPU step
-    from qtulu.bench.shapes import ShapeSpec
+    from qtulu.model.shapes import ShapeSpec
 
     cfg = ShapeSpec("small", hidden=512, layers=4, heads=8, intermediate=1376).llama_config()
     cfg._name_or_path = "small (hidden 512, 4 layers, vocab 32000)"

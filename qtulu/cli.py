@@ -18,7 +18,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("data", "qtulu.data.cli"),
     ("train", "qtulu.train.run"),
     ("eval", "qtulu.evals.cli"),
-    ("merge", "qtulu.adapters.merge"),
+    ("merge", "qtulu.merge_cli"),
     ("chat", "qtulu.chat"),
     ("bench", "qtulu.bench.cli"),
     ("recipe", "qtulu.recipe_cli"),

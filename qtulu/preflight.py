@@ -1,4 +1,4 @@
-"""What qtulu checks before it loads a model, and what it says when Ctrl-C stops a run.
+"""What qtulu checks before it loads a model.
 
 A typo must cost seconds on any base size (issue 19): `qtulu train`, `eval`, `chat` and `merge`
 run these checks first; each needs no weights (and most not even torch).
@@ -6,7 +6,6 @@ run these checks first; each needs no weights (and most not even torch).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -50,18 +49,6 @@ def check_base_source(recipe) -> None:
     if recipe.model.base is None:
         raise PreflightError(f"{where}: no base model given (set model.base or pass a model)")
     check_base_dir(recipe.model.base, recipe.model.revision, where)
-
-
-def interrupted_message(out: Path, steps: list[dict], is_main: bool = True) -> str:
-    """What Ctrl-C left behind: the last complete checkpoint (resume point) and the steps so far."""
-    from qtulu import files
-    from qtulu.train import checkpoint as ck
-    if is_main and steps:
-        files.atomic_write_text(out / "steps.jsonl", "".join(json.dumps(s) + "\n" for s in steps))
-    last = ck.last_complete_checkpoint(out / "checkpoints")
-    where = (f"last complete checkpoint {last}; run the same command again to resume from it" if last
-             else "no checkpoint was complete yet (train.save_steps); a new run starts over")
-    return f"stopped after {len(steps)} optimizer step(s); {where}"
 
 
 def check_before_load(model: str, adapters, trained_on: str | None = None) -> None:

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from qtulu.bench.shapes import ShapeSpec
+from qtulu.model.shapes import ShapeSpec
 
 INIT_STD = 0.02  # transformers' LlamaConfig.initializer_range
 

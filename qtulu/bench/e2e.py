@@ -36,7 +36,7 @@ from typing import Any, Sequence
 from qtulu.bench.build import OPTIMIZERS
 from qtulu.bench.lengths import DEFAULT_RECIPE, pack_bfd, read_lengths_file, select_rows, token_lengths
 from qtulu.bench.report import append_record, ratios, write_chart
-from qtulu.bench.shapes import get_shape
+from qtulu.model.shapes import get_shape
 from qtulu.files import atomic_write_text
 
 CONFIGS: dict[str, dict[str, str]] = {

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from qtulu.bench.shapes import ShapeSpec
+from qtulu.model.shapes import ShapeSpec
 
 
 def step_flops(shape: ShapeSpec, doc_lengths: Iterable[int], lora_r: int) -> dict[str, int]:

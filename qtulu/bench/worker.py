@@ -34,7 +34,7 @@ import qtulu.model.quant  # noqa: F401
 from qtulu.bench.build import attach_lora, build_bnb_model, build_qtulu_model, make_optimizer
 from qtulu.bench.flops import mfu, peak_tflops, step_flops
 from qtulu.bench.lengths import padded_microbatches
-from qtulu.bench.shapes import shape_from_dict
+from qtulu.model.shapes import shape_from_dict
 from qtulu.files import atomic_write_text
 
 GB = 1024**3

@@ -186,7 +186,7 @@ def load_source(spec: SourceSpec, files: list[Path] | None = None) -> LoadedSour
 def _load_hub(spec: SourceSpec) -> LoadedSource:
     import datasets
 
-    from qtulu.model.hub import cache_only, offline_reason, unreachable
+    from qtulu.hub import cache_only, offline_reason, unreachable
 
     offline = offline_reason()  # offline: the hub cache only, and a miss fails at once (no retries)
     try:

@@ -63,7 +63,7 @@ def _load_cached(spec: str, revision: str | None, trust_remote_code: bool):
     elif spec.startswith((".", "/", "~")) or spec.endswith(".model"):
         raise TokenizerError(f"tokenizer not found: {p}")
     else:
-        from qtulu.model.hub import offline_reason, unreachable
+        from qtulu.hub import offline_reason, unreachable
 
         offline = offline_reason()  # offline: the hub cache only, and a miss fails at once (no retries)
         try:

@@ -101,7 +101,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
     elif looks_local(str(name_or_path)):
         raise ModelLoadError(f"{p}: base model directory not found")
     else:
-        from qtulu.model.hub import offline_reason, unreachable
+        from qtulu.hub import offline_reason, unreachable
 
         offline = offline_reason()  # offline: the hub cache only, and a miss fails at once (no retries)
         try:

@@ -41,7 +41,7 @@ def resolve_config(shape: str | None = None, config: str | os.PathLike | None = 
     if (shape is None) == (config is None):
         raise PlanError("give exactly one of a shape name or an HF config")
     if shape is not None:
-        from qtulu.bench.shapes import SHAPES
+        from qtulu.model.shapes import SHAPES
 
         name = _SHAPE_ALIASES.get(shape.lower(), shape)
         if name not in SHAPES:

@@ -242,3 +242,13 @@ def check_resume(manifest: dict, current: dict, *, where: Path, force: bool = Fa
         if warn is not None:
             warn(msg.replace("cannot resume", "resuming anyway (force)"))
     return keys
+
+
+def interrupted_message(out: Path, steps: list[dict], is_main: bool = True) -> str:
+    """What Ctrl-C left behind: the last complete checkpoint (resume point) and the steps so far."""
+    if is_main and steps:
+        atomic_write_text(out / "steps.jsonl", "".join(json.dumps(s) + "\n" for s in steps))
+    last = last_complete_checkpoint(out / "checkpoints")
+    where = (f"last complete checkpoint {last}; run the same command again to resume from it" if last
+             else "no checkpoint was complete yet (train.save_steps); a new run starts over")
+    return f"stopped after {len(steps)} optimizer step(s); {where}"

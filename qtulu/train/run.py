@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from qtulu.errors import QtuluError
-from qtulu.preflight import check_base_source, check_run_name, interrupted_message
+from qtulu.preflight import check_base_source, check_run_name
 from qtulu.train.runlock import locks_run_dir, set_aside_checkpoints
 from qtulu.train.distributed import (
     fsdp_refusal,
@@ -433,7 +433,7 @@ def train(
             with fitted_threads(base), loss_chunking(t.loss_chunk_size):
                 trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except KeyboardInterrupt:
-            raise KeyboardInterrupt(interrupted_message(out, guard.steps, is_main)) from None
+            raise KeyboardInterrupt(ck.interrupted_message(out, guard.steps, is_main)) from None
         if resume_from is None and trainer.state.global_step == 0:  # never save an untrained adapter as a result
             raise TrainError(f"the run took 0 optimizer steps ({len(dataset)} packed rows, train.epochs={t.epochs}, "
                              f"train.max_steps={t.max_steps}); no adapter was saved")

@@ -21,7 +21,7 @@ from qtulu.bench.lengths import (
     select_rows,
     token_lengths,
 )
-from qtulu.bench.shapes import SHAPES, ShapeSpec, get_shape
+from qtulu.model.shapes import SHAPES, ShapeSpec, get_shape
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,4 +1,4 @@
-"""Offline detection (qtulu.model.hub): with HF_HUB_OFFLINE or no route to the hub, a hub id that is not
+"""Offline detection (qtulu.hub): with HF_HUB_OFFLINE or no route to the hub, a hub id that is not
 in the local cache fails at once with one line, for a base model, a tokenizer and a dataset."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    from qtulu.model import hub
+    from qtulu import hub
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
     hub.reset()
     yield hub
