@@ -71,9 +71,11 @@ from typing import Sequence
 
 from qtulu.errors import QtuluError
 
-from . import cgroup, uids
+from . import cgroup, launcher, uids
 
 LAUNCHER = Path(__file__).with_name("launcher.py")
+TEMP_PREFIX = "qtulu-sandbox-"
+OWNER_FILE = "owner"  # "pid start-time" of the run that made the temp folder
 FALLBACK_PROCESS_MB = 128  # rlimit fallback: the smallest address space a process gets
 
 
@@ -264,56 +266,113 @@ def _read_capped(path: Path, cap: int) -> str:
         return ""
 
 
-def _read_pipe(fd: int, cap: int = 1 << 16) -> bytes:
-    os.set_blocking(fd, False)
-    data = b""
-    while len(data) < cap:
-        try:
-            chunk = os.read(fd, cap - len(data))
-        except BlockingIOError:
-            break
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 _SIGNALS = {signal.SIGKILL: "SIGKILL", signal.SIGXCPU: "SIGXCPU: CPU time limit",
             signal.SIGXFSZ: "SIGXFSZ: file size limit",
             signal.SIGSEGV: "SIGSEGV", signal.SIGABRT: "SIGABRT"}
 
 
-def _judge(verdict: dict, stderr: str, stats: dict) -> tuple[str, str, int | None]:
-    """(status, reason, returncode) from the launcher's verdict."""
+def _ending(verdict: dict, stderr: str, stats: dict) -> str:
+    """Why the program's process ended badly, in words ("" when it exited 0 and left nothing)."""
     sig, code = verdict.get("signal"), verdict.get("exit")
-    rc = code if code is not None else (128 + sig if sig else None)
     if verdict.get("left"):
-        return "failed", "the program left processes running; they were killed", rc
+        return "the program left processes running; they were killed"
     if sig:
         why = _SIGNALS.get(sig, f"signal {sig}")
         if stats.get("oom_kills"):
             why += ": memory limit (killed by the cgroup's OOM killer)"
-        return "failed", f"killed by {why}", rc
-    if code != 0:
+        return f"killed by {why}"
+    if code not in (0, None):
         last = next((ln.strip() for ln in reversed(stderr.splitlines()) if ln.strip()), "")
-        return "failed", f"raised {last}" if code == 1 and last else f"exit status {code}", rc
-    if not verdict.get("harness_end"):
-        if verdict.get("marker_written"):
-            return "failed", "the harness's end marker was wrong", rc
-        return "failed", "exit status 0 but the test harness did not reach its end (e.g. os._exit)", rc
-    return "passed", "the test harness reached its end", rc
+        return f"raised {last}" if code == 1 and last else f"exit status {code}"
+    return ""
 
 
-def run_program(code: str, config: SandboxConfig = SandboxConfig(), *, unsafe_no_isolation: bool = False) -> ExecResult:
-    """Run ``code`` (a complete Python program) in the sandbox; see the module docstring."""
+def _judge(verdict: dict, stderr: str, stats: dict, isolated: bool) -> tuple[str, str, int | None]:
+    """(status, reason, returncode) from the launcher's report: the checker's verdict decides; a pass
+    also needs the program to have ended cleanly once the checker was done (exit 0, nothing left)."""
+    sig, code = verdict.get("signal"), verdict.get("exit")
+    rc = code if code is not None else (128 + sig if sig else None)
+    check = verdict.get("check")
+    lost = verdict.get("init_lost")
+    if check is None or lost:
+        if isolated:  # nothing in the sandbox can reach init or the checker: the sandbox itself broke
+            raise SandboxError(f"sandbox: {lost or 'the checker gave no verdict'}")
+        return "failed", ("the program killed its sandbox's init" if lost
+                          else "the program killed its checker (it can, unisolated)"), rc
+    if check["status"] == "timeout" or verdict.get("timeout"):
+        return "timeout", "", rc
+    ending = _ending(verdict, stderr, stats)
+    if check["status"] != "passed":
+        if check.get("closed"):  # the program ended before its module finished loading
+            return "failed", ending or "exit status 0 but the test harness did not reach its end (e.g. os._exit)", rc
+        return "failed", check["reason"], rc
+    if ending:
+        return "failed", ending, rc
+    return "passed", check["reason"], rc
+
+
+class _Batch:
+    """The launchers of one ``run_programs`` call: an interrupt kills them all at once (Ctrl-C
+    returns within seconds, not after every queued program)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.stopped = False
+        self.live: set[int] = set()
+
+    def start(self, popen_args: list, **kw) -> subprocess.Popen:
+        with self.lock:
+            if self.stopped:
+                raise SandboxError("interrupted")
+            proc = subprocess.Popen(popen_args, **kw)
+            self.live.add(proc.pid)
+            return proc
+
+    def done(self, pid: int) -> None:
+        with self.lock:
+            self.live.discard(pid)
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+            for pid in self.live:  # each launcher leads its own process group (start_new_session)
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def _owner_tag() -> str:
+    """``pid start-time`` of this process: a later run can tell whether the owner still lives."""
+    with open(f"/proc/{os.getpid()}/stat") as f:
+        return f"{os.getpid()} {f.read().rsplit(')', 1)[1].split()[19]}"
+
+
+def _owner_alive(tag: str) -> bool:
+    try:
+        pid, start = tag.split()
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19] == start
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def run_program(code: str, config: SandboxConfig = SandboxConfig(), *, unsafe_no_isolation: bool = False,
+                check: dict | None = None, _batch: _Batch | None = None) -> ExecResult:
+    """Run ``code`` in the sandbox; see the module docstring. With ``check`` (trusted: ``prompt``,
+    ``test``, ``entry_point`` of the dataset), ``code`` is the module (prompt + completion) and the
+    verdict is the checker's, running ``check["test"]`` outside the sandbox against a proxy of
+    the entry point; without it, a pass means the program reached its end."""
     plan = isolation(unsafe_no_isolation)
     isolated = plan["level"] == "full"
     support = probe()["cgroup"] if isolated else cgroup.Support(None)
+    batch = _batch or _Batch()
     nonce = secrets.token_hex(16)
-    top = Path(tempfile.mkdtemp(prefix="qtulu-sandbox-"))
+    top = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
     lease = cg = None
     vr = vw = -1
     try:
+        (top / OWNER_FILE).write_text(_owner_tag())  # a later run removes this folder if we die
         lease = uids.acquire() if isolated else None
         limits = _limits(config, bool(support.version), isolated)
         if support.version:
@@ -329,34 +388,40 @@ def run_program(code: str, config: SandboxConfig = SandboxConfig(), *, unsafe_no
             "newroot": str(top / "newroot"), "binds": _binds() if isolated else [], "limits": limits,
             "file_binds": [f for f in ("/etc/ld.so.cache",) if isolated and os.path.isfile(f)],
             "cgroup_procs": cg.procs_files if cg else [], "backstop_seconds": int(config.timeout) + 10,
+            "timeout": config.timeout, "check": check, "entry_point": check["entry_point"] if check else "",
         }
         t0 = time.monotonic()
         timed_out = False
         with open(top / "stdout", "wb") as out, open(top / "stderr", "wb") as err:
-            proc = subprocess.Popen(
+            proc = batch.start(
                 [cfg["python"], "-I", "-S", "-B", str(LAUNCHER)], stdin=subprocess.PIPE, stdout=out, stderr=err,
                 env={}, cwd=str(top), start_new_session=True, pass_fds=[vw, *cfg["keep_fds"]],
             )
             os.close(vw)
             vw = -1
             try:
-                proc.stdin.write(json.dumps(cfg).encode())
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
-            # the launcher writes its verdict, then exits: wake on that (or on its death), not by polling
-            ready, _, _ = select.select([vr], [], [], max(0.0, config.timeout - (time.monotonic() - t0)))
-            try:
-                proc.wait(timeout=5 if ready else max(0.0, config.timeout - (time.monotonic() - t0)))
-            except subprocess.TimeoutExpired:
-                timed_out = True
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
+                    proc.stdin.write(json.dumps(cfg).encode())
+                    proc.stdin.close()
+                except BrokenPipeError:
                     pass
-                proc.wait()
+                # the launcher enforces the deadline itself and writes its verdict, then exits: wake on
+                # that (or on its death); past the deadline and a grace, kill it (a backstop)
+                limit = config.timeout + launcher.GRACE + 3.0
+                ready, _, _ = select.select([vr], [], [], limit)
+                try:
+                    proc.wait(timeout=5 if ready else max(0.0, limit - (time.monotonic() - t0)))
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    proc.wait()
+            finally:
+                batch.done(proc.pid)
         duration = time.monotonic() - t0
-        raw = _read_pipe(vr)
+        raw = launcher.read_all(vr)
         stats = cg.stats() if cg else {}
         if cg:
             cg.remove()
@@ -364,20 +429,27 @@ def run_program(code: str, config: SandboxConfig = SandboxConfig(), *, unsafe_no
         stdout = _read_capped(top / "stdout", config.max_output_bytes)
         stderr = _read_capped(top / "stderr", config.max_output_bytes)
         iso = {**plan, "uid": lease.uid} if lease else dict(plan)
+        if batch.stopped:
+            raise SandboxError("interrupted")
         if timed_out:
-            status, reason, rc = "timeout", f"timed out after {config.timeout:g} s", None
+            status, reason, rc = "timeout", "", None
         else:
             try:
                 verdict = json.loads(raw)
             except json.JSONDecodeError:
-                raise SandboxError(f"sandbox launcher gave no verdict (exit {proc.returncode}): "
-                                   f"{stderr[-500:]}") from None
-            if verdict.get("nonce") != nonce:
+                if not isolated:  # unisolated, the program can kill its launcher (same user)
+                    verdict = {"init_lost": "its launcher was killed", "check": None}
+                else:
+                    raise SandboxError(f"sandbox launcher gave no verdict (exit {proc.returncode}): "
+                                       f"{stderr[-500:]}") from None
+            if verdict.get("nonce", nonce) != nonce:
                 raise SandboxError("sandbox verdict carries the wrong nonce")
             problem = verdict.get("launcher_error") or verdict.get("init_error") or verdict.get("start_error")
             if problem:
                 raise SandboxError(f"sandbox failed before the program ran: {problem}")
-            status, reason, rc = _judge(verdict, stderr, stats)
+            status, reason, rc = _judge(verdict, stderr, stats, isolated)
+        if status == "timeout":
+            reason = f"timed out after {config.timeout:g} s"
         return ExecResult(passed=status == "passed", status=status, returncode=rc, duration=duration, stdout=stdout,
                           stderr=stderr, isolation=iso, reason=reason, peak_memory_bytes=stats.get("peak_bytes"))
     finally:
@@ -394,20 +466,87 @@ def run_program(code: str, config: SandboxConfig = SandboxConfig(), *, unsafe_no
         shutil.rmtree(top, ignore_errors=True)
 
 
+def clean_leftovers(support: cgroup.Support | None = None) -> dict:
+    """Remove what a killed (SIGKILL) run left behind, and only that: temp folders of this sandbox
+    whose owner process (pid and start time, in the folder) is gone; uid lock files nobody holds
+    (``flock`` is released with its holder) whose uid runs nothing; program cgroups ``uid-N`` whose
+    uid lock could be taken (so no live run owns them) and ``probe-PID`` of a dead PID. Returns counts."""
+    counts = {"folders": 0, "locks": 0, "cgroups": 0}
+    tmp = Path(tempfile.gettempdir())
+    for d in tmp.glob(TEMP_PREFIX + "*"):
+        try:
+            st = d.lstat()
+            if not d.is_dir() or d.is_symlink() or st.st_uid != os.geteuid():
+                continue
+            tag = (d / OWNER_FILE).read_text()
+        except OSError:  # no owner file: not ours to judge (or being created right now)
+            continue
+        if not _owner_alive(tag):
+            shutil.rmtree(d, ignore_errors=True)
+            counts["folders"] += 1
+    if os.geteuid() != 0:
+        return counts
+    try:
+        directory = uids.lock_dir()
+    except uids.UidError:
+        return counts
+    taken: list[int] = []
+    for base in dict.fromkeys((support.bases if support and support.version else {}).values()):
+        try:
+            names = os.listdir(base)
+        except OSError:
+            continue
+        for name in names:
+            kind, _, num = name.partition("-")
+            if not num.isdigit():
+                continue
+            if kind == "probe" and not os.path.exists(f"/proc/{num}"):
+                cgroup._Dir(os.path.join(base, name)).remove()
+                counts["cgroups"] += 1
+            elif kind == "uid" and uids.UID_BASE <= int(num) < uids.UID_BASE + uids.UID_COUNT:
+                lease = uids._try(int(num), directory)
+                if lease is not None:  # nobody holds it: its owner is dead
+                    try:
+                        cgroup._Dir(os.path.join(base, name)).remove()
+                        counts["cgroups"] += 1
+                    finally:
+                        lease.release()
+                    taken.append(int(num))
+    for name in os.listdir(directory):
+        if name.isdigit() and uids.UID_BASE <= int(name) < uids.UID_BASE + uids.UID_COUNT:
+            lease = uids._try(int(name), directory)
+            if lease is not None:
+                lease.release()  # unlinks the file
+                counts["locks"] += int(name) not in taken
+    return counts
+
+
+_cleaned = threading.Event()
+
+
 def run_programs(codes: Sequence[str], config: SandboxConfig = SandboxConfig(), *, workers: int | None = None,
                  allow_code_execution: bool = False, unsafe_no_isolation: bool = False,
-                 progress: bool = False) -> list[ExecResult]:
+                 progress: bool = False, checks: Sequence[dict | None] | None = None) -> list[ExecResult]:
     """Run many programs, ``workers`` at a time (default: CPU count); results in input order.
+    ``checks[i]`` (optional) is program i's trusted check (see `run_program`).
 
     Refuses before running anything: without ``allow_code_execution`` (`CodeExecutionRefused`), and
-    where nothing can be isolated unless ``unsafe_no_isolation`` (`IsolationUnavailable`).
+    where nothing can be isolated unless ``unsafe_no_isolation`` (`IsolationUnavailable`). The
+    first call of a process removes what killed runs left behind (`clean_leftovers`). An interrupt
+    (Ctrl-C) kills every running program and drops the queued ones at once.
     """
     require_opt_in(allow_code_execution, "run_programs", unsafe_no_isolation=unsafe_no_isolation)
+    if not _cleaned.is_set():
+        _cleaned.set()
+        clean_leftovers(probe()["cgroup"])
     workers = max(1, workers or os.cpu_count() or 1)
+    checks = list(checks) if checks is not None else [None] * len(codes)
     results: list[ExecResult | None] = [None] * len(codes)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(run_program, c, config, unsafe_no_isolation=unsafe_no_isolation): i
-                   for i, c in enumerate(codes)}
+    batch = _Batch()
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        futures = {pool.submit(run_program, c, config, unsafe_no_isolation=unsafe_no_isolation, check=k,
+                               _batch=batch): i for i, (c, k) in enumerate(zip(codes, checks))}
         done = as_completed(futures)
         if progress:
             from tqdm.auto import tqdm
@@ -415,4 +554,9 @@ def run_programs(codes: Sequence[str], config: SandboxConfig = SandboxConfig(), 
             done = tqdm(done, total=len(futures), desc="executing", leave=False)
         for f in done:
             results[futures[f]] = f.result()
+    except BaseException:
+        batch.stop()
+        pool.shutdown(wait=True, cancel_futures=True)  # the running ones end within moments: killed
+        raise
+    pool.shutdown(wait=True)
     return results  # type: ignore[return-value]
