@@ -486,7 +486,7 @@ def check_main(cfg, fd, deadline):
             return {"status": "failed", "reason": "the program sent a malformed message"}
         check = cfg.get("check")
         if check is None:  # a plain program: it reached its end
-            return {"status": "passed", "reason": "the program reached its end"}
+            return {"status": "passed", "reason": "the test harness reached its end"}
         # the dataset's prompt (its helper functions: encode_cyclic, poly, ...) and tests, trusted,
         # in this process; the entry point's name, like ``candidate``, is the proxy
         namespace = {"__name__": "__qtulu_check__", "__builtins__": builtins}
