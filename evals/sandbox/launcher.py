@@ -27,15 +27,16 @@ and cgroup are skipped; the program still runs in its own session under a subrea
 its whole tree, and in a user + IPC namespace of its own where the kernel allows unprivileged ones.
 """
 
+import _socket
 import builtins
 import ctypes
 import fcntl
 import json
+import marshal
 import os
 import resource
 import select
 import signal
-import socket
 import sys
 import time
 
@@ -54,7 +55,7 @@ GRACE = 0.5  # seconds init waits past the deadline before it kills the program
 # checker compares is data: no __eq__, __hash__ or __float__ of the program's can run there.
 # Executed by the launcher (``exec`` below) and prepended to ``SERVER``: one source for both ends.
 PLAIN = r"""
-import json as _json
+import _json
 _ITERATORS = {type(x) for x in (iter([]), iter(()), iter(range(0)), iter(""), iter(b""), iter({}), iter({}.values()),
                                 iter({}.items()), iter(set()), (i for i in ()), map(int, ()), filter(None, ()),
                                 zip(), enumerate(()), reversed([]), reversed(range(0)))}
@@ -115,8 +116,23 @@ def decode(j):
             if k == "di" and all(type(p) is list and len(p) == 2 for p in v):
                 return {decode(a): decode(b) for a, b in v}.items()
     raise ValueError("not plain data")
+def dumps(j):
+    # JSON text of what encode() returns (floats are tagged strings), without the json module: the
+    # sandbox's interpreter starts faster without it (it imports re)
+    t = type(j)
+    if j is None or t is bool:
+        return "null" if j is None else "true" if j else "false"
+    if t is int:
+        return int.__repr__(j)
+    if t is str:
+        return _json.encode_basestring_ascii(j)
+    if t is list:
+        return "[" + ",".join([dumps(x) for x in j]) + "]"
+    if t is dict:
+        return "{" + ",".join([_json.encode_basestring_ascii(k) + ":" + dumps(x) for k, x in j.items()]) + "}"
+    raise TypeError("not JSON: a %s" % t.__name__)
 def send_msg(fd, obj, write):
-    data = _json.dumps(obj).encode()
+    data = dumps(obj).encode()
     data = len(data).to_bytes(4, "big") + data
     while data:
         data = data[write(fd, data):]
@@ -131,16 +147,18 @@ def recv_exact(fd, n, read):
 """
 _codec: dict = {}
 exec(PLAIN, _codec)
-encode, decode, send_msg, recv_exact = (_codec[k] for k in ("encode", "decode", "send_msg", "recv_exact"))
+encode, decode, dumps, send_msg, recv_exact = (_codec[k] for k in ("encode", "decode", "dumps", "send_msg", "recv_exact"))
 
 # The program's side: executes the module (prompt + completion) in this interpreter, reports
 # "ready" (or the exception), then serves calls of the entry point until the checker closes the
-# socket. It holds no verdict, token or pipe of the host: whatever it writes on fd 3 is decoded by
+# socket. Calls arrive as marshal data of the argument tuple (from the checker: trusted); replies
+# leave as tagged JSON, which the checker decodes with ``decode``. It holds no verdict, token or pipe of the host: whatever it writes on fd 3 is decoded by
 # the checker as plain data, and only the checker decides.
 SERVER = PLAIN + r"""
 import os, sys
+import marshal
 def _qtulu_server(path=sys.argv[1], no_net=sys.argv[2] == "1", entry=sys.argv[3], read=os.read, write=os.write,
-                  exit_=os._exit, send=send_msg, recv=recv_exact, enc=encode, dec=decode, loads=_json.loads):
+                  exit_=os._exit, send=send_msg, recv=recv_exact, enc=encode, loads=marshal.loads):
     if no_net:  # unsafe mode: no network namespace, no private uid
         import ctypes  # not dumpable: other processes of this uid cannot open our fds or ptrace us
         ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)
@@ -189,8 +207,7 @@ def _qtulu_server(path=sys.argv[1], no_net=sys.argv[2] == "1", entry=sys.argv[3]
             exit_(0)
         body = recv(3, int.from_bytes(head, "big"), read)
         try:
-            request = loads(body)
-            value = namespace[entry](*dec(request["args"]))
+            value = namespace[entry](*loads(body))
             reply = {"value": enc(value)}
         except BaseException as e:
             reply = {"error": failure(e)}
@@ -469,7 +486,10 @@ def proxy(fd, deadline):
             raise CandidateFailed("the program sent something that is not JSON") from None
 
     def candidate(*args):
-        send_msg(fd, {"args": encode(list(args))}, os.write)
+        data = marshal.dumps(args)  # the test's arguments: plain data (marshal refuses anything else)
+        data = len(data).to_bytes(4, "big") + data
+        while data:
+            data = data[os.write(fd, data):]
         reply = recv()
         if reply is None:
             raise CandidateFailed("the program ended during a call")
@@ -499,7 +519,16 @@ def check_main(cfg, fd, deadline):
     """The checker: wait for the module to load, then run the dataset's tests against the proxy.
     Returns ``{"status": "passed" | "failed" | "timeout", "reason": str}``."""
     candidate, recv = proxy(fd, deadline)
+    check = cfg.get("check")
     try:
+        if check is not None:
+            # the dataset's prompt (its helper functions: encode_cyclic, poly, ...) and tests, trusted,
+            # in this process, while the program starts; the entry point's name, like ``candidate``,
+            # is the proxy
+            namespace = {"__name__": "__qtulu_check__", "__builtins__": builtins}
+            exec(compile(check["prompt"], "<prompt>", "exec"), namespace)
+            namespace[check["entry_point"]] = candidate
+            exec(compile(check["test"], "<test>", "exec"), namespace)
         first = recv()
         if first is None:
             return {"status": "failed", "reason": "", "closed": True}
@@ -507,15 +536,8 @@ def check_main(cfg, fd, deadline):
             return {"status": "failed", "reason": "raised %s" % str(first["error"])[:500]}
         if first != {"ready": True}:
             return {"status": "failed", "reason": "the program sent a malformed message"}
-        check = cfg.get("check")
         if check is None:  # a plain program: it reached its end
             return {"status": "passed", "reason": "the test harness reached its end"}
-        # the dataset's prompt (its helper functions: encode_cyclic, poly, ...) and tests, trusted,
-        # in this process; the entry point's name, like ``candidate``, is the proxy
-        namespace = {"__name__": "__qtulu_check__", "__builtins__": builtins}
-        exec(compile(check["prompt"], "<prompt>", "exec"), namespace)
-        namespace[check["entry_point"]] = candidate
-        exec(compile(check["test"], "<test>", "exec"), namespace)
         namespace["check"](candidate)
         return {"status": "passed", "reason": "the dataset's tests passed"}
     except Deadline:
@@ -580,7 +602,7 @@ def _fork(target, keep):
 
 def run(cfg):
     deadline = time.monotonic() + cfg["timeout"]
-    prog_s, chk_s = socket.socketpair()
+    prog_s, chk_s = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)  # not socket: it imports enum, re
     st_r, st_w = os.pipe()
     vd_r, vd_w = os.pipe()
     pf, cf = prog_s.fileno(), chk_s.fileno()
