@@ -385,14 +385,30 @@ class _Batch:
         with self.lock:
             self.live.discard(pid)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 1.0) -> None:
+        """SIGTERM every launcher (its init then kills the program's whole tree, which matters
+        unisolated, where no PID namespace does it), SIGKILL their process groups ``grace`` later."""
         with self.lock:
             self.stopped = True
-            for pid in self.live:  # each launcher leads its own process group (start_new_session)
+            live = list(self.live)
+        for pid in live:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+        def kill() -> None:
+            with self.lock:  # only launchers not yet reaped: a reaped pid may have been reused
+                still = [pid for pid in live if pid in self.live]
+            for pid in still:  # each launcher leads its own process group (start_new_session)
                 try:
                     os.killpg(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+        timer = threading.Timer(grace, kill)
+        timer.daemon = True
+        timer.start()
 
 
 def _owner_tag() -> str:

@@ -411,6 +411,7 @@ def init_main(cfg, sock_fd, st_w, deadline):
         raise Deadline()
 
     signal.signal(signal.SIGALRM, expire)
+    signal.signal(signal.SIGTERM, expire)  # the host was interrupted (Ctrl-C): end now, tree and all
     signal.setitimer(signal.ITIMER_REAL, max(0.01, deadline + GRACE - time.monotonic()))
     timed_out, status = False, None
     try:
@@ -622,7 +623,15 @@ def run(cfg):
             except ProcessLookupError:
                 pass
 
+    def interrupted(signum, frame):  # the host's Ctrl-C: init kills the program's tree, reports, ends
+        for pid, sig in ((init, signal.SIGTERM), (checker, signal.SIGKILL)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
     signal.signal(signal.SIGALRM, backstop)
+    signal.signal(signal.SIGTERM, interrupted)
     signal.alarm(cfg["backstop_seconds"])
     pending, statuses = {init, checker}, {}
     while pending:  # unisolated, orphans of a killed init come to us as well: reaped here

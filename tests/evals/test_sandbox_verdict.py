@@ -342,6 +342,33 @@ print(json.dumps({"passed": c.passed, "reasons": c.reasons}))
 """
 
 
+def test_unsafe_ctrl_c_kills_daemonized_grandchildren(unsafe):
+    """Unisolated there is no PID namespace to end with the launcher: an interrupt still ends the
+    program's whole tree (its init kills it), within 5 s."""
+    import threading
+
+    code = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+            f"        os.execv('/usr/bin/sleep', ['sleep', '{MARK}'])\n    os._exit(0)\ntime.sleep(30)\n")
+    def interrupt():
+        for _ in range(200):
+            if len(_marked()) >= 2:
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: KeyboardInterrupt in the main thread
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_programs([code] * 6, SandboxConfig(timeout=20.0), workers=2, allow_code_execution=True,
+                     unsafe_no_isolation=True)
+    assert time.monotonic() - t0 < 15  # (the programs start within moments; the interrupt ends them)
+    for _ in range(40):
+        if not _marked():
+            break
+        time.sleep(0.05)
+    assert not _marked()
+
+
 def test_unsafe_sample_cannot_reach_another_samples_channel(eval_data, tmp_path):
     """Run as an unprivileged user (all samples share its uid): an attacker opening every fd of
     every process it can see for 2 s makes no correct sample fail and passes nothing itself."""
