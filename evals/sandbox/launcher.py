@@ -645,9 +645,9 @@ def run(cfg):
     signal.alarm(0)
     if not cfg["isolate"]:
         kill_descendants()  # whatever outlived a killed init (the program made an orphan of itself)
-    raw = read_all(st_r, 4096)
+    raw = read_all(st_r, 1 << 16)  # a start error carries a traceback
     report = json.loads(raw) if raw else {"init_lost": "init ended without a report (status %d)" % statuses[init]}
-    raw = read_all(vd_r, 4096)
+    raw = read_all(vd_r, 1 << 16)
     report["check"] = json.loads(raw) if raw else None
     return report
 
