@@ -122,9 +122,10 @@ def problems_for(predictions, data_dir=None, source="predictions") -> list[dict]
 
 
 def score(predictions, *, allow_code_execution=False, workers=None, timeout=3.0, progress=False, headline_k=10,
-          data_dir=None, predictions_source="predictions", **ctx):
+          **ctx):
     require_opt_in(allow_code_execution, "codex_humaneval")
-    problems = problems_for(predictions, data_dir, predictions_source)  # before anything runs
+    # context, not options: ctx["data_dir"] (the dataset the tests come from), ctx["predictions_source"]
+    problems = problems_for(predictions, ctx.get("data_dir"), ctx.get("predictions_source") or "predictions")
     # pass = the dataset's tests, run outside the sandbox against a proxy of the completion, passed:
     # qtulu.evals.sandbox; ctx["unsafe_no_isolation"] (CLI --unsafe-no-isolation) lets it run
     # unisolated where it cannot isolate
