@@ -297,9 +297,11 @@ def _score(args) -> int:
             print(f"qtulu eval score: error: {args.predictions}: {len(unknown)} prediction ids not in "
                   f"{args.data_dir} ({task.name}), e.g. {unknown[:3]}", file=sys.stderr)
             return 2
+    # data_dir: tasks that execute code (codex_humaneval) take their tests from the dataset, never the file
     metrics = task.module.score(preds, **task.opts, judge=_judge(args), classifier=args.toxigen_classifier,
                                 allow_code_execution=args.allow_code_execution, workers=args.workers,
-                                unsafe_no_isolation=args.unsafe_no_isolation)
+                                unsafe_no_isolation=args.unsafe_no_isolation, data_dir=args.data_dir,
+                                predictions_source=str(args.predictions))
     metrics = {**metrics, "task": task.name, "version": task.version, "predictions": str(args.predictions)}
     if args.out:
         write_json(Path(args.out), metrics)

@@ -82,7 +82,7 @@ def run_task(lm: LM, task_name: str, *, data_dir, out_dir: Path | None = None, l
     t1 = time.time()
     if out_dir is not None:
         write_jsonl(Path(out_dir) / "predictions.jsonl", preds)
-    metrics = task.module.score(preds, **task.opts, **ctx)
+    metrics = task.module.score(preds, **task.opts, **{"data_dir": data_dir, **ctx})
     about = task.module.describe(limit=limit, context=ctx, **task.opts)
     if lm.chat_format == "tokenizer" and about["comparable"]:  # the paper: Tulu format (plain for base models)
         about = {**about, "comparable": False, "note": "not comparable: the tokenizer's chat template (the paper: "

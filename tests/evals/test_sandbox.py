@@ -32,7 +32,7 @@ def test_canonical_humaneval_solutions_all_pass(shared_data, require_namespaces)
     assert len(problems) == 164
     preds = [{**p, "completions": [p["canonical_solution"]]} for p in problems]
     t0 = time.monotonic()
-    metrics = task.module.score(preds, allow_code_execution=True, timeout=20.0, workers=2)
+    metrics = task.module.score(preds, allow_code_execution=True, timeout=20.0, workers=2, data_dir=shared_data("eval"))
     assert metrics["pass@1"] == 1.0, {k: v for k, v in metrics["per_problem"].items() if v == 0}
     assert metrics["statuses"] == {"passed": 164}
     assert metrics["isolation"]["level"] == "full"  # recorded with the metrics (results.json)
