@@ -305,7 +305,7 @@ def _format(results: list[dict], ratios: list[dict], head: str) -> str:
         [[r["case"], r["docs"], f"{r['heads']}/{r['kv_heads']}", r["method"], r.get("fwd_ms"), r.get("fwd_tflops"),
           r.get("fwd_bwd_ms"), r.get("fwd_bwd_tflops"), r.get("max_abs_diff_vs_first"), r.get("error", "")]
          for r in results],
-        ["", "d", "", "", ".3f", ".2f", ".3f", ".2f", ".2e", ""])
+        ["", "d", "", "", ".3f", ".2f", ".3f", ".2f", ".2e", ""], left=(-1,))
     lines = [head, text, "\nspeed-up of qtulu over each peer (time_peer / time_qtulu)"]
     for r in ratios:
         cells = "  ".join(f"{k} x{r[k]:.2f}" for k in ("fwd", "fwd_bwd") if k in r)

@@ -204,7 +204,7 @@ def format_rows(summary: dict) -> str:
         [[r["kernel"], ",".join(f"{k}={v}" for k, v in r["config"].items()), r["warps"], r["stages"],
           r["shared"] / 1024 if "shared" in r else None, r.get("regs"), r.get("stack"), r["status"]]
          for r in summary["rows"]],
-        ["", "", "d", "d", ".0f", "d", "d", ""], left=2)
+        ["", "", "d", "d", ".0f", "d", "d", ""], left=(0, 1, -1))
     return (text + f"\n\n{summary['configs']} configs, {summary['failures']} failed to compile, "
             f"{summary['over_smem']} over shared memory, {summary['spilling']} spill registers "
             f"(triton {summary['triton']}, sm_{summary['arch']}, {summary['dtype']})")

@@ -126,13 +126,16 @@ def _cell(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
-def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], specs: Sequence[str] = (), left: int = 1) -> str:
+def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], specs: Sequence[str] = (),
+          left: int | Iterable[int] = 1) -> str:
     """A fixed-width text table: a header, a rule, one line per row. ``specs[i]`` formats column
-    i's numbers (None prints as "-"); the first ``left`` columns are left-aligned, the rest right."""
+    i's numbers (None prints as "-"); left-aligned are the first ``left`` columns (or the columns
+    of those indices), the rest right-aligned."""
     specs = list(specs) + [""] * (len(columns) - len(specs))
+    left = set(range(left)) if isinstance(left, int) else {i % len(columns) for i in left}
     cells = [list(columns)] + [[_cell(v, s) for v, s in zip(row, specs)] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    lines = ["  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
              for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
