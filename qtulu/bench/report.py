@@ -56,12 +56,10 @@ def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    """A fixed-width text table of the results."""
-    rows = [list(COLUMNS)] + table_rows(results)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    """A fixed-width text table of the results (the harness's, as every benchmark prints)."""
+    from qtulu.bench.harness import table
+
+    return table(COLUMNS, table_rows(results), left=2)
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
