@@ -20,6 +20,7 @@ from qtulu.files import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs" / "benchmarks.md"
+DOCS_HEADER = "# Benchmarks\n\nMeasured figures only; each section names its device, date and command.\n"
 
 
 def parser(doc: str | None, **kw: Any) -> argparse.ArgumentParser:
@@ -147,8 +148,6 @@ def finish(summary: dict[str, Any], text: str, record: str | None = None, *, tit
     print(text)
     if record:
         path = Path(record)
-        from qtulu.bench.report import DOCS_HEADER
-
         old = path.read_text(encoding="utf-8") if path.exists() else DOCS_HEADER
         name = title or summary.get("bench", "benchmark")
         command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])

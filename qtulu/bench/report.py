@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qtulu.bench.harness import DOCS_HEADER, table
 from qtulu.files import atomic_write, atomic_write_text
 
 
@@ -57,8 +58,6 @@ def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
 
 def format_table(results: list[dict[str, Any]]) -> str:
     """A fixed-width text table of the results (the harness's, as every benchmark prints)."""
-    from qtulu.bench.harness import table
-
     return table(COLUMNS, table_rows(results), left=2)
 
 
@@ -99,9 +98,6 @@ def write_chart(results: list[dict[str, Any]], path: str | Path, title: str) -> 
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
     return Path(path)
-
-
-DOCS_HEADER = "# Benchmarks\n\nMeasured figures only; each section names its device, date and command.\n"
 
 
 def append_record(docs_path: str | Path, summary: dict[str, Any], results: list[dict[str, Any]], chart: Path | None) -> Path:
