@@ -19,22 +19,22 @@ Prints a table, then one JSON line.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
+from qtulu.bench import harness
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def main(argv: list[str] | None = None) -> int:
+    ap = harness.parser(__doc__)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--repeat", type=int, default=3, help="hash timings: best of this many")
     ap.add_argument("--smoke", action="store_true", help="tiny model (CI smoke mode)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.smoke:
         args.hidden, args.layers, args.vocab, args.repeat = 128, 2, 1000, 1
 
@@ -60,20 +60,12 @@ def main() -> int:
         files = _safetensor_files(ckpt)
         ckpt_bytes = sum(f.stat().st_size for f in files)
 
-        def best(fn):
-            times = []
-            for _ in range(args.repeat):
-                t = time.perf_counter()
-                out = fn()
-                times.append(time.perf_counter() - t)
-            return min(times), out
-
         for quantize in ("nf4", None):
             t = time.perf_counter()
             loaded, _ = load_base(str(ckpt), quantize=quantize, compute_dtype=torch.bfloat16, device="cpu",
                                   attn_implementation="sdpa")
             load_s = time.perf_counter() - t
-            hash_s, digest = best(lambda: state_dict_sha256(loaded))
+            hash_s, digest = harness.best_of(lambda: state_dict_sha256(loaded), args.repeat)
             assert base_info(loaded)["weights_sha256"] == digest
             held = sum(t.numel() * t.element_size() for t in loaded.state_dict().values())  # bytes hashed
             rows.append({"base": quantize or "bf16", "load_s": load_s, "hash_s": hash_s,
@@ -84,16 +76,16 @@ def main() -> int:
             os.environ["QTULU_CACHE_DIR"] = tempfile.mkdtemp(dir=tmp)  # a cold digest cache every time
             return files_sha256(files)
 
-        files_s, _ = best(old)
+        files_s, _ = harness.best_of(old, args.repeat)
 
-    print(f"model: {n_params / 1e6:.0f}M parameters, bf16 checkpoint {ckpt_bytes / 1e6:.0f} MB, CPU")
-    print(f"{'base':<6} {'load s':>8} {'hash s':>8} {'hash/load':>10} {'hashed MB':>10}")
-    for r in rows:
-        print(f"{r['base']:<6} {r['load_s']:>8.2f} {r['hash_s']:>8.3f} {r['hash_over_load']:>10.1%} {r['hashed_mb']:>10.0f}")
-    print(f"former binding (SHA-256 of the checkpoint files, page cache warm): {files_s:.3f} s")
-    print(json.dumps({"bench": "base_hash", "params": n_params, "checkpoint_bytes": ckpt_bytes, "rows": rows,
-                      "files_sha256_s": files_s, "device": "cpu", "threads": torch.get_num_threads()}))
-    return 0
+    text = harness.table(["base", "load s", "hash s", "hash/load", "hashed MB"],
+                         [[r["base"], r["load_s"], r["hash_s"], r["hash_over_load"], r["hashed_mb"]] for r in rows],
+                         ["", ".2f", ".3f", ".1%", ".0f"])
+    text = (f"model: {n_params / 1e6:.0f}M parameters, bf16 checkpoint {ckpt_bytes / 1e6:.0f} MB, CPU\n{text}\n"
+            f"former binding (SHA-256 of the checkpoint files, page cache warm): {files_s:.3f} s")
+    return harness.finish({"bench": "base_hash", "params": n_params, "checkpoint_bytes": ckpt_bytes, "rows": rows,
+                           "files_sha256_s": files_s, "device": "cpu", "threads": torch.get_num_threads()},
+                          text, args.record, title="Binding adapters to their base")
 
 
 if __name__ == "__main__":

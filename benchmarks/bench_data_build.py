@@ -11,14 +11,14 @@ CPU only: the build does not use a GPU.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from qtulu.bench import harness
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def _plot(path: str, built, budget: int, baseline: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = harness.parser(__doc__)
     ap.add_argument("--recipe", default=str(REPO / "tests" / "fixtures" / "shared_sources.yaml"))
     ap.add_argument("--tokenizer", default=None, help="default: the recipe's data.tokenizer")
     ap.add_argument("--max-seq-len", type=int, default=None)
@@ -109,18 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         _plot(args.plot, warm, m["packing"]["max_seq_len"], baseline)
         rows.append(("chart", args.plot))
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
-    print(json.dumps({
+    return harness.finish({
         "bench": "data_build", "recipe": recipe.name, "examples": n, "tokens": m["tokens"],
         "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
         "examples_per_s": round(n / wall, 1), "examples_per_cpu_s": round(n / cpu, 1),
         "stages_s": {k: round(v, 3) for k, v in stages.items()},
         "utilization": round(m["packing"]["utilization"], 4), "pad_to_longest_utilization": round(baseline, 4),
         "cpus": os.cpu_count(), "load_avg": round(load, 2),
-    }))
-    return 0
+    }, harness.table(["measure", "value"], [(k, str(v)) for k, v in rows], left=2), args.record,
+        title="Data build (tokenize + mask + pack)")
 
 
 if __name__ == "__main__":

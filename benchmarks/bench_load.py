@@ -11,12 +11,13 @@ mmapped checkpoint pages are not counted) above the post-import baseline (and pe
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
+
+from qtulu.bench import harness
 
 _CHILD = r"""
 import json, resource, sys, time
@@ -59,14 +60,14 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = harness.parser(__doc__)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--smoke", action="store_true", help="tiny model (CI smoke mode)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.smoke:
         args.hidden, args.layers, args.vocab = 128, 2, 1000
 
@@ -95,13 +96,15 @@ def main() -> int:
                 print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
                 return 1
             rows.append(json.loads(line[7:]))
-    print(f"model: {n_params / 1e6:.1f}M params, bf16 checkpoint {bf16_mb:.0f} MB, device {args.device}")
-    print(f"{'method':<22}{'seconds':>10}{'peak anon MB':>15}{'final anon MB':>15}" + ("  peak CUDA MB" if args.device != "cpu" else ""))
-    for r in rows:
-        extra = f"{r['peak_cuda_mb']:>14.0f}" if "peak_cuda_mb" in r else ""
-        print(f"{r['method']:<22}{r['seconds']:>10.2f}{r['peak_anon_rss_above_baseline_mb']:>15.0f}{r['final_anon_rss_above_baseline_mb']:>15.0f}{extra}")
-    print(json.dumps({"bench": "load", "params": n_params, "bf16_mb": bf16_mb, "device": args.device, "results": rows}))
-    return 0
+    cuda = args.device != "cpu"
+    text = harness.table(["method", "seconds", "peak anon MB", "final anon MB"] + (["peak CUDA MB"] if cuda else []),
+                         [[r["method"], r["seconds"], r["peak_anon_rss_above_baseline_mb"],
+                           r["final_anon_rss_above_baseline_mb"], r.get("peak_cuda_mb")] for r in rows],
+                         ["", ".2f", ".0f", ".0f", ".0f"])
+    return harness.finish({"bench": "load", "params": n_params, "bf16_mb": bf16_mb, "device": args.device,
+                           "results": rows},
+                          f"model: {n_params / 1e6:.1f}M params, bf16 checkpoint {bf16_mb:.0f} MB, device {args.device}\n"
+                          + text, args.record, title="Loading an NF4 base")
 
 
 if __name__ == "__main__":

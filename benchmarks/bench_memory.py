@@ -20,10 +20,10 @@ planned (``qtulu plan``, the default ``--device cuda``) and, on a GPU, measured 
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
+
+from qtulu.bench import harness
 
 # name -> (stack, changes to the baseline settings)
 # key -> (label, stack, changes to the baseline settings); cumulative, in this order
@@ -79,7 +79,7 @@ def _cuda_measure(settings, stack, config):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__)
     p.add_argument("--shape", default="small", help="small (CPU default), tiny, or a built-in LLaMA shape")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--loss-chunk-size", type=int, default=None,
@@ -155,17 +155,18 @@ def main(argv=None) -> int:
     ref = rows[0]["measured_peak_bytes"]
     what = ("torch.cuda.max_memory_allocated (planned: without bitsandbytes' paged states)" if cuda
             else "CPU allocator (torch.profiler)")
-    print(f"model: {getattr(config, '_name_or_path', '')}, {args.seq_len} tokens x 2 micro-batches, LoRA r {args.rank}, "
-          f"device {args.device}; measured: {what}")
-    print(f"{'setting':<34}{'measured MB':>13}{'planned MB':>12}{'plan/meas':>11}{'vs defaults':>13}")
-    for r in rows:
-        planned_mb = (r["planned_peak_bytes"] - (r["planned_paged_bytes"] if cuda else 0)) / 1e6
-        print(f"{r['setting']:<34}{r['measured_peak_bytes'] / 1e6:>13.1f}{planned_mb:>12.1f}"
-              f"{r['planned_over_measured']:>11.3f}{r['measured_peak_bytes'] / ref:>13.3f}")
-    print(json.dumps({"bench": "memory", "device": args.device, "model": getattr(config, "_name_or_path", ""),
-                      "seq_len": args.seq_len, "rank": args.rank, "torch": torch.__version__,
-                      "date": time.strftime("%Y-%m-%d"), "results": rows}))
-    return 0
+    text = harness.table(
+        ["setting", "measured MB", "planned MB", "plan/meas", "vs defaults"],
+        [[r["setting"], r["measured_peak_bytes"] / 1e6,
+          (r["planned_peak_bytes"] - (r["planned_paged_bytes"] if cuda else 0)) / 1e6,
+          r["planned_over_measured"], r["measured_peak_bytes"] / ref] for r in rows],
+        ["", ".1f", ".1f", ".3f", ".3f"])
+    head = (f"model: {getattr(config, '_name_or_path', '')}, {args.seq_len} tokens x 2 micro-batches, "
+            f"LoRA r {args.rank}, device {args.device}; measured: {what}")
+    return harness.finish({"bench": "memory", "device": args.device, "model": getattr(config, "_name_or_path", ""),
+                           "seq_len": args.seq_len, "rank": args.rank, "torch": torch.__version__,
+                           "date": time.strftime("%Y-%m-%d"), "results": rows},
+                          head + "\n" + text, args.record, title="Memory switches: measured vs planned")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ The GPU machine may not see ../shared/data: write the real lengths here with
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -34,6 +33,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from qtulu.bench import harness
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -95,39 +96,6 @@ def pack_documents(lengths: list[int], total: int, seed: int = 0) -> list[int]:
         docs.append(n)
         used += n
     return docs
-
-
-# --------------------------------------------------------------------------------- timing
-
-
-def _timer(device):
-    import torch
-
-    if device.type == "cuda":
-        def run(fn, reps, warmup):
-            for _ in range(warmup):
-                fn()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            return statistics.median(times)
-    else:
-        def run(fn, reps, warmup):
-            for _ in range(warmup):
-                fn()
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
-    return run
 
 
 # -------------------------------------------------------------------------------- methods
@@ -251,8 +219,8 @@ def causal_fwd_flops(docs, heads, head_dim):
 # ----------------------------------------------------------------------------------- main
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _parse(argv):
+    p = harness.parser(__doc__)
     p.add_argument("--smoke", action="store_true", help="tiny CPU run (Triton interpreted)")
     p.add_argument("--total-tokens", type=int, default=None, help="default 16384 (smoke: 128)")
     p.add_argument("--heads", type=int, default=None, help="default 32 (smoke: 2)")
@@ -268,14 +236,90 @@ def main(argv=None) -> int:
     p.add_argument("--compile-only", type=int, metavar="SM",
                    help="compile every kernel config for sm_SM (e.g. 90) without a GPU, and exit")
     args = p.parse_args(argv)
+    smoke = args.smoke  # the smoke run's defaults are small enough for the Triton interpreter
+    args.total_tokens = args.total_tokens or (128 if smoke else 16384)
+    args.heads = args.heads or (2 if smoke else 32)
+    args.kv_heads = [int(x) for x in (args.kv_heads or ("2,1" if smoke else "32,8")).split(",")]
+    args.head_dim_given, args.head_dim = args.head_dim, args.head_dim or (32 if smoke else 128)
+    args.cases = (args.cases or ("32,real" if smoke else "512,2048,4096,real")).split(",")
+    args.reps = args.reps or (1 if smoke else 30)
+    args.warmup = 0 if smoke else 5
+    return args
 
+
+def _documents(case: str, total: int, real: list[int] | None) -> list[int]:
+    if case == "real":
+        return pack_documents(real, total)
+    n = int(case)
+    return [n] * (total // n) + ([total % n] if total % n else [])
+
+
+def _measure_case(case, docs, kv_heads, args, dtype, device) -> list[dict]:
+    """One row per method for one document layout and head grouping; errors land in their row."""
+    fwd_flops = causal_fwd_flops(docs, args.heads, args.head_dim)
+    cuda = device.type == "cuda"
+    methods = make_methods(docs, args.heads, kv_heads, args.head_dim, dtype, device, set(args.methods.split(",")))
+    rows, reference = [], None
+    for name, entry in methods.items():
+        row = {"case": case, "docs": len(docs), "heads": args.heads, "kv_heads": kv_heads,
+               "head_dim": args.head_dim, "method": name}
+        rows.append(row)
+        if isinstance(entry, str):
+            row["error"] = entry
+            continue
+        fwd, fwd_bwd, check = entry
+        try:
+            out = check()
+            if reference is None:
+                reference = out
+            row["max_abs_diff_vs_first"] = float((out.float() - reference.float()).abs().max())
+            t_f = 1e3 * harness.median_seconds(fwd, args.reps, args.warmup, cuda=cuda)
+            row.update(fwd_ms=t_f, fwd_tflops=fwd_flops / (t_f * 1e-3) / 1e12)
+            t_fb = 1e3 * harness.median_seconds(fwd_bwd, args.reps, args.warmup, cuda=cuda)
+            row.update(fwd_bwd_ms=t_fb, fwd_bwd_tflops=3.5 * fwd_flops / (t_fb * 1e-3) / 1e12)
+        except Exception as exc:  # one failing peer must not hide the others
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+    return rows
+
+
+def speedups(results: list[dict]) -> list[dict]:
+    """time_peer / time_qtulu per case, head grouping and peer, forward and forward+backward."""
+    ratios = []
+    for r in results:
+        mine = next((x for x in results if x["method"] == "qtulu" and x["case"] == r["case"]
+                     and x["kv_heads"] == r["kv_heads"]), None)
+        if r["method"] == "qtulu" or mine is None:
+            continue
+        ratio = {"case": r["case"], "kv_heads": r["kv_heads"], "peer": r["method"]}
+        for key, ms in (("fwd", "fwd_ms"), ("fwd_bwd", "fwd_bwd_ms")):
+            if ms in r and ms in mine:
+                ratio[key] = r[ms] / mine[ms]
+        if len(ratio) > 3:
+            ratios.append(ratio)
+    return ratios
+
+
+def _format(results: list[dict], ratios: list[dict], head: str) -> str:
+    text = harness.table(
+        ["case", "docs", "H/Hkv", "method", "fwd ms", "fwd TF/s", "f+b ms", "f+b TF/s", "max|diff|", "error"],
+        [[r["case"], r["docs"], f"{r['heads']}/{r['kv_heads']}", r["method"], r.get("fwd_ms"), r.get("fwd_tflops"),
+          r.get("fwd_bwd_ms"), r.get("fwd_bwd_tflops"), r.get("max_abs_diff_vs_first"), r.get("error", "")]
+         for r in results],
+        ["", "d", "", "", ".3f", ".2f", ".3f", ".2f", ".2e", ""], left=(-1,))
+    lines = [head, text, "\nspeed-up of qtulu over each peer (time_peer / time_qtulu)"]
+    for r in ratios:
+        cells = "  ".join(f"{k} x{r[k]:.2f}" for k in ("fwd", "fwd_bwd") if k in r)
+        lines.append(f"  {r['case']:>6} Hkv={r['kv_heads']:<3} vs {r['peer']:<12} {cells}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
     if args.compile_only:  # one implementation, shared with the NF4 kernel's check
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from compile_kernels import main as compile_main
+        from qtulu.bench.compile import main as compile_main
 
         return compile_main(["--arch", str(args.compile_only), "--kernels", "varlen",
-                             "--head-dim", str(args.head_dim or 128), "--dtype", args.dtype])
-
+                             "--head-dim", str(args.head_dim_given or 128), "--dtype", args.dtype])
     if args.dump_lengths:
         lengths = real_lengths(args.data_dir)
         args.dump_lengths.write_text(json.dumps(lengths))
@@ -291,111 +335,30 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-    smoke = args.smoke
-    total = args.total_tokens or (128 if smoke else 16384)
-    heads = args.heads or (2 if smoke else 32)
-    kv_list = [int(x) for x in (args.kv_heads or ("2,1" if smoke else "32,8")).split(",")]
-    head_dim = args.head_dim or (32 if smoke else 128)
-    cases = (args.cases or ("32,real" if smoke else "512,2048,4096,real")).split(",")
-    reps = args.reps or (1 if smoke else 30)
-    warmup = 0 if smoke else 5
-    dtype = getattr(torch, args.dtype)
     device = torch.device("cuda" if on_gpu else "cpu")
-    wanted = set(args.methods.split(","))
-    timer = _timer(device)
     device_name = torch.cuda.get_device_name() if on_gpu else f"CPU (smoke, {os.cpu_count()} cores)"
-
     real = None
-    if "real" in cases:
-        if args.lengths_file:
-            real = [int(n) for n in json.loads(args.lengths_file.read_text())]
-        else:
-            real = real_lengths(args.data_dir)
+    if "real" in args.cases:
+        real = ([int(n) for n in json.loads(args.lengths_file.read_text())] if args.lengths_file
+                else real_lengths(args.data_dir))
         print(f"real lengths: {len(real)} examples, mean {statistics.mean(real):.0f}, "
               f"median {statistics.median(real):.0f}, max {max(real)}")
-
     results = []
-    for case in cases:
-        if case == "real":
-            docs = pack_documents(real, total)
-        else:
-            n = int(case)
-            docs = [n] * (total // n) + ([total % n] if total % n else [])
-        fwd_flops = causal_fwd_flops(docs, heads, head_dim)
-        for kv_heads in kv_list:
-            methods = make_methods(docs, heads, kv_heads, head_dim, dtype, device, wanted)
-            reference = None
-            for name, entry in methods.items():
-                row = {"case": case, "docs": len(docs), "heads": heads, "kv_heads": kv_heads,
-                       "head_dim": head_dim, "method": name}
-                if isinstance(entry, str):
-                    row["error"] = entry
-                    results.append(row)
-                    continue
-                fwd, fwd_bwd, check = entry
-                try:
-                    out = check()
-                    if reference is None:
-                        reference = out
-                    row["max_abs_diff_vs_first"] = float((out.float() - reference.float()).abs().max())
-                    t_f = timer(fwd, reps, warmup)
-                    row.update(fwd_ms=t_f, fwd_tflops=fwd_flops / (t_f * 1e-3) / 1e12)
-                    t_fb = timer(fwd_bwd, reps, warmup)
-                    row.update(fwd_bwd_ms=t_fb, fwd_bwd_tflops=3.5 * fwd_flops / (t_fb * 1e-3) / 1e12)
-                except Exception as exc:  # one failing peer must not hide the others
-                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
-                results.append(row)
-            del methods
+    for case in args.cases:
+        docs = _documents(case, args.total_tokens, real)
+        for kv_heads in args.kv_heads:
+            results += _measure_case(case, docs, kv_heads, args, getattr(torch, args.dtype), device)
             if on_gpu:
                 torch.cuda.empty_cache()
-
-    # ------------------------------------------------------------------------- table
-    print(f"\nvarlen attention, {device_name}, {args.dtype}, {total} tokens, head_dim {head_dim}, "
-          f"causal, medians of {reps}")
-    header = f"{'case':>6} {'docs':>5} {'H/Hkv':>6} {'method':>12} {'fwd ms':>9} {'fwd TF/s':>9} " \
-             f"{'f+b ms':>9} {'f+b TF/s':>9} {'max|diff|':>10}"
-    print(header)
-    print("-" * len(header))
-    def cell(r, key, fmt):
-        return format(r[key], fmt) if key in r else f"{'-':>9}"
-
-    for r in results:
-        hk = f"{r['heads']}/{r['kv_heads']}"
-        line = f"{r['case']:>6} {r['docs']:>5} {hk:>6} {r['method']:>12}"
-        if "fwd_ms" in r:
-            line += (f" {cell(r, 'fwd_ms', '9.3f')} {cell(r, 'fwd_tflops', '9.2f')}"
-                     f" {cell(r, 'fwd_bwd_ms', '9.3f')} {cell(r, 'fwd_bwd_tflops', '9.2f')}"
-                     f" {r['max_abs_diff_vs_first']:10.2e}")
-        if "error" in r:
-            line += f"  {r['error']}"
-        print(line)
-
-    ratios = []
-    print("\nspeed-up of qtulu over each peer (time_peer / time_qtulu)")
-    for r in results:
-        if r["method"] == "qtulu":
-            continue
-        mine = next((x for x in results if x["method"] == "qtulu" and x["case"] == r["case"]
-                     and x["kv_heads"] == r["kv_heads"]), None)
-        if mine is None:
-            continue
-        ratio = {"case": r["case"], "kv_heads": r["kv_heads"], "peer": r["method"]}
-        for key, ms in (("fwd", "fwd_ms"), ("fwd_bwd", "fwd_bwd_ms")):
-            if ms in r and ms in mine:
-                ratio[key] = r[ms] / mine[ms]
-        if len(ratio) == 3:
-            continue
-        ratios.append(ratio)
-        text = "  ".join(f"{k} x{ratio[k]:.2f}" for k in ("fwd", "fwd_bwd") if k in ratio)
-        print(f"  {ratio['case']:>6} Hkv={ratio['kv_heads']:<3} vs {ratio['peer']:<12} {text}")
-
-    print(json.dumps({
-        "bench": "varlen_attention", "device": device_name, "smoke": smoke,
+    ratios = speedups(results)
+    head = (f"\nvarlen attention, {device_name}, {args.dtype}, {args.total_tokens} tokens, head_dim {args.head_dim}, "
+            f"causal, medians of {args.reps}")
+    return harness.finish({
+        "bench": "varlen_attention", "device": device_name, "smoke": args.smoke,
         "date": time.strftime("%Y-%m-%d", time.gmtime()), "dtype": args.dtype,
-        "total_tokens": total, "head_dim": head_dim, "causal": True,
+        "total_tokens": args.total_tokens, "head_dim": args.head_dim, "causal": True,
         "torch": torch.__version__, "results": results, "ratios": ratios,
-    }))
-    return 0
+    }, _format(results, ratios, head), args.record, title="Varlen attention")
 
 
 if __name__ == "__main__":

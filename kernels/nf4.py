@@ -240,6 +240,83 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        # the (row tile, column tile) of this program in grouped order: GROUP_M row tiles in a row
+        # share W tiles in L2
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        group = GROUP_M * num_n
+        first_m = (pid // group) * GROUP_M
+        gm = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + ((pid % group) % gm), (pid % group) // gm
+
+    @triton.jit
+    def _load_code(code_ptr):
+        # the 16 code values as scalars, loaded once per program and kept in registers
+        return (tl.load(code_ptr + 0), tl.load(code_ptr + 1), tl.load(code_ptr + 2), tl.load(code_ptr + 3),
+                tl.load(code_ptr + 4), tl.load(code_ptr + 5), tl.load(code_ptr + 6), tl.load(code_ptr + 7),
+                tl.load(code_ptr + 8), tl.load(code_ptr + 9), tl.load(code_ptr + 10), tl.load(code_ptr + 11),
+                tl.load(code_ptr + 12), tl.load(code_ptr + 13), tl.load(code_ptr + 14), tl.load(code_ptr + 15))
+
+    @triton.jit
+    def _select_code(nib, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15):
+        # code[nib] by a binary select tree on the nibble's bits (what bnb's CUDA dequantizer does):
+        # ALU work instead of a dependent gather, which the software pipeliner stages through
+        # shared memory (sm_90: 130 vs 66 KiB at 128x128x64). Which is faster is a measurement:
+        # the autotune lists carry configs of both kinds.
+        b0 = (nib & 1) != 0
+        b1 = (nib & 2) != 0
+        b2 = (nib & 4) != 0
+        v03 = tl.where(b1, tl.where(b0, c3, c2), tl.where(b0, c1, c0))
+        v47 = tl.where(b1, tl.where(b0, c7, c6), tl.where(b0, c5, c4))
+        v8b = tl.where(b1, tl.where(b0, c11, c10), tl.where(b0, c9, c8))
+        vcf = tl.where(b1, tl.where(b0, c15, c14), tl.where(b0, c13, c12))
+        return tl.where((nib & 8) != 0, tl.where(b2, vcf, v8b), tl.where(b2, v47, v03))
+
+    @triton.jit
+    def _tile_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, flat, wmask, offs_k, offs_n, mask_k, mask_n,
+                    k_first, n_first, W_COLS, SCALE_MODE: tl.constexpr, NESTED: tl.constexpr,
+                    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr):
+        # the absmax of each element of the (BK, BN) W tile, broadcastable to it: with aligned quant
+        # blocks a tile needs one scale per column (SCALE_MODE 1, forward) or per row (2, dX)
+        # instead of one gather per element (0)
+        if SCALE_MODE == 1:
+            blk = (offs_n * W_COLS + k_first) // BLOCKSIZE  # (BN,)
+            smask = mask_n
+        elif SCALE_MODE == 2:
+            blk = (offs_k.to(offs_n.dtype) * W_COLS + n_first) // BLOCKSIZE  # (BK,)
+            smask = mask_k
+        else:
+            blk = flat // BLOCKSIZE  # (BK, BN)
+            smask = wmask
+        if NESTED:
+            qa = tl.load(absmax_ptr + blk, mask=smask, other=0).to(tl.int32)
+            a2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=smask, other=0.0)
+            scale = tl.load(code2_ptr + qa, mask=smask, other=0.0) * a2 + offset
+        else:
+            scale = tl.load(absmax_ptr + blk, mask=smask, other=0.0)
+        if SCALE_MODE == 1:
+            scale = scale[None, :]
+        elif SCALE_MODE == 2:
+            scale = scale[:, None]
+        return scale
+
+    @triton.jit
+    def _dot(acc, a, w, IEEE: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+        # acc + a @ w, with w (fp32) rounded once to the activation dtype, as bnb does
+        if INTERPRET_BF16:
+            # The interpreter's bf16 dot is wrong (numpy has no bf16): round W to bf16 values
+            # (RNE, as the GPU cast does) and multiply in fp32, which is exact for bf16
+            # products with fp32 accumulation, i.e. what the tensor cores compute.
+            acc += tl.dot(a.to(tl.float32), _round_bf16(w), input_precision="ieee")
+        elif IEEE:
+            acc += tl.dot(a, w, input_precision="ieee")  # fp32 activations: no TF32, like torch
+        else:
+            acc += tl.dot(a, w.to(a.dtype))
+        return acc
+
+    @triton.jit
     def _nf4_gemm_kernel(
         a_ptr, packed_ptr, absmax_ptr, code_ptr, offset_ptr, absmax2_ptr, code2_ptr, bias_ptr, c_ptr,
         M, N, K, W_COLS, stride_am, stride_cm, M_BUCKET,
@@ -252,22 +329,13 @@ if triton is not None:
         # C (M, N) = A (M, K) @ B (K, N), B[k, n] = W[n, k] (TRANSPOSE_W, forward) or W[k, n] (dX).
         # W (rows, W_COLS) is never materialized: each (BLOCK_K, BLOCK_N) tile is dequantized in
         # registers right before the dot. ALIGNED: W_COLS % BLOCKSIZE == 0 (quant blocks never
-        # straddle rows); then SCALE_MODE 1/2 below load one absmax per column/row of the tile.
-        # (plain constexpr arithmetic: the compiler folds it, so the branches below are static)
+        # straddle rows); then SCALE_MODE 1/2 (see _tile_scale) load one absmax per column/row of
+        # the tile. (plain constexpr arithmetic: the compiler folds it, so the branches are static)
         SCALE_MODE: tl.constexpr = ALIGNED * (
             TRANSPOSE_W * (BLOCKSIZE % BLOCK_K == 0) + (1 - TRANSPOSE_W) * (BLOCKSIZE % BLOCK_N == 0) * 2
         )
-        pid = tl.program_id(0)
+        pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         pid_k = tl.program_id(1)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        # grouped ordering: GROUP_M row-tiles share W tiles in L2
-        group = GROUP_M * num_n
-        first_m = (pid // group) * GROUP_M
-        gm = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + ((pid % group) % gm)
-        pid_n = (pid % group) // gm
-
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         if INDEX64:  # 32-bit index math is cheaper; widen only for tensors past 2**31 elements
@@ -278,23 +346,10 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if NESTED:
             offset = tl.load(offset_ptr)
-        if LUT_SELECT:  # the 16 code values as scalars in registers (see the select tree below)
-            c0 = tl.load(code_ptr + 0)
-            c1 = tl.load(code_ptr + 1)
-            c2 = tl.load(code_ptr + 2)
-            c3 = tl.load(code_ptr + 3)
-            c4 = tl.load(code_ptr + 4)
-            c5 = tl.load(code_ptr + 5)
-            c6 = tl.load(code_ptr + 6)
-            c7 = tl.load(code_ptr + 7)
-            c8 = tl.load(code_ptr + 8)
-            c9 = tl.load(code_ptr + 9)
-            c10 = tl.load(code_ptr + 10)
-            c11 = tl.load(code_ptr + 11)
-            c12 = tl.load(code_ptr + 12)
-            c13 = tl.load(code_ptr + 13)
-            c14 = tl.load(code_ptr + 14)
-            c15 = tl.load(code_ptr + 15)
+        else:
+            offset = 0.0  # unused: plain absmax
+        if LUT_SELECT:  # the 16 code values in registers (see _select_code)
+            c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15 = _load_code(code_ptr)
         k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
         k_start = pid_k * k_per_split
         for k0 in range(0, k_per_split, BLOCK_K):
@@ -307,58 +362,19 @@ if triton is not None:
             else:
                 flat = offs_k[:, None].to(offs_n.dtype) * W_COLS + offs_n[None, :]  # (BK, BN)
             wmask = mask_k[:, None] & mask_n[None, :]
-            # dequantize the W tile in registers (inlined: a nested jit call costs a lot under the
-            # interpreter). bnb keeps the even flat index in the high nibble.
+            # dequantize the W tile in registers. bnb keeps the even flat index in the high nibble.
             byte = tl.load(packed_ptr + (flat >> 1), mask=wmask, other=0).to(tl.int32)
             nib = tl.where((flat & 1) == 0, byte >> 4, byte & 15)
             if LUT_SELECT:
-                # a binary select tree on the nibble's bits (what bnb's CUDA dequantizer does):
-                # ALU work instead of a dependent gather, which the software pipeliner stages
-                # through shared memory (sm_90: 130 vs 66 KiB at 128x128x64). Which is faster
-                # is a measurement: the autotune lists carry configs of both kinds.
-                b0 = (nib & 1) != 0
-                b1 = (nib & 2) != 0
-                b2 = (nib & 4) != 0
-                v03 = tl.where(b1, tl.where(b0, c3, c2), tl.where(b0, c1, c0))
-                v47 = tl.where(b1, tl.where(b0, c7, c6), tl.where(b0, c5, c4))
-                v8b = tl.where(b1, tl.where(b0, c11, c10), tl.where(b0, c9, c8))
-                vcf = tl.where(b1, tl.where(b0, c15, c14), tl.where(b0, c13, c12))
-                val = tl.where((nib & 8) != 0, tl.where(b2, vcf, v8b), tl.where(b2, v47, v03))
+                val = _select_code(nib, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
             else:
                 val = tl.load(code_ptr + nib, mask=wmask, other=0.0)  # 16-entry table, in L1
             # (the select tree gives code[0] rather than 0 where the tile is masked: harmless, as
             # A is zero past K and columns past N are never stored)
-            # the absmax: with aligned quant blocks a tile needs one scale per column (forward)
-            # or per row (dX) instead of one gather per element
-            if SCALE_MODE == 1:
-                blk = (offs_n * W_COLS + (k_start + k0)) // BLOCKSIZE  # (BN,)
-                smask = mask_n
-            elif SCALE_MODE == 2:
-                blk = (offs_k.to(offs_n.dtype) * W_COLS + pid_n * BLOCK_N) // BLOCKSIZE  # (BK,)
-                smask = mask_k
-            else:
-                blk = flat // BLOCKSIZE  # (BK, BN)
-                smask = wmask
-            if NESTED:
-                qa = tl.load(absmax_ptr + blk, mask=smask, other=0).to(tl.int32)
-                a2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=smask, other=0.0)
-                scale = tl.load(code2_ptr + qa, mask=smask, other=0.0) * a2 + offset
-            else:
-                scale = tl.load(absmax_ptr + blk, mask=smask, other=0.0)
-            if SCALE_MODE == 1:
-                scale = scale[None, :]
-            elif SCALE_MODE == 2:
-                scale = scale[:, None]
-            w = val * scale  # (BK, BN) fp32, rounded once to the activation dtype below, as bnb does
-            if INTERPRET_BF16:
-                # The interpreter's bf16 dot is wrong (numpy has no bf16): round W to bf16 values
-                # (RNE, as the GPU cast does) and multiply in fp32, which is exact for bf16
-                # products with fp32 accumulation, i.e. what the tensor cores compute.
-                acc += tl.dot(a.to(tl.float32), _round_bf16(w), input_precision="ieee")
-            elif IEEE:
-                acc += tl.dot(a, w, input_precision="ieee")  # fp32 activations: no TF32, like torch
-            else:
-                acc += tl.dot(a, w.to(a.dtype))
+            scale = _tile_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, flat, wmask, offs_k, offs_n, mask_k,
+                                mask_n, k_start + k0, pid_n * BLOCK_N, W_COLS, SCALE_MODE, NESTED, BLOCKSIZE,
+                                BLOCKSIZE2)
+            acc = _dot(acc, a, val * scale, IEEE, INTERPRET_BF16)  # (BK, BN) fp32 tile of W
         if HAS_BIAS:
             b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             acc += tl.where(pid_k == 0, b, 0.0)[None, :]  # split-K: only one split adds the bias

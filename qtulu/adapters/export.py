@@ -34,7 +34,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -186,11 +186,11 @@ def _iter_dir_base(directory: Path, config, quant: dict | None, compute_dtype: t
     ``weights_sha256`` comes out of this one read). ``dry``: yield meta tensors of the same names,
     shapes and dtypes without reading any data (the shard plan)."""
     from accelerate import init_empty_weights
-    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     from qtulu.model.base_hash import _value_digest
     from qtulu.model.load import _safetensor_files
+    from qtulu.model.reader import CheckpointReader
 
     with init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(config)
@@ -200,23 +200,8 @@ def _iter_dir_base(directory: Path, config, quant: dict | None, compute_dtype: t
     buffers = {n for n, _ in skeleton.named_buffers()}
     prefix = getattr(skeleton, "base_model_prefix", "") or "model"
     del skeleton
-    key_to_file: dict[Path, Path] = {}
-    for f in _safetensor_files(directory):
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                key_to_file[k] = f
-    handles: dict[Path, Any] = {}
-
-    def key_of(name: str) -> str | None:
-        key = name if name in key_to_file else name[len(prefix) + 1:] if name.startswith(prefix + ".") else None
-        return key if key in key_to_file else None
-
-    def read(name: str) -> torch.Tensor:
-        key = key_of(name)
-        f = key_to_file[key]
-        if f not in handles:
-            handles[f] = safe_open(str(f), framework="pt", device="cpu")
-        return handles[f].get_tensor(key)
+    reader = CheckpointReader(_safetensor_files(directory), prefix, ExportError)
+    key_of, read = reader.key, reader.read
 
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for name in names:
@@ -245,7 +230,7 @@ def _iter_dir_base(directory: Path, config, quant: dict | None, compute_dtype: t
         elif digests is not None:
             digests[name] = _value_digest(t)
         yield name, (t.float() if t.is_floating_point() else t), False
-    handles.clear()
+    reader.close()
 
 
 def _iter_model_base(model, dry: bool = False) -> Iterator:

@@ -198,24 +198,7 @@ def run_e2e(
     """Run every (shape, configuration) and return the summary (also written to out_dir).
 
     Each configuration runs in a fresh child of ``server`` (a new `ForkServer` when None)."""
-    import torch
-
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-    for name in configs:
-        if name not in CONFIGS:
-            raise ValueError(f"unknown configuration {name!r}; known: {', '.join(CONFIGS)}")
-    shape_specs = [get_shape(s) for s in shapes]
-    if seq_len <= 0 or steps <= 0 or warmup < 0:
-        raise ValueError("need seq_len > 0, steps > 0, warmup >= 0")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available to torch {torch.__version__}")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    shape_specs, device, dtype = _check(shapes, configs, seq_len, steps, warmup, device, dtype, optimizer)
     lora = {"r": 64, "alpha": 16, "dropout": 0.1, **(lora or {})}
 
     lengths, source = load_lengths(
@@ -233,34 +216,11 @@ def run_e2e(
     work = out / "configs"
     work.mkdir(exist_ok=True)
 
-    results: list[dict[str, Any]] = []
+    common = {"seq_len": seq_len, "device": device, "dtype": dtype, "rows": rows, "warmup": warmup, "lora": lora,
+              "seed": seed, "peak_tflops": peak_tflops, "progress": progress, "threads": threads,
+              "build_only": build_only, "optimizer": optimizer}
     with contextlib.nullcontext(server) if server is not None else ForkServer(cpu=device == "cpu") as server:
-        for shape, name in [(shape, name) for shape in shape_specs for name in configs]:
-            spec = {
-                "name": name,
-                **CONFIGS[name],
-                "shape": shape.to_dict(),
-                "seq_len": seq_len,
-                "device": device,
-                "dtype": dtype,
-                "rows": rows,
-                "warmup": warmup,
-                "lora": lora,
-                "seed": seed,
-                "peak_tflops": peak_tflops,
-                "progress": progress,
-                "threads": threads,
-                "build_only": build_only,
-                "optimizer": optimizer,
-            }
-            log(f"[bench e2e] {shape.name} / {name} ...", flush=True)
-            res = server.run(spec, work, timeout=timeout)
-            res["shape"] = shape.name
-            if res["status"] != "ok":
-                log(f"[bench e2e] {shape.name} / {name}: {res['status']}: {res.get('error')}", flush=True)
-                if res.get("traceback"):
-                    log(res["traceback"], flush=True)
-            results.append(res)
+        results = _run_configs(server, shape_specs, configs, common, work, timeout, log)
     ratios(results)
     # the parent never initializes CUDA (a context here would cost the children ~0.5 GB): the
     # device name and peak come back from the children
@@ -301,23 +261,68 @@ def run_e2e(
             title += "\nCPU run: code path only, no speed claim"
         chart_path = write_chart(results, out / "bench_e2e.png", title)
         summary["chart"] = str(chart_path)
-    failed = [f"{r['shape']}/{r['name']}" for r in results if r["status"] not in ("ok", "oom")]
-    if record and failed:
-        log(f"[bench e2e] not recorded: {', '.join(failed)} did not run; see the errors above", flush=True)
-    elif record:
-        docs = Path(docs_path) if docs_path else REPO / "docs" / "benchmarks.md"
-        recorded_chart = None
-        if chart_path is not None:
-            stamp = now.strftime("%Y%m%d-%H%M")
-            dev = "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()
-            recorded_chart = docs.parent / "img" / f"bench_e2e_{stamp}_{dev}.png"
-            recorded_chart.parent.mkdir(parents=True, exist_ok=True)
-            recorded_chart.write_bytes(chart_path.read_bytes())
-        append_record(docs, summary, results, recorded_chart)
-        summary["recorded"] = str(docs)
+    if record:
+        _record(summary, results, chart_path, docs_path, now, log)
     atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
     summary["out_dir"] = str(out)
     return summary
+
+
+def _check(shapes, configs, seq_len, steps, warmup, device, dtype, optimizer):
+    """The shapes, with ``auto`` device and dtype resolved; a ValueError naming a bad argument."""
+    import torch
+
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    for name in configs:
+        if name not in CONFIGS:
+            raise ValueError(f"unknown configuration {name!r}; known: {', '.join(CONFIGS)}")
+    shape_specs = [get_shape(s) for s in shapes]
+    if seq_len <= 0 or steps <= 0 or warmup < 0:
+        raise ValueError("need seq_len > 0, steps > 0, warmup >= 0")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available to torch {torch.__version__}")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return shape_specs, device, dtype
+
+
+def _run_configs(server, shape_specs, configs, common, work, timeout, log) -> list[dict[str, Any]]:
+    """Every (shape, configuration), each in its own child of ``server``; failures are logged."""
+    results: list[dict[str, Any]] = []
+    for shape, name in [(shape, name) for shape in shape_specs for name in configs]:
+        spec = {"name": name, **CONFIGS[name], "shape": shape.to_dict(), **common}
+        log(f"[bench e2e] {shape.name} / {name} ...", flush=True)
+        res = server.run(spec, work, timeout=timeout)
+        res["shape"] = shape.name
+        if res["status"] != "ok":
+            log(f"[bench e2e] {shape.name} / {name}: {res['status']}: {res.get('error')}", flush=True)
+            if res.get("traceback"):
+                log(res["traceback"], flush=True)
+        results.append(res)
+    return results
+
+
+def _record(summary, results, chart_path, docs_path, now, log) -> None:
+    """Append the run to docs/benchmarks.md (its chart copied beside it), unless a configuration failed."""
+    failed = [f"{r['shape']}/{r['name']}" for r in results if r["status"] not in ("ok", "oom")]
+    if failed:
+        log(f"[bench e2e] not recorded: {', '.join(failed)} did not run; see the errors above", flush=True)
+        return
+    docs = Path(docs_path) if docs_path else REPO / "docs" / "benchmarks.md"
+    recorded_chart = None
+    if chart_path is not None:
+        stamp = now.strftime("%Y%m%d-%H%M")
+        dev = "".join(c if c.isalnum() else "-" for c in summary["device"]).strip("-").lower()
+        recorded_chart = docs.parent / "img" / f"bench_e2e_{stamp}_{dev}.png"
+        recorded_chart.parent.mkdir(parents=True, exist_ok=True)
+        recorded_chart.write_bytes(chart_path.read_bytes())
+    append_record(docs, summary, results, recorded_chart)
+    summary["recorded"] = str(docs)
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:

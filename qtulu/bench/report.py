@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qtulu.bench.harness import DOCS_HEADER, table
 from qtulu.files import atomic_write, atomic_write_text
 
 
@@ -56,12 +57,8 @@ def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    """A fixed-width text table of the results."""
-    rows = [list(COLUMNS)] + table_rows(results)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    """A fixed-width text table of the results (the harness's, as every benchmark prints)."""
+    return table(COLUMNS, table_rows(results), left=2)
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
@@ -101,9 +98,6 @@ def write_chart(results: list[dict[str, Any]], path: str | Path, title: str) -> 
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
     return Path(path)
-
-
-DOCS_HEADER = "# Benchmarks\n\nMeasured figures only; each section names its device, date and command.\n"
 
 
 def append_record(docs_path: str | Path, summary: dict[str, Any], results: list[dict[str, Any]], chart: Path | None) -> Path:

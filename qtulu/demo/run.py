@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qtulu.demo.synthetic import DEMO_SKILLS
 from qtulu.files import atomic_write, atomic_write_text
 
 # num_key_value_heads 4 (no GQA) and initializer_range 0.06 (HF's 0.02 is for wide models): the
@@ -187,15 +188,11 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", *, seed: int = 0, progress
 
 
 def _run(out: Path, *, seed: int, progress: bool, cfg: dict[str, Any]) -> dict:
+    """The demo's stages in order: imports, setup, warm-up, the NF4 base, adapters, eval, report."""
     import torch
 
-    from qtulu.adapters.store import attach_adapters, set_active
     from qtulu.model.load import base_info, load_base
-    from qtulu.recipes import REPO_RECIPES_DIR, load_recipe
-    from qtulu.demo.synthetic import DEMO_SKILLS, TASKS, make_examples, write_jsonl
-    from qtulu.model.threads import threads_for
-    from qtulu.model.tiny import build_char_tokenizer, build_tiny_llama, save_base
-    from qtulu.train.run import train
+    from qtulu.model.tiny import save_base
 
     t0, c0 = time.perf_counter(), time.process_time()
     phase = _Phases()
@@ -213,30 +210,9 @@ def _run(out: Path, *, seed: int, progress: bool, cfg: dict[str, Any]) -> dict:
     random.seed(seed)
 
     with phase("setup"):
-        tok = build_char_tokenizer()
-        model_cfg = {**DEMO_MODEL, **cfg["model"]}
-        model = build_tiny_llama(seed, torch.float32, vocab_size=len(tok), **model_cfg)
-        model.set_attn_implementation("sdpa")
-        n_params = sum(p.numel() for p in model.parameters())
-        threads = cfg["threads"] or threads_for(n_params)  # the demo sizes them even under OMP_NUM_THREADS
-        torch.set_num_threads(threads)
-        _say(f"tiny LLaMA: {n_params / 1e3:.0f}k parameters, {model_cfg['num_hidden_layers']} layers, "
-             f"hidden {model_cfg['hidden_size']}; character tokenizer ({len(tok)} tokens); all built in-process; "
-             f"{threads} torch thread{'s' if threads > 1 else ''}")
-
-        # ---- synthetic data
-        data_dir = out / "data"
-        splits: dict[str, dict[str, list[dict]]] = {}
-        for task in ("copy", *DEMO_SKILLS):
-            splits[task] = {
-                "train": make_examples(task, cfg["train_examples"], split="train", seed=seed),
-                "test": make_examples(task, cfg["test_examples"], split="test", seed=seed),
-            }
-            for split, rows in splits[task].items():
-                write_jsonl(rows, data_dir / f"{task}_{split}.jsonl")
-        _say("synthetic datasets: " + ", ".join(
-            f"{t} ({TASKS[t]['kind']}: {splits[t]['train'][0]['prompt']!r} -> {splits[t]['train'][0]['answer']!r})"
-            for t in DEMO_SKILLS) + f"; {cfg['train_examples']} train / {cfg['test_examples']} held-out each")
+        tok, model, model_cfg, threads = _setup_model(seed, cfg)
+        splits, data_dir = _write_data(out / "data", seed, cfg)
+    n_params = sum(p.numel() for p in model.parameters())
 
     # ---- warm-up pretraining of the base (copy task only)
     _say(f"warm-up pretraining of the base on the synthetic 'copy' task ({cfg['warmup_steps']} steps, all weights): "
@@ -256,40 +232,9 @@ def _run(out: Path, *, seed: int, progress: bool, cfg: dict[str, Any]) -> dict:
     _say(f"base saved to {base_dir} (safetensors + tokenizer) and loaded in NF4 (blocksize "
          f"{info['quantization']['blocksize']}, double quant); weights sha256 {info['weights_sha256'][:12]}...")
 
-    # ---- one adapter per skill through the `qtulu train` path
-    recipe_path = REPO_RECIPES_DIR / "demo.yaml"
-    adapters: dict[str, Path] = {}
-    curves: dict[str, list[dict]] = {}
-    for skill in DEMO_SKILLS:
-        overrides = [f"name={skill}", f"model.base={base_dir}", f"sources.skill.path={data_dir / f'{skill}_train.jsonl'}"]
-        steps = cfg.get("adapter_steps") or SKILL_STEPS.get(skill)
-        if steps:
-            overrides.append(f"train.max_steps={steps}")
-        overrides += list(cfg["recipe_overrides"])
-        recipe = load_recipe(recipe_path, overrides)
-        _say(f"training QLoRA adapter '{skill}' (r={recipe.lora.r}, {recipe.train.max_steps} steps) with qtulu.train.run.train")
-        with phase(f"adapter:{skill}"):
-            result = train(recipe, output_dir=out / "runs" / skill, model=base, tokenizer=tok, resume="never",
-                           progress=progress)
-        losses = [s["loss"] for s in result.steps if s["loss"] is not None]
-        _say(f"adapter '{skill}' done in {phase.times[f'adapter:{skill}']['wall']:.0f}s, loss {losses[0]:.2f} -> "
-             f"{losses[-1]:.3f}; saved to {result.adapter_dir}")
-        adapters[skill] = result.adapter_dir
-        curves[skill] = result.steps
-        base = result.model.unload()  # the LoRA layers come off; the NF4 base is untouched
-
-    # ---- evaluate: both adapters on ONE loaded base, swapped with set_active (named by their runs)
+    base, adapters, curves = _train_adapters(base, tok, base_dir, data_dir, out, cfg, phase, progress)
     with phase("eval"):
-        model = attach_adapters(base, [str(adapters[s]) for s in DEMO_SKILLS], base_info=info)
-        model.eval()
-        tasks = list(DEMO_SKILLS)
-        results: dict[str, dict[str, float]] = {t: {} for t in tasks}
-        for name in ["base", *DEMO_SKILLS]:
-            set_active(model, name)
-            for t in tasks:
-                results[t][name] = exact_match(model, tok, splits[t]["test"])
-        set_active(model, "base")
-        copy_acc = exact_match(model, tok, splits["copy"]["test"])
+        results, copy_acc = _evaluate(base, tok, info, adapters, splits)
 
     _print_table(results, copy_acc)
     with phase("report"):
@@ -316,6 +261,89 @@ def _run(out: Path, *, seed: int, progress: bool, cfg: dict[str, Any]) -> dict:
     _say("the paper's experiment on these skills (adapters, their merge, the table), one resumable command: "
          "qtulu study demo --out study_out")
     return report
+
+
+def _setup_model(seed: int, cfg: dict[str, Any]):
+    """The character tokenizer and the tiny LLaMA (fp32, SDPA), and the torch threads sized for it."""
+    import torch
+
+    from qtulu.model.threads import threads_for
+    from qtulu.model.tiny import build_char_tokenizer, build_tiny_llama
+
+    tok = build_char_tokenizer()
+    model_cfg = {**DEMO_MODEL, **cfg["model"]}
+    model = build_tiny_llama(seed, torch.float32, vocab_size=len(tok), **model_cfg)
+    model.set_attn_implementation("sdpa")
+    n_params = sum(p.numel() for p in model.parameters())
+    threads = cfg["threads"] or threads_for(n_params)  # the demo sizes them even under OMP_NUM_THREADS
+    torch.set_num_threads(threads)
+    _say(f"tiny LLaMA: {n_params / 1e3:.0f}k parameters, {model_cfg['num_hidden_layers']} layers, "
+         f"hidden {model_cfg['hidden_size']}; character tokenizer ({len(tok)} tokens); all built in-process; "
+         f"{threads} torch thread{'s' if threads > 1 else ''}")
+    return tok, model, model_cfg, threads
+
+
+def _write_data(data_dir: Path, seed: int, cfg: dict[str, Any]):
+    """The synthetic train / held-out splits of the copy task and the demo skills, also as JSONL files."""
+    from qtulu.demo.synthetic import TASKS, make_examples, write_jsonl
+
+    splits: dict[str, dict[str, list[dict]]] = {}
+    for task in ("copy", *DEMO_SKILLS):
+        splits[task] = {
+            "train": make_examples(task, cfg["train_examples"], split="train", seed=seed),
+            "test": make_examples(task, cfg["test_examples"], split="test", seed=seed),
+        }
+        for split, rows in splits[task].items():
+            write_jsonl(rows, data_dir / f"{task}_{split}.jsonl")
+    _say("synthetic datasets: " + ", ".join(
+        f"{t} ({TASKS[t]['kind']}: {splits[t]['train'][0]['prompt']!r} -> {splits[t]['train'][0]['answer']!r})"
+        for t in DEMO_SKILLS) + f"; {cfg['train_examples']} train / {cfg['test_examples']} held-out each")
+    return splits, data_dir
+
+
+def _train_adapters(base, tok, base_dir: Path, data_dir: Path, out: Path, cfg: dict[str, Any], phase, progress: bool):
+    """One QLoRA adapter per skill through the `qtulu train` path; the base comes back unwrapped."""
+    from qtulu.recipes import REPO_RECIPES_DIR, load_recipe
+    from qtulu.train.run import train
+
+    recipe_path = REPO_RECIPES_DIR / "demo.yaml"
+    adapters: dict[str, Path] = {}
+    curves: dict[str, list[dict]] = {}
+    for skill in DEMO_SKILLS:
+        overrides = [f"name={skill}", f"model.base={base_dir}", f"sources.skill.path={data_dir / f'{skill}_train.jsonl'}"]
+        steps = cfg.get("adapter_steps") or SKILL_STEPS.get(skill)
+        if steps:
+            overrides.append(f"train.max_steps={steps}")
+        overrides += list(cfg["recipe_overrides"])
+        recipe = load_recipe(recipe_path, overrides)
+        _say(f"training QLoRA adapter '{skill}' (r={recipe.lora.r}, {recipe.train.max_steps} steps) with qtulu.train.run.train")
+        with phase(f"adapter:{skill}"):
+            result = train(recipe, output_dir=out / "runs" / skill, model=base, tokenizer=tok, resume="never",
+                           progress=progress)
+        losses = [s["loss"] for s in result.steps if s["loss"] is not None]
+        _say(f"adapter '{skill}' done in {phase.times[f'adapter:{skill}']['wall']:.0f}s, loss {losses[0]:.2f} -> "
+             f"{losses[-1]:.3f}; saved to {result.adapter_dir}")
+        adapters[skill] = result.adapter_dir
+        curves[skill] = result.steps
+        base = result.model.unload()  # the LoRA layers come off; the NF4 base is untouched
+    return base, adapters, curves
+
+
+def _evaluate(base, tok, info: dict, adapters: dict[str, Path], splits) -> tuple[dict[str, dict[str, float]], float]:
+    """Both adapters on ONE loaded base, swapped with set_active (named by their runs): exact match
+    per task and adapter, and the base's own on the copy task."""
+    from qtulu.adapters.store import attach_adapters, set_active
+
+    model = attach_adapters(base, [str(adapters[s]) for s in DEMO_SKILLS], base_info=info)
+    model.eval()
+    tasks = list(DEMO_SKILLS)
+    results: dict[str, dict[str, float]] = {t: {} for t in tasks}
+    for name in ["base", *DEMO_SKILLS]:
+        set_active(model, name)
+        for t in tasks:
+            results[t][name] = exact_match(model, tok, splits[t]["test"])
+    set_active(model, "base")
+    return results, exact_match(model, tok, splits["copy"]["test"])
 
 
 def _rel(path: Path) -> str:

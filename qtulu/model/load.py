@@ -29,7 +29,6 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -44,6 +43,7 @@ from qtulu.model.base_hash import (  # noqa: F401 - re-exported: the base identi
 )
 from qtulu.errors import QtuluError
 from qtulu.model.quant import Linear4bit, is_quantized
+from qtulu.model.reader import CheckpointReader
 
 log = logging.getLogger(__name__)
 
@@ -349,38 +349,14 @@ def _stream_load(directory: Path, config, weight_files: list[Path], *, quant, dt
     """Build on meta, then read each tensor once, quantizing Linear weights as they arrive."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
 
-    key_to_file: dict[str, Path] = {}
-    for f in weight_files:
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                for k in fh.keys():
-                    key_to_file[k] = f
-        except Exception as e:  # noqa: BLE001 - safetensors' own error type: one line naming the file
-            raise ModelLoadError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    reader = CheckpointReader(weight_files, getattr(model, "base_model_prefix", "model"), ModelLoadError)
     model_keys = set(model.state_dict().keys())
-
-    def file_key(param_name: str) -> str | None:
-        if param_name in key_to_file:
-            return param_name
-        prefix = getattr(model, "base_model_prefix", "model") + "."
-        if param_name.startswith(prefix) and param_name[len(prefix):] in key_to_file:
-            return param_name[len(prefix):]  # a bare-backbone checkpoint (LlamaModel keys)
-        return None
-
-    handles: dict[Path, Any] = {}
-
-    def read(param_name: str) -> torch.Tensor:
-        key = file_key(param_name)
-        f = key_to_file[key]
-        if f not in handles:
-            handles[f] = safe_open(str(f), framework="pt", device="cpu")
-        return handles[f].get_tensor(key)
+    file_key, read = reader.key, reader.read
 
     tied = bool(getattr(config, "tie_word_embeddings", False))
     missing = [k for k in sorted(model_keys) if file_key(k) is None and not (tied and k.endswith("lm_head.weight"))]
@@ -430,7 +406,7 @@ def _stream_load(directory: Path, config, weight_files: list[Path], *, quant, dt
             elif b.device.type != device.type:
                 module._buffers[b_name] = b.to(device)
             done.add(full)
-    handles.clear()
+    reader.close()
     if tied:
         model.tie_weights()
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]

@@ -3,7 +3,7 @@
 On this machine the kernels only run under the Triton interpreter, which cannot show GPU-only
 compile errors or register pressure. This builds the first autotune config of each kernel
 (forward, dq, dk/dv; bf16, head dim 128; plain causal, and with sliding window + softcap) with Triton's real compiler and bundled ptxas, through
-``benchmarks/compile_kernels.py``, and reads their resource usage from the cubin. (Before the
+``qtulu.bench.compile`` (``benchmarks/compile_kernels.py``), and reads their resource usage from the cubin. (Before the
 dk/dv kernel was reduced to one query loop, every one of its configs spilled registers.) The NF4
 kernel has the same kind of check in ``test_nf4.py``.
 """
@@ -18,12 +18,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 
 _SCRIPT = r"""
-import json, sys
-sys.path.insert(0, sys.argv[1])
-import compile_kernels as ck
+import json
+import qtulu.bench.compile as ck  # sets TRITON_INTERPRET aside before triton is imported
 
 seen, rows = set(), []
 cases = list(ck.varlen_cases("bfloat16", 128)) + list(ck.varlen_cases("bfloat16", 128, window=True, softcap=True))
@@ -46,7 +44,7 @@ def test_varlen_kernels_compile_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(Path(os.environ.get("TMPDIR", "/tmp")) / "qtulu-triton-cache-test")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    res = subprocess.run([sys.executable, "-c", _SCRIPT, str(REPO / "benchmarks")], env=env,
+    res = subprocess.run([sys.executable, "-c", _SCRIPT], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads(res.stdout.strip().splitlines()[-1])

@@ -241,9 +241,7 @@ def test_custom_op_opcheck_and_compile():
 
 
 _COMPILE_SCRIPT = r"""
-import sys
-sys.path.insert(0, sys.argv[1])
-import compile_kernels as ck  # sets TRITON_INTERPRET aside before triton is imported
+import qtulu.bench.compile as ck  # sets TRITON_INTERPRET aside before triton is imported
 
 seen = set()
 for label, fn, sig, consts, cfg, extra, aligned in ck.nf4_cases("bfloat16"):
@@ -271,7 +269,6 @@ def test_triton_kernel_compiles_for_sm90():
         pytest.skip("triton's bundled ptxas is absent: cannot compile for CUDA on this machine")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(Path(os.environ.get("TMPDIR", "/tmp")) / "qtulu-triton-cache-test")
-    bench_dir = str(Path(__file__).resolve().parents[2] / "benchmarks")
-    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, bench_dir], env=env, capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]

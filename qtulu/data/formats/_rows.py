@@ -90,19 +90,30 @@ def pair(user: str, assistant: str) -> Messages:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
 
 
+def checked(rows: Iterable[Row], check: Callable[[dict, str], Any]) -> Iterator[tuple[str, Any]]:
+    """The loop every converter runs over its rows: ``(where, check(row, where))`` for each row that
+    is a JSON object; ``(where, BadRow)``, located at ``where``, for a row read as bad, a row that
+    is not an object, or one ``check`` rejects by raising `BadRow`. Lazy: ``check`` sees the state
+    the caller built from the rows before."""
+    for where, row in rows:
+        if isinstance(row, BadRow):
+            yield where, row
+            continue
+        try:
+            value = check(require_dict(row), where)
+        except BadRow as e:
+            value = e.at(where)
+        yield where, value
+
+
 def rowwise(fn: Callable[[dict, dict, Context], "list[Messages | Filtered]"]):
     """Wrap ``fn(row, options, ctx) -> [messages | Filtered, ...]`` into a converter over ``(where, row)``
     pairs that turns a raised `BadRow` into a located item."""
 
     def convert(rows: Iterable[Row], options: dict, ctx: Context) -> Out:
-        for where, row in rows:
-            if isinstance(row, BadRow):
-                yield where, row
-                continue
-            try:
-                convs = fn(require_dict(row), options, ctx)
-            except BadRow as e:
-                yield where, e.at(where)
+        for where, convs in checked(rows, lambda row, _: fn(row, options, ctx)):
+            if isinstance(convs, BadRow):
+                yield where, convs
                 continue
             for c in convs:
                 yield where, c

@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from qtulu.data.errors import BadRow, DataError
-from qtulu.data.formats._rows import Context, Filtered, Messages, Out, Row, require_dict, text
+from qtulu.data.formats._rows import Context, Filtered, Messages, Out, Row, checked, text
 
 _USER = ("human", "user")
 _ASSISTANT = ("gpt", "chatgpt")
@@ -97,15 +97,11 @@ def sharegpt(rows: Iterable[Row], options: dict, ctx: Context) -> Out:
     if split and ctx.tokenizer is None:
         raise DataError("sharegpt with split_long needs a tokenizer to count tokens")
     batch: list[tuple[str, list[tuple[str, str]]]] = []
-    for where, row in rows:
-        if isinstance(row, BadRow):
-            yield where, row
+    for where, turns in checked(rows, lambda row, _: _turns(row)):
+        if isinstance(turns, BadRow):
+            yield where, turns
             continue
-        try:
-            batch.append((where, _turns(require_dict(row))))
-        except BadRow as e:
-            yield where, e.at(where)
-            continue
+        batch.append((where, turns))
         if len(batch) >= BATCH:
             yield from _emit(batch, split, budget, ctx)
             batch = []

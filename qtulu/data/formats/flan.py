@@ -23,7 +23,7 @@ from collections import defaultdict
 from typing import Iterable
 
 from qtulu.data.errors import BadRow, DataError
-from qtulu.data.formats._rows import Context, Filtered, Messages, Out, Row, file_stem, pair, require_dict, text
+from qtulu.data.formats._rows import Context, Filtered, Messages, Out, Row, checked, file_stem, pair, text
 
 _TULU_V1 = {
     "flan_zsopt": 0.1, "flan_fsopt": 0.1, "flan_zsnoopt": 0.1, "flan_fsnoopt": 0.1,
@@ -82,17 +82,11 @@ def _submix(row: dict, where: str) -> str | None:
 def _collect(rows: Iterable[Row], key) -> Out:
     """Validate rows; yield bad ones; return ``{key: [(where, example)]}`` in file order (via StopIteration)."""
     groups: dict = defaultdict(list)
-    for where, row in rows:
-        if isinstance(row, BadRow):
-            yield where, row
+    for where, item in checked(rows, lambda row, where: (_example(row), key(row, where))):
+        if isinstance(item, BadRow):
+            yield where, item
             continue
-        try:
-            row = require_dict(row)
-            ex = _example(row)
-            k = key(row, where)
-        except BadRow as e:
-            yield where, e.at(where)
-            continue
+        ex, k = item
         groups[k].append((where, ex))
     return groups
 
@@ -102,14 +96,7 @@ def flan_v2(rows: Iterable[Row], options: dict, ctx: Context) -> Out:
     rows as given) and ``portions`` (``tulu_v1`` | ``tulu_v2``: the submix shares)."""
     total = options.get("resample")
     if total is None:
-        for where, row in rows:
-            if isinstance(row, BadRow):
-                yield where, row
-                continue
-            try:
-                yield where, _example(require_dict(row))
-            except BadRow as e:
-                yield where, e.at(where)
+        yield from checked(rows, lambda row, _: _example(row))
         return
     portions = PORTIONS[options.get("portions", "tulu_v1")]
     groups = yield from _collect(rows, _submix)

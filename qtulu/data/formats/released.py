@@ -18,7 +18,7 @@ import dataclasses
 from typing import Iterable
 
 from qtulu.data.errors import BadRow, DataError
-from qtulu.data.formats._rows import Context, Out, Row, require_dict
+from qtulu.data.formats._rows import Context, Out, Row, checked
 
 RELEASES = {"tulu_v1": "allenai/tulu-v1-sft-mixture", "tulu_v2": "allenai/tulu-v2-sft-mixture"}
 
@@ -43,24 +43,24 @@ def messages(rows: Iterable[Row], options: dict, ctx: Context) -> Out:
     names = _wanted(options)
     seen: dict[str, int] = {}
     kept = 0
-    for where, row in rows:
-        if isinstance(row, BadRow):
-            yield where, row
+    other = object()  # a row of another dataset of the mixture: counted, not kept
+
+    def check(row: dict, _where: str):
+        if names is not None:
+            value = row.get("dataset")
+            if not _matches(value, names):
+                seen[str(value)] = seen.get(str(value), 0) + 1
+                return other
+        if "messages" not in row:
+            raise BadRow("missing_field", "no 'messages' field")
+        return row["messages"]
+
+    for where, msgs in checked(rows, check):
+        if msgs is other:
             continue
-        try:
-            row = require_dict(row)
-            if names is not None:
-                value = row.get("dataset")
-                if not _matches(value, names):
-                    seen[str(value)] = seen.get(str(value), 0) + 1
-                    continue
-            if "messages" not in row:
-                raise BadRow("missing_field", "no 'messages' field")
-        except BadRow as e:
-            yield where, e.at(where)
-            continue
-        kept += 1
-        yield where, row["messages"]
+        if not isinstance(msgs, BadRow):
+            kept += 1
+        yield where, msgs
     if names is not None and not kept:
         present = ", ".join(f"{k} ({v})" for k, v in sorted(seen.items())) or "no rows at all"
         raise DataError(f"no row with dataset {' or '.join(names)!r} (datasets present: {present})")

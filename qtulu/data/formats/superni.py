@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable
 
 from qtulu.data.errors import BadRow, DataError
-from qtulu.data.formats._rows import Context, Out, Row, pair, require_dict, text
+from qtulu.data.formats._rows import Context, Out, Row, checked, pair, require_dict, text
 from qtulu.data.formats.templates import encode_few_shot, encode_instruction
 
 SPLITS = ("xlingual", "default")
@@ -70,6 +70,18 @@ def _first_output(inst: dict) -> str:
     return out
 
 
+def _task(task: dict) -> tuple[str, list, list[tuple[str, str]]]:
+    """A task file's definition, instances and positive examples (input, output); BadRow if malformed."""
+    definition = _definition(task)
+    instances = task.get("Instances")
+    if not isinstance(instances, list):
+        raise BadRow("missing_field", "task has no 'Instances' list")
+    positives = task.get("Positive Examples") or []
+    if not isinstance(positives, list) or not all(isinstance(p, dict) for p in positives):
+        raise BadRow("bad_content_type", "'Positive Examples' is not a list of objects")
+    return definition, instances, [(text(p, "input"), _first_output(p)) for p in positives]
+
+
 def superni(rows: Iterable[Row], options: dict, ctx: Context) -> Out:
     """SuperNI task files (one row per task: ``Definition``, ``Positive Examples``, ``Instances``).
     Options: ``zero_shot_per_task`` (60), ``few_shot_per_task`` (20), ``n_few_shot`` (2), and for a
@@ -78,23 +90,11 @@ def superni(rows: Iterable[Row], options: dict, ctx: Context) -> Out:
     n_few = int(options.get("few_shot_per_task", 20))
     n_shot = int(options.get("n_few_shot", 2))
     rng = ctx.rng
-    for where, row in rows:
-        if isinstance(row, BadRow):
-            yield where, row
+    for where, task in checked(rows, lambda row, _: _task(row)):
+        if isinstance(task, BadRow):
+            yield where, task
             continue
-        try:
-            task = require_dict(row)
-            definition = _definition(task)
-            instances = task.get("Instances")
-            if not isinstance(instances, list):
-                raise BadRow("missing_field", "task has no 'Instances' list")
-            positives = task.get("Positive Examples") or []
-            if not isinstance(positives, list) or not all(isinstance(p, dict) for p in positives):
-                raise BadRow("bad_content_type", "'Positive Examples' is not a list of objects")
-            shots = [(text(p, "input"), _first_output(p)) for p in positives]
-        except BadRow as e:
-            yield where, e.at(where)
-            continue
+        definition, instances, shots = task
         chosen = list(range(len(instances)))
         if n_zero + n_few < len(instances):
             chosen = rng.sample(chosen, k=n_zero + n_few)

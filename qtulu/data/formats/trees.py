@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from qtulu.data.errors import BadRow
-from qtulu.data.formats._rows import Context, Filtered, Messages, Out, Row, require_dict
+from qtulu.data.formats._rows import Context, Filtered, Messages, Out, Row, checked
 
 CREATOR_MENTIONS = ("LAION", "Open Asssistant", "OpenAssistant")  # 94055552c's list, misspelling included
 
@@ -116,33 +116,29 @@ def oasst1(rows: Iterable[Row], options: dict, ctx: Context) -> Out:
     flat: dict[str, dict] = {}
     where_of: dict[str, str] = {}
     order: list[tuple[str, str | None]] = []  # (message_id, parent_id) in file order
-    for where, row in rows:
-        if isinstance(row, BadRow):
-            yield where, row
-            continue
-        try:
-            row = require_dict(row)
-            if "prompt" in row and "message_id" not in row:
-                if not isinstance(row["prompt"], dict):
-                    raise BadRow("bad_message", "'prompt' is not a message object")
-                result = _convert_tree(row, options)
-                if isinstance(result, Filtered):
-                    yield where, result
-                else:
-                    for conv in result:
-                        yield where, conv
-                continue
-            mid = row.get("message_id")
-            if not isinstance(mid, str) or not mid:
-                raise BadRow("missing_field", "no 'message_id' (and no 'prompt': neither a flat message nor a tree)")
-            if mid in flat:
-                raise BadRow("duplicate_id", f"message_id {mid!r} seen before at {where_of[mid]}")
-        except BadRow as e:
-            yield where, e.at(where)
-            continue
-        flat[mid] = {**row, "replies": []}
-        where_of[mid] = where
-        order.append((mid, row.get("parent_id")))
+
+    def check(row: dict, where: str):
+        if "prompt" in row and "message_id" not in row:  # a whole tree: converted here
+            if not isinstance(row["prompt"], dict):
+                raise BadRow("bad_message", "'prompt' is not a message object")
+            return _convert_tree(row, options)
+        mid = row.get("message_id")
+        if not isinstance(mid, str) or not mid:
+            raise BadRow("missing_field", "no 'message_id' (and no 'prompt': neither a flat message nor a tree)")
+        if mid in flat:
+            raise BadRow("duplicate_id", f"message_id {mid!r} seen before at {where_of[mid]}")
+        return row  # a flat message: kept until its tree is whole
+
+    for where, item in checked(rows, check):
+        if isinstance(item, (BadRow, Filtered)):
+            yield where, item
+        elif isinstance(item, dict):
+            flat[item["message_id"]] = {**item, "replies": []}
+            where_of[item["message_id"]] = where
+            order.append((item["message_id"], item.get("parent_id")))
+        else:
+            for conv in item:
+                yield where, conv
     yield from _flat_trees(flat, where_of, order, options)
 
 
