@@ -111,11 +111,12 @@ def _main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from qtulu.adapters.store import AUTO, load_model, parse_adapter_spec, save_adapter
-    from qtulu.adapters.export import parse_size
     from qtulu.preflight import check_before_load
 
     specs = [parse_adapter_spec(a) for a in args.adapter]
-    check_arguments(args, len(specs))
+    check_arguments(args, len(specs))  # before torch is imported (qtulu.adapters.export imports it)
+    from qtulu.adapters.export import parse_size
+
     parse_size(args.max_shard_size)
     # adapters (readable, base precision known: --trained-on) and base files, before the base is loaded
     check_before_load(args.model, args.adapter, args.trained_on)

@@ -213,3 +213,18 @@ def test_qtulus_own_warnings_still_show():
             warnings.warn_explicit("theirs", UserWarning, "/elsewhere/lib.py", 1)
     assert [str(w.message) for w in shown] == ["ours"]
     assert [src for src, _ in captured.records] == ["UserWarning"] and "theirs" in captured.records[0][1]
+
+
+def test_merge_arguments_are_checked_before_torch_is_imported(tmp_path):
+    import json
+    import os
+    from pathlib import Path
+
+    argv = ["merge", "--model", "m", "--adapter", "a", "--adapter", "b", "--method", "ties", "--out", "o"]
+    code = ("import json, sys; from qtulu.cli import main; rc = main(%r); "
+            "print(json.dumps(['torch' in sys.modules, rc]))" % (argv,))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert json.loads(proc.stdout.splitlines()[-1]) == [False, 2], proc.stderr
+    assert proc.stderr.startswith("qtulu merge: error: method 'ties' needs a density") and proc.stderr.count("\n") == 1
