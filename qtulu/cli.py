@@ -218,10 +218,21 @@ def _run_dir(args: argparse.Namespace) -> "str | None":
         return str(args.run_dir)
     if args.command in ("merge", "data", "chat", "recipe", "plan"):
         return None  # their --out is an artefact with a file manifest (or they write none)
+    if args.command == "study" and (args.plan or not args.out):
+        return None if args.plan else _study_out(args.study)  # --plan writes nothing in the study's folder
     if args.command == "train" and not getattr(args, "output_dir", None):
         name = getattr(args, "name", None) or _recipe_name(args.recipe)
         return f"runs/{name}" if name else None
     return getattr(args, "output_dir", None) or getattr(args, "out", None)
+
+
+def _study_out(study: str) -> "str | None":
+    try:
+        from qtulu.study.load import default_out
+
+        return str(default_out(study))
+    except Exception:  # the study file did not load: the run failed before naming its folder
+        return None
 
 
 def _recipe_name(recipe: str) -> str:

@@ -228,3 +228,20 @@ def test_merge_arguments_are_checked_before_torch_is_imported(tmp_path):
                           timeout=300)
     assert json.loads(proc.stdout.splitlines()[-1]) == [False, 2], proc.stderr
     assert proc.stderr.startswith("qtulu merge: error: method 'ties' needs a density") and proc.stderr.count("\n") == 1
+
+
+def test_the_warnings_log_goes_to_the_runs_folder():
+    from argparse import Namespace
+
+    from qtulu.cli import _run_dir
+
+    assert _run_dir(Namespace(command="train", output_dir=None, name=None, recipe="demo")) == "runs/demo"
+    assert _run_dir(Namespace(command="train", output_dir=None, name="x", recipe="demo")) == "runs/x"
+    assert _run_dir(Namespace(command="train", output_dir="o", name=None, recipe="demo")) == "o"
+    assert _run_dir(Namespace(command="train", output_dir=None, name=None, recipe="nope")) is None
+    assert _run_dir(Namespace(command="demo", out="demo_out")) == "demo_out"
+    assert _run_dir(Namespace(command="study", plan=False, out=None, study="demo")) == "studies/demo"
+    assert _run_dir(Namespace(command="study", plan=True, out="s", study="demo")) is None  # --plan writes nothing
+    # an adapter's or a model's folder lists its files in a manifest: never a log beside them
+    assert _run_dir(Namespace(command="merge", out="m")) is None
+    assert _run_dir(Namespace(command="data", out="d")) is None
