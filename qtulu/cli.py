@@ -73,6 +73,8 @@ def _command_name(argv: list[str]) -> str:
 
 # commands whose second word is a sub-command (for the error prefix)
 _NESTED = {"data", "eval", "bench", "recipe"}
+# ... and those that do nothing without one (`qtulu eval` alone evaluates)
+_NEEDS_SUB = {"data", "bench", "recipe"}
 
 
 def _sub_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -262,6 +264,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{_innermost(parser, argv).prog}: error: {usage_line(e, parser, argv)}", file=sys.stderr)
         return 2
     args.debug = debug
+    target = _innermost(parser, argv)
+    if args.command in _NEEDS_SUB and target.prog == f"qtulu {args.command}":
+        # `qtulu data` alone: the usage block was a 20-line error; say what is missing in one
+        print(f"{target.prog}: error: name a command: {', '.join(_sub_parsers(target))} "
+              f"(see `{target.prog} --help`)", file=sys.stderr)
+        return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2

@@ -97,6 +97,8 @@ def test_argparse_errors_are_one_line_with_did_you_mean(capsys):
     assert "unknown command 'biuld' (did you mean 'build'?)" in err and "qtulu data --help" in err, err
     err = _one_line_error(capsys, ["merge", "--model", "b", "--adapter", "a", "--out", "o", "--method", "tis"])
     assert "argument --method: unknown choice 'tis' (did you mean 'ties'?)" in err, err
+    err = _one_line_error(capsys, ["data"])  # no sub-command: one line, not the usage block
+    assert err == "qtulu data: error: name a command: build, preview (see `qtulu data --help`)", err
     err = _one_line_error(capsys, ["train"])  # a missing argument: argparse's words, on one line
     assert err.startswith("qtulu train: error: the following arguments are required: recipe"), err
     err = _one_line_error(capsys, ["merge", "--metod", "ties"])  # the unknown option is named first
