@@ -275,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.command is None else 2
     prefix = _command_name(argv)
     captured = ThirdPartyWarnings()
+
+    def warnings_line() -> None:
+        # before the command's last line: a failure's one-line error stays the last line on stderr
+        if captured.records:
+            print(captured.summary(captured.write(argv, _run_dir(args))), file=sys.stderr)
+
     try:
         with captured:
             rc = args.func(args)
@@ -283,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # a command may say what Ctrl-C left behind (the last checkpoint, the eval cells saved)
         detail = one_line(e) if e.args else ""
+        warnings_line()
         print(f"{prefix}: interrupted" + (f": {detail}" if detail else ""), file=sys.stderr)
         return 130
     except (QtuluError, OSError) as e:
@@ -290,11 +297,13 @@ def main(argv: list[str] | None = None) -> int:
         # its message names the path (and "No space left on device" for ENOSPC).
         if debug:
             raise
+        warnings_line()
         print(f"{prefix}: error: {one_line(e)}", file=sys.stderr)
         return 2
-    finally:
-        if captured.records:
-            print(captured.summary(captured.write(argv, _run_dir(args))), file=sys.stderr)
+    except BaseException:
+        warnings_line()  # a bug's traceback follows; the libraries' warnings are still in the log
+        raise
+    warnings_line()
     return int(rc or 0)
 
 

@@ -247,3 +247,22 @@ def test_the_warnings_log_goes_to_the_runs_folder():
     # an adapter's or a model's folder lists its files in a manifest: never a log beside them
     assert _run_dir(Namespace(command="merge", out="m")) is None
     assert _run_dir(Namespace(command="data", out="d")) is None
+
+
+def test_a_failed_run_keeps_its_error_as_the_last_line(capsys, monkeypatch, tmp_path):
+    import logging
+
+    import qtulu.train.run as train_mod
+    from qtulu.errors import QtuluError
+
+    def fails(args):
+        logging.getLogger("somelib.sub").warning("Set trust_remote_code=True (from a library)")
+        raise QtuluError("the run failed")
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    monkeypatch.setattr(train_mod, "_cli", fails)
+    assert main(["train", "x"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[-1] == "qtulu train: error: the run failed", err
+    assert err[0].startswith("qtulu: 1 warning from the libraries, not qtulu's to fix (somelib.sub): full text in ")
+    assert "Set trust_remote_code=True (from a library)" in (tmp_path / "qtulu" / "warnings.log").read_text()
