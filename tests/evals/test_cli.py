@@ -147,8 +147,10 @@ def test_score_cli_profile_option(tmp_path, capsys):
         assert main(["eval", "score", "--task", "gsm8k", "--predictions", str(path), "--profile", profile]) == 0
         got[profile] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["exact_match"]
     assert got == {"open_instruct": 0.0, "corrected": 1.0}
-    with pytest.raises(SystemExit):
-        main(["eval", "score", "--task", "gsm8k", "--predictions", str(path), "--profile", "paper"])
+    # refused by argparse: one line, exit 2 (issue 28: argparse's errors too)
+    assert main(["eval", "score", "--task", "gsm8k", "--predictions", str(path), "--profile", "paper"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --profile: unknown choice 'paper'" in err, err
 
 
 # ---- issue 28: checks before torch, a finished request read back without a model
