@@ -154,10 +154,22 @@ class ThirdPartyWarnings:
 
     def _emit(self, record) -> None:
         if record.name == "qtulu" or record.name.startswith("qtulu."):
-            if self._echo_own:
+            if self._echo_own and not self._handled(record.name):
                 print(record.getMessage(), file=sys.stderr)
             return
         self.records.append((record.name, f"[{record.levelname.lower()}] {record.name}: {record.getMessage()}"))
+
+    def _handled(self, name: str) -> bool:
+        """Whether a handler other than this one sees ``name``'s records (then logging's last resort
+        would not have printed them either)."""
+        import logging
+
+        logger: logging.Logger | None = logging.getLogger(name)
+        while logger is not None:
+            if any(h is not self._handler for h in logger.handlers):
+                return True
+            logger = logger.parent if logger.propagate else None
+        return False
 
     def _showwarning(self, message, category, filename, lineno, file=None, line=None):
         import os

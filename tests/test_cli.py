@@ -266,3 +266,21 @@ def test_a_failed_run_keeps_its_error_as_the_last_line(capsys, monkeypatch, tmp_
     assert len(err) == 2 and err[-1] == "qtulu train: error: the run failed", err
     assert err[0].startswith("qtulu: 1 warning from the libraries, not qtulu's to fix (somelib.sub): full text in ")
     assert "Set trust_remote_code=True (from a library)" in (tmp_path / "qtulu" / "warnings.log").read_text()
+
+
+def test_qtulus_own_log_records_print_as_before(capsys):
+    import logging
+
+    from qtulu.cli import ThirdPartyWarnings
+
+    root = logging.getLogger()
+    kept = root.handlers[:]  # pytest's capture handlers: as on a user's console, the root has none
+    root.handlers.clear()
+    try:
+        with ThirdPartyWarnings() as captured:
+            logging.getLogger("qtulu.model.base_hash").warning("ours %s", 1)
+            logging.getLogger("bitsandbytes.x").warning("theirs")
+    finally:
+        root.handlers[:] = kept
+    assert capsys.readouterr().err == "ours 1\n"
+    assert [src for src, _ in captured.records] == ["bitsandbytes.x"]
