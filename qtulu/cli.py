@@ -113,7 +113,10 @@ def usage_line(err: UsageError, parser: argparse.ArgumentParser, argv: list[str]
         head = "" if what == "command" else msg[:m.start()]
         msg = f"{head}unknown {what} {m.group(1)!r}{_close(m.group(1), choices)}; choose from {', '.join(choices)}"
     options = [o for o in target._option_string_actions if o.startswith("--")]
-    unknown = [a.split("=", 1)[0] for a in argv if a.startswith("--") and a.split("=", 1)[0] not in target._option_string_actions]
+    def known(opt: str) -> bool:  # argparse also takes a unique abbreviation (--pre for --preset)
+        return opt in options or (target.allow_abbrev and sum(o.startswith(opt) for o in options) == 1)
+
+    unknown = [a.split("=", 1)[0] for a in argv if a.startswith("--") and not known(a.split("=", 1)[0])]
     if unknown and not m:
         # an unknown option explains the other complaints (a value taken as a positional, a
         # required argument missing): name it first, with the option it most likely meant
