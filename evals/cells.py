@@ -169,3 +169,58 @@ def _copy_cell(src: Path, dst: Path) -> None:
     if dst.exists():
         shutil.rmtree(dst)
     os.replace(stage, dst)
+
+
+# ---- a whole `qtulu eval` request read back without loading anything
+
+REQUEST = "request.json"
+
+
+def stat_identity(path) -> list | None:
+    """A local file or folder as its resolved path and each file's (name, size, mtime_ns); None when
+    ``path`` is not local (a hub id). Cheap on any model size: no byte is read. Only the request
+    key uses it (a shortcut that skips loading the base); each cell's own key still names the
+    weights' SHA-256 whenever a model is loaded."""
+    p = Path(os.path.expanduser(str(path)))
+    if not p.exists():
+        return None
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()
+                                           and not any(x.startswith(".") for x in f.relative_to(p).parts))
+    return [str(p.resolve()), [[str(f.relative_to(p)) if f != p else f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                               for f in files]]
+
+
+def request_key(request: dict) -> str:
+    return hashlib.sha256(json.dumps(_canonical(request), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def record_request(out_dir, key: str, results: dict) -> None:
+    """After a complete run: ``OUT/request.json`` names the request's key and each cell's key."""
+    from qtulu.files import write_json
+
+    cells = {label: {task: (m.get("cell") or {}).get("key") for task, m in row.items()}
+             for label, row in results["results"].items()}
+    write_json(Path(out_dir) / REQUEST, {"key": key, "cells": cells})
+
+
+def read_back(out_dir, key: str) -> dict | None:
+    """``{label: {task: metrics}}`` when ``OUT`` holds a complete run of the request ``key``: its
+    record matches and every cell it names is still complete with its key; None otherwise (then
+    the model is loaded and `evals.runner.evaluate` checks each cell by its full key)."""
+    out = Path(out_dir)
+    try:
+        record = json.loads((out / REQUEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("key") != key or not isinstance(record.get("cells"), dict):
+        return None
+    if not all((out / name).is_file() for name in ("results.json", "results.md")):
+        return None
+    results: dict = {}
+    for label, row in record["cells"].items():
+        for task, cell in (row or {}).items():
+            metrics = _complete(out / label / task, cell) if isinstance(cell, str) else None
+            if metrics is None:
+                return None
+            results.setdefault(label, {})[task] = metrics
+    return results or None

@@ -16,12 +16,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from qtulu.errors import QtuluError
 
 
 class EvalUsageError(QtuluError, ValueError):
     """A `qtulu eval` request that cannot run as given (printed as one line, exit 2)."""
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a count (batch size, limit, workers) checked as the command line is read,
+    before any import of torch or load of a model."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _common(p: argparse.ArgumentParser, *, tasks_required: bool) -> None:
@@ -34,7 +47,7 @@ def _common(p: argparse.ArgumentParser, *, tasks_required: bool) -> None:
     p.add_argument("--judge-model", help="model name at the judge endpoint")
     p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="env var holding the judge's API key")
     p.add_argument("--toxigen-classifier", help="toxicity classifier path or hub id (toxigen)")
-    p.add_argument("--workers", type=int, default=None, help="sandbox workers (default: CPU count)")
+    p.add_argument("--workers", type=_positive_int, default=None, help="sandbox workers (default: CPU count)")
 
 
 def _profile_arg(p: argparse.ArgumentParser) -> None:
@@ -55,8 +68,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype of the base (default: the one the first adapter was trained with, else bfloat16)")
     p.add_argument("--tasks", help="comma-separated task names, or 'all' (see `qtulu eval --list-tasks`)")
     p.add_argument("--out", help="output dir")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--limit", type=_positive_int, default=None,
                    help="examples per subject/task/language/group (per task where it has none)")
     p.add_argument("--chat-format", choices=("tulu", "tokenizer", "none"), default="tulu",
                    help="prompt format: tulu (tuned models), tokenizer (its chat template), none (base models)")
@@ -192,7 +205,9 @@ def _preflight(args, names: list[str], task_options: dict) -> None:
     for name in sorted(set(task_options) - set(names)):  # options for a task not run: still checked
         resolve_task(name, task_options[name], getattr(args, "profile", None))
     if not Path(args.data_dir).is_dir():
-        raise EvalUsageError(f"--data-dir {args.data_dir}: not a directory")
+        from qtulu.preflight import demo_hint
+
+        raise EvalUsageError(f"--data-dir {args.data_dir}: not a directory{demo_hint(args.data_dir)}")
     if getattr(args, "quick", False):
         from .quick import apply_quick
 
@@ -260,6 +275,14 @@ def _run(args) -> int:
     if args.include_base and not args.adapter:
         raise EvalUsageError("--include-base needs at least one --adapter")
     task_options = _task_options(args.task_option)
+    try:
+        key = _request_key(args, names, task_options)
+    except (QtuluError, ValueError, KeyError, OSError):
+        key = None  # the preflight names what is wrong
+    # a finished run of this very request (same files, stats unchanged since the preflight passed
+    # on them) is printed before the preflight, which imports torch for the base's file checks
+    if key and not args.no_resume and _read_back(args, key):
+        return 0
     _preflight(args, names, task_options)  # everything checkable without the model, first
     judge = _judge(args)
     model, tok, adapter_names = _load(args)
@@ -275,9 +298,67 @@ def _run(args) -> int:
         model_name=Path(args.model).name or "model", profile=args.profile,
         quick=args.quick, resume=not args.no_resume, progress=not args.no_progress,
     )
+    if key:
+        from .cells import record_request
+
+        record_request(args.out, key, results)
     print((Path(args.out) / "results.md").read_text(encoding="utf-8"))
     print(json.dumps({lab: {t: m.get("score") for t, m in r.items()} for lab, r in results["results"].items()}))
     return 0
+
+
+def _request_key(args, names: list[str], task_options: dict) -> str | None:
+    """The key of the whole request, from files only (`evals.cells.request_key`); None when the base
+    or an adapter is not a local folder (then only the per-cell keys, after the load, decide)."""
+    from qtulu.adapters.store import parse_adapter_spec
+
+    from .cells import _canonical, code_sha256, data_sha256, request_key, stat_identity
+    from .runner import resolve_task
+
+    limit = args.limit
+    if args.quick:
+        from .quick import apply_quick
+
+        task_options, limit = apply_quick(names, task_options, limit)
+    model = stat_identity(args.model)
+    adapters = [[n, stat_identity(p)] for n, p in map(parse_adapter_spec, args.adapter)]
+    if model is None or any(ident is None for _, ident in adapters):
+        return None
+    tasks = []
+    for name in names:
+        task = resolve_task(name, task_options.get(name), args.profile)
+        tasks.append({"name": name, "version": task.version, "options": _canonical(task.opts),
+                      "data": data_sha256(task, args.data_dir), "code": code_sha256(task)})
+    here = Path(__file__).resolve().parent
+    return request_key({
+        "model": model, "adapters": adapters, "include_base": args.include_base,
+        "load": {"quantize": args.quantize, "trained_on": args.trained_on, "dtype": args.dtype, "force": args.force},
+        "tasks": tasks, "limit": limit, "quick": args.quick, "profile": args.profile,
+        "run": {"batch_size": args.batch_size, "chat_format": args.chat_format, "judge": [args.judge_url, args.judge_model],
+                "classifier": args.toxigen_classifier, "allow_code_execution": args.allow_code_execution},
+        "report": [_file_sha256(here / n) for n in ("cli.py", "runner.py", "report.py", "cells.py")],
+    })
+
+
+def _file_sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _read_back(args, key: str) -> bool:
+    """Print a complete earlier run of this very request from ``--out``, loading no model (nor torch)."""
+    from .cells import read_back
+
+    results = read_back(args.out, key)
+    if results is None:
+        return False
+    n = sum(len(row) for row in results.values())
+    print(f"[qtulu eval] {n} of {n} cells were complete in {args.out} (same model, adapter, task, options, data "
+          "and code): read back, not recomputed; no model loaded", flush=True)
+    print((Path(args.out) / "results.md").read_text(encoding="utf-8"))
+    print(json.dumps({lab: {t: m.get("score") for t, m in r.items()} for lab, r in results.items()}))
+    return True
 
 
 @_clean_errors

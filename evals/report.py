@@ -81,7 +81,19 @@ def run_notes(results: dict) -> str:
 
 
 def bar_chart(results: dict, path: Path) -> Path:
-    """Grouped bars: one group per task, one bar per label (scores x 100)."""
+    """Grouped bars: one group per task, one bar per label (scores x 100), each labelled with its
+    value; a score of 0 is drawn as a sliver on the axis (a bar of height 0 is invisible, and reads
+    as "missing"), a missing score as "n/a" with no bar."""
+    fig = chart_figure(results)
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    plt.close(fig)
+    return path
+
+
+def chart_figure(results: dict):
+    """The figure `bar_chart` saves (its bars' heights and value labels are what a reader sees)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,21 +103,26 @@ def bar_chart(results: dict, path: Path) -> Path:
     tasks = list(results.get("versions") or {})
     width = 0.8 / max(len(labels), 1)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(tasks) * max(1, len(labels)) ** 0.5), 4.0))
+    scores = {lab: [results["results"][lab].get(t, {}).get("score") for t in tasks] for lab in labels}
+    scores = {lab: [None if s is None or (isinstance(s, float) and math.isnan(s)) else 100 * s for s in row]
+              for lab, row in scores.items()}
+    top = max([100.0, *(v for row in scores.values() for v in row if v is not None)])
+    sliver = top * 0.01  # visible on the axis, far below any score it could be mistaken for
+    many = len(labels) * len(tasks) > 12
     for i, lab in enumerate(labels):
-        vals = []
-        for t in tasks:
-            s = results["results"][lab].get(t, {}).get("score")
-            vals.append(0.0 if s is None or (isinstance(s, float) and math.isnan(s)) else 100 * s)
-        ax.bar([j + i * width for j in range(len(tasks))], vals, width, label=lab)
+        vals = scores[lab]
+        bars = ax.bar([j + i * width for j in range(len(tasks))],
+                      [0.0 if v is None else max(v, sliver) for v in vals], width, label=lab)
+        ax.bar_label(bars, labels=["n/a" if v is None else f"{v:.1f}" for v in vals], padding=2,
+                     fontsize=6 if many else 7, rotation=90 if many else 0)
+    ax.set_ylim(0, top * (1.22 if many else 1.12))  # room for the labels above a full bar
     ax.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(tasks))])
     ax.set_xticklabels(tasks, rotation=30, ha="right")
     ax.set_ylabel("score (x100)")
     ax.set_title("qtulu eval")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: it hid bars
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
-    plt.close(fig)
-    return path
+    return fig
 
 
 def write_report(results: dict, out_dir) -> dict[str, Path]:

@@ -3,6 +3,10 @@
 - `atomic_write` / `atomic_write_text` / `write_json` / `write_jsonl`: a temp file beside the target,
   fsynced and renamed into place; the one way qtulu writes a file that others read.
 - `replace_dir`: move a fully written stage directory into place with renames only.
+- `share_modes`: files meant to be shared follow the user's umask (0644 under umask 022). Some
+  writers do not: safetensors (>= 0.6) writes through a private temp file and leaves its tensors
+  0600, so an adapter or an export would be unreadable by a serving account while the JSON beside it
+  is 0644. Both writers above call it on what they move into place.
 - `is_disk_full`: on a full disk the libraries that write checkpoints do not all raise
   ``OSError(ENOSPC)``: safetensors raises its own ``SafetensorError("... No space left on device
   (os error 28)")`` and torch's zip writer a ``RuntimeError("[enforce fail at inline_container.cc]
@@ -60,6 +64,38 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc), else set and reset."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_modes(path: Path) -> None:
+    """Give ``path`` (a file, or a directory and everything under it) the modes a plain ``open`` /
+    ``mkdir`` would under the current umask: 0644 / 0755 under 022, 0600 / 0700 under 077.
+    Executable bits a writer set are kept (masked by the umask too)."""
+    mask = current_umask()
+    paths = [path]
+    if path.is_dir() and not path.is_symlink():
+        paths += [Path(root) / n for root, dirs, files in os.walk(path) for n in (*dirs, *files)]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        st = p.stat()
+        base = 0o777 if p.is_dir() or st.st_mode & 0o111 else 0o666
+        want = base & ~mask
+        if st.st_mode & 0o777 != want:
+            p.chmod(want)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """``write(tmp)`` writes a temp file beside ``path`` (same suffix, so that e.g. matplotlib picks
     the format from it), which is flushed to disk and renamed into place: a reader sees the old file
@@ -70,6 +106,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
     try:
         write(tmp)
+        share_modes(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -85,7 +122,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def replace_dir(stage: Path, out_dir: Path) -> None:
-    """Move a fully written ``stage`` dir to ``out_dir`` (replacing it) with renames only."""
+    """Move a fully written ``stage`` dir to ``out_dir`` (replacing it) with renames only; its files
+    get the umask's modes first (`share_modes`)."""
+    share_modes(stage)
     old = None
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")

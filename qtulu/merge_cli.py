@@ -77,17 +77,46 @@ def merged_name(out) -> str | None:
     return name if adapter_name_problem(name) is None else None
 
 
+def merge_summary(report: dict, names: list[str], weights, density, rank: int | None, out) -> str:
+    """What `merge_report` measured, in words: the method, the layers, the relative error of the
+    merged update against the method's own full-rank result and whether that size is expected."""
+    method, layers = report["method"], report.get("layers")
+    how = f"weights {', '.join(f'{w:g}' for w in weights)}" + (f", density {density:g}" if density is not None else "")
+    lines = [f"merged {len(names)} adapters ({', '.join(names)}) with {method} ({how}) -> {out}"]
+    err_max, err_mean = report.get("rel_error_max"), report.get("rel_error_mean")
+    if err_max is None:
+        lines.append(f"  {method}: DARE drops entries at random (seeded), so there is no fixed result to compare the "
+                     "merge with; judge it by its evals (qtulu eval)")
+        return "\n".join(lines)
+    def pct(x: float) -> str:
+        return f"{x:.2%}" if x >= 1e-4 else f"{x:.1e}"
+
+    lines.append(f"  {layers} LoRA layers; relative error of the merged update vs the full-rank {method} result: "
+                 f"max {pct(err_max)}, mean {pct(err_mean)}")
+    if report.get("exact"):
+        meaning = ("exact: the adapters' ranks are stacked, so the merged update is their weighted sum up to float "
+                   "rounding" if err_max < 1e-4 else
+                   "should be float rounding (< 0.01%) for an exact method: this merge is not what it claims")
+    else:
+        meaning = (f"the merged adapter is a rank-{rank} truncated SVD of the {method} "
+                   "combination; the error is that truncation, expected for ties/dare (TIES' trimmed, sign-elected "
+                   "sum is not low-rank) and not a fault: judge the merge by its evals (qtulu eval), or raise --rank")
+    lines.append(f"  what it means: {meaning}")
+    return "\n".join(lines)
+
+
 def _main(args: argparse.Namespace) -> int:
     import json
     import tempfile
     from pathlib import Path
 
     from qtulu.adapters.store import AUTO, load_model, parse_adapter_spec, save_adapter
-    from qtulu.adapters.export import parse_size
     from qtulu.preflight import check_before_load
 
     specs = [parse_adapter_spec(a) for a in args.adapter]
-    check_arguments(args, len(specs))
+    check_arguments(args, len(specs))  # before torch is imported (qtulu.adapters.export imports it)
+    from qtulu.adapters.export import parse_size
+
     parse_size(args.max_shard_size)
     # adapters (readable, base precision known: --trained-on) and base files, before the base is loaded
     check_before_load(args.model, args.adapter, args.trained_on)
@@ -124,8 +153,11 @@ def _main(args: argparse.Namespace) -> int:
         }
     }
     info = base_info(model.get_base_model())
+    summary = merge_summary(report, names, extra["merge"]["weights"], args.density,
+                            getattr(model.peft_config.get(new), "r", None), args.out)
     if not args.full:
         out = save_adapter(model, args.out, adapter_name=new, base_info=info, extra=extra, name=merged_name(args.out))
+        print(summary)
         print(json.dumps({"adapter": str(out), **report}))
         return 0
     from qtulu.adapters.export import export_merged
@@ -138,5 +170,6 @@ def _main(args: argparse.Namespace) -> int:
             max_shard_size=args.max_shard_size, force=args.force, compute_dtype=args.compute_dtype,
             measure=not args.no_measure,
         )
+    print(summary)
     print(json.dumps({**result, "combine": report}, default=str))
     return 0

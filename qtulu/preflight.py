@@ -34,13 +34,25 @@ def check_base_dir(model, revision: str | None = None, what: str = "--model") ->
     p = Path(os.path.expanduser(str(model)))
     if p.exists():
         resolve_checkpoint(p, revision)
-    elif str(model).startswith(("/", "./", "../", "~")):
-        raise PreflightError(f"{what}: {p}: not found (no such directory)")
+    elif str(model).startswith(("/", "./", "../", "~")) or demo_hint(p):
+        raise PreflightError(f"{what}: {p}: not found (no such directory){demo_hint(p)}")
     else:
         from qtulu.hub import offline_reason
 
         if offline_reason():  # only the cache can serve it: a miss fails now, in one line
             resolve_checkpoint(str(model), revision)
+
+
+def demo_hint(path) -> str:
+    """``"; run `qtulu demo` first ..."`` when a missing ``path`` is one of the demo's artefacts
+    (``demo_out/base``, ``demo_out/runs/NAME/adapter``, ``demo_out/data``: the README's tour run
+    elsewhere than where `qtulu demo` wrote them), else "". Without it, ``demo_out/base`` reads as a
+    hub id and the user gets a network error."""
+    parts = Path(os.path.expanduser(str(path))).parts
+    demo_like = (len(parts) >= 2 and (parts[-1] in ("base", "data") or parts[-1] == "adapter" and "runs" in parts))
+    if not demo_like or not parts or "demo_out" not in parts or Path(*parts[:parts.index("demo_out") + 1]).is_dir():
+        return ""
+    return f"; `qtulu demo` writes it: run `qtulu demo` first, in {os.getcwd()} (or cd to where it ran)"
 
 
 def check_base_source(recipe) -> None:
@@ -65,7 +77,7 @@ def check_before_load(model: str, adapters, trained_on: str | None = None) -> No
         if problem:
             raise AdapterError(f"{path}: {problem} (rename it: --adapter NAME=DIR)")
         if not Path(path).is_dir():
-            raise AdapterError(f"{path}: adapter directory not found")
+            raise AdapterError(f"{path}: adapter directory not found{demo_hint(path)}")
         adapter_record(path, trained_on)  # a plain PEFT adapter needs --trained-on; a contradiction is refused
         verify_adapter(path, trained_on=trained_on)
     names = [n for n, _ in specs]

@@ -512,11 +512,39 @@ def _load_raw(raw: dict[str, Any], file: Path, overrides, label: str | None = No
         sec = raw.get(section)
         if isinstance(sec, dict) and isinstance(sec.get(key), str) and _is_path_like(sec[key]):
             sec[key] = _resolve_local(sec[key], file.parent)
-    for key, value in _normalize_overrides(overrides):
-        _apply_override(raw, key, value, label)
-    recipe = _validate(raw, label)
+    pairs = _normalize_overrides(overrides)
+    try:
+        for key, value in pairs:
+            _apply_override(raw, key, value, label)
+        recipe = _validate(raw, label)
+    except RecipeError as e:
+        raise _blame_override(e, label, pairs) from None
     object.__setattr__(recipe, "path", str(file))
     return recipe
+
+
+def _blame_override(e: RecipeError, label: str, pairs: list[tuple[str, Any]]) -> RecipeError:
+    """An error about a key that a ``--set KEY=VALUE`` gave names that, not the recipe file (whose
+    text the user would search in vain), with the key it most likely meant."""
+    import difflib
+    import json
+    import re
+
+    msg = str(e)
+    rest = msg[len(label) + 2:] if msg.startswith(f"{label}: ") else msg
+    bad = rest[len("override "):] if rest.startswith("override ") else rest
+    bad = bad.split(":", 1)[0]
+    for key, value in pairs:
+        if bad == key or bad.startswith(key + ".") or key.startswith(bad + "."):
+            hint = ""
+            valid = re.search(r"\(valid keys: ([^)]*)\)", rest)
+            if valid:
+                leaf = key.rsplit(".", 1)[-1]
+                match = difflib.get_close_matches(leaf, [k.strip() for k in valid.group(1).split(",")], n=1)
+                hint = f" (did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{match[0]}?)" if match else ""
+            shown = value if isinstance(value, str) else json.dumps(value)
+            return RecipeError(f"command line: --set {key}={shown}: {rest}{hint}")
+    return e
 
 
 def load_recipe(

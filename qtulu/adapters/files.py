@@ -62,7 +62,9 @@ def _safetensors_layout(path: Path) -> dict[str, dict[str, Any]]:
     from safetensors import safe_open
 
     out: dict[str, dict[str, Any]] = {}
-    with safe_open(str(path), framework="pt") as f:
+    # "numpy": only the header is read, and "pt" would import torch (5 s) in checks meant to run
+    # before it (a re-run of a finished `qtulu eval` loads nothing)
+    with safe_open(str(path), framework="numpy") as f:
         for key in f.keys():
             sl = f.get_slice(key)
             out[key] = {"shape": list(sl.get_shape()), "dtype": str(sl.get_dtype())}

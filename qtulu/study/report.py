@@ -5,8 +5,8 @@
     {"table": {ROW: {TASK: score}},            # headline scores in [0, 1] (None: cell missing)
      "average": {ROW: mean},                   # over `average` (all tasks), lower-is-better ones as 1 - score
      "percent_of_best": {ROW: {TASK|"average": %}},   # of the best row in that column
-     "best": {TASK: [ROW, ...]},               # the best adapter per task (ties listed; none if all score 0),
-                                               # the base left out
+     "best": {TASK: [ROW, ...]},               # the best adapter per task (ties listed), only where it
+                                               # beats the base (none if none does, or all score 0)
      "rows": [...], "columns": [...], "tasks": {TASK: {"metric", "lower_is_better", "version", "n"}},
      "merge": {...} | null, "study": {...}, "cells_digest": ...}
 
@@ -68,7 +68,10 @@ def collect(plan) -> dict:
     for t in cols:
         vals = {lab: oriented[lab][t] for lab in adapters if oriented[lab][t] is not None}
         top = max(vals.values(), default=None)
-        best[t] = [lab for lab, v in vals.items() if top and v == top]  # none when every adapter scores 0
+        base = oriented["base"][t] if "base" in oriented else None
+        # an adapter that scores 5 where the base scores 100 is the best of the adapters, not a best
+        beats = top is not None and top > 0 and (base is None or top > base)
+        best[t] = [lab for lab, v in vals.items() if beats and v == top]
     merge = None
     if study.merge:
         rec = plan.records.read("merge")
@@ -137,8 +140,8 @@ def markdown(res: dict) -> str:
         p = res["percent_of_best"][lab]
         lines.append(f"| {lab} | " + " | ".join("n/a" if p[t] is None else f"{p[t]:.0f}%" for t in [*cols, "average"])
                      + " |")
-    lines += ["", "Best adapter per task: " + "; ".join(
-        f"{t}: {', '.join(res['best'][t]) or 'n/a'}" for t in cols) + "."]
+    lines += ["", "Best adapter per task (one that beats the base): " + "; ".join(
+        f"{t}: {_best(res, t)}" for t in cols) + "."]
     if res["merge"]:
         m = res["merge"]
         lines += ["", f"Merge `{m['name']}` (candidate {m['candidate']}): {m.get('method')} of {', '.join(m['adapters'])} (weights "
@@ -171,8 +174,16 @@ def text_table(res: dict) -> str:
         p = res["percent_of_best"][lab]
         out.append(f"{lab:<{w0}}" + "".join(f"{'n/a' if p[t] is None else f'{p[t]:.0f}%':>{w - 1}} "
                                              for t, w in zip([*cols, "average"], widths)))
-    out.append("best adapter per task: " + "; ".join(f"{t}: {', '.join(res['best'][t]) or 'n/a'}" for t in cols))
+    out.append("best adapter per task: " + "; ".join(f"{t}: {_best(res, t)}" for t in cols))
     return "\n".join(out)
+
+
+def _best(res: dict, t: str) -> str:
+    """The task's best adapters, or why there is none (the base scores higher, or nothing scores)."""
+    if res["best"][t]:
+        return ", ".join(res["best"][t])
+    base = (res["table"].get("base") or {}).get(t)
+    return f"none beats the base ({_f(base)})" if base is not None else "n/a"
 
 
 def heatmap(res: dict, path: Path) -> Path:

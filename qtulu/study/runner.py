@@ -39,10 +39,10 @@ def run_study(path, out_dir=None, *, progress: bool = True, plan_only: bool = Fa
     study = load_study(path, out)
     run = StudyRun(study, progress=progress)
     run.preflight(inside_out=False)  # before the output folder is even created
+    if plan_only:  # a look, not a run: no lock, no synthetic data, no memo; nothing is written
+        return run.show_plan()
     with run_lock(study.out, what="qtulu study", hint="choose another --out"):
         run.prepare()
-        if plan_only:
-            return run.show_plan()
         return run.run()
 
 
@@ -153,8 +153,13 @@ class StudyRun:
         atomic_write_text(s.out / "study.json", to_json(s))
 
     def show_plan(self) -> dict:
+        """Which cells are complete, read from the files only (`--plan`: writes nothing, takes no lock).
+        What lies inside the output folder is checked where it exists; the study's synthetic data is
+        written by its first run, so on a fresh folder its cells are all "to run"."""
+        s = self.study
+        if s.synthetic is None or (s.out / "data").is_dir():
+            self.preflight(inside_out=True)
         status = self.plan.status()
-        self.plan.hasher.save()
         say(describe(self.study))
         for cell, ok in status.items():
             print(f"  {'complete' if ok else 'to run  '}  {cell}")

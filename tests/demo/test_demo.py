@@ -124,3 +124,12 @@ def test_readme_tour_runs_as_written_on_the_demo_artefacts(demo_run, monkeypatch
     assert main(shlex.split(eval_cmd)[1:]) == 0
     assert "6 of 6 cells were complete" in capsys.readouterr().out
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+    # what is meant to be shared follows the umask (issue 28: safetensors leaves its files 0600)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    shared = [p for d in ("demo_out/base", "demo_out/merged", "demo_out/release", "demo_out/runs/upper/adapter",
+                          "demo_out/runs/successor/adapter", "runs/copy/adapter") for p in Path(d).iterdir()]
+    shared += list(Path("demo_out/eval").glob("results.*")) + [Path("demo_out/report.json"), Path("demo_out/loss.png")]
+    assert any(p.name.endswith(".safetensors") for p in shared)
+    wrong = {str(p): oct(p.stat().st_mode & 0o777) for p in shared if p.stat().st_mode & 0o777 != 0o666 & ~mask}
+    assert not wrong, wrong

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -141,5 +147,66 @@ def test_score_cli_profile_option(tmp_path, capsys):
         assert main(["eval", "score", "--task", "gsm8k", "--predictions", str(path), "--profile", profile]) == 0
         got[profile] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["exact_match"]
     assert got == {"open_instruct": 0.0, "corrected": 1.0}
-    with pytest.raises(SystemExit):
-        main(["eval", "score", "--task", "gsm8k", "--predictions", str(path), "--profile", "paper"])
+    # refused by argparse: one line, exit 2 (issue 28: argparse's errors too)
+    assert main(["eval", "score", "--task", "gsm8k", "--predictions", str(path), "--profile", "paper"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --profile: unknown choice 'paper'" in err, err
+
+
+# ---- issue 28: checks before torch, a finished request read back without a model
+
+
+def _in_subprocess(argv: list[str]) -> tuple[subprocess.CompletedProcess, list]:
+    """``main(argv)`` in a fresh interpreter; returns the process and [torch imported?, exit status]."""
+    code = ("import json, sys; from qtulu.cli import main; rc = main(%r); "
+            "print(json.dumps(['torch' in sys.modules, rc]))" % (argv,))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    return proc, json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("flag,value,words", [("--batch-size", "0", "must be at least 1, got 0"),
+                                               ("--limit", "-3", "must be at least 1, got -3"),
+                                               ("--workers", "many", "expected a whole number, got 'many'")])
+def test_counts_are_checked_before_torch_is_imported(tmp_path, flag, value, words):
+    proc, (torch_imported, rc) = _in_subprocess(["eval", "--model", str(tmp_path / "m"), "--tasks", "mmlu",
+                                                 "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"),
+                                                 flag, value])
+    assert rc == 2 and not torch_imported, proc.stderr
+    assert proc.stderr == f"qtulu eval: error: argument {flag}: {words} (see `qtulu eval --help`)\n"
+
+
+def test_a_finished_eval_reads_back_without_torch_or_a_model(disk_model, tmp_path, capsys):
+    from qtulu.cli import main
+    from qtulu.demo.synthetic import make_examples, write_jsonl
+
+    base_dir, (a, _b) = disk_model
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(make_examples("upper", 4, split="test", seed=0), data / "upper_test.jsonl")
+    argv = ["eval", "--model", str(base_dir), "--adapter", str(a), "--include-base", "--quantize", "none",
+            "--dtype", "float32", "--tasks", "synthetic_upper", "--data-dir", str(data), "--out", str(tmp_path / "out"),
+            "--batch-size", "4", "--no-progress"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "cells were complete" not in first
+    proc, (torch_imported, rc) = _in_subprocess(argv)
+    assert rc == 0 and not torch_imported, proc.stderr[-3000:]
+    assert "2 of 2 cells were complete" in proc.stdout and "no model loaded" in proc.stdout
+    table = [line for line in first.splitlines() if line.startswith("|")]
+    assert table and table == [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    assert first.splitlines()[-1] == proc.stdout.splitlines()[-2]  # the same JSON summary
+
+    # an adapter file touched (same bytes): the shortcut is off, the model loads, every cell is still
+    # read back by its full key (weights' SHA-256)
+    w = a / "adapter_model.safetensors"
+    os.utime(w, ns=(w.stat().st_atime_ns, w.stat().st_mtime_ns + 10**9))
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2 of 2 cells were complete" in out and "no model loaded" not in out
+    # changed data: recomputed (the model loads, no cell read back)
+    write_jsonl(make_examples("upper", 5, split="test", seed=0), data / "upper_test.jsonl")
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "cells were complete" not in out
+    assert json.loads((tmp_path / "out" / "base" / "synthetic_upper" / "metrics.json").read_text())["n"] == 5
