@@ -405,7 +405,11 @@ def export_merged(
 
     from qtulu.adapters.integrity import check_adapter_weights, check_finite
 
-    check_adapter_weights(adapter_dir)  # NaN/inf or factors not matching the config's r: refused, naming the tensor
+    from qtulu.adapters.integrity import n_layers_of
+
+    # NaN/inf, factors not matching the config's r, overflow in the compute dtype, layers the base lacks:
+    # refused, naming the tensor or key
+    check_adapter_weights(adapter_dir, compute_dtype=cdtype, n_layers=n_layers_of(config))
     deltas = LoraDeltas(adapter_dir)
     requant_cfg = {"blocksize": (quant or {}).get("blocksize", 64), "double_quant": (quant or {}).get("double_quant", True)}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
