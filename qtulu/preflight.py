@@ -31,8 +31,12 @@ def check_base_dir(model, revision: str | None = None, what: str = "--model") ->
     *.safetensors, no pickles only; no weights are read); a hub id, offline, must be in the cache."""
     from qtulu.model.load import resolve_checkpoint
 
+    from qtulu.files import check_input_tree
+
     p = Path(os.path.expanduser(str(model)))
     if p.exists():
+        if p.is_dir():
+            check_input_tree(p, f"{what}: base model file")  # a FIFO among its files would hang the load
         resolve_checkpoint(p, revision)
     elif str(model).startswith(("/", "./", "../", "~")):
         raise PreflightError(f"{what}: {p}: not found (no such directory)")
