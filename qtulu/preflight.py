@@ -55,10 +55,26 @@ def check_base_source(recipe) -> None:
     check_base_dir(recipe.model.base, recipe.model.revision, where)
 
 
+def _n_layers(model) -> int | None:
+    """The layer count a local base's config.json records (None for a hub id or an unreadable one)."""
+    import json
+
+    path = Path(os.path.expanduser(str(model))) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    n = config.get("num_hidden_layers", (config.get("text_config") or {}).get("num_hidden_layers"))
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
 def check_before_load(model: str, adapters, trained_on: str | None = None) -> None:
     """What chat/eval/merge can check before loading the base: each adapter's files and manifest
     (checksums; the base match needs the base), what a plain PEFT adapter was trained against
     (``--trained-on``), unique usable names, the base directory's files."""
+    from qtulu.adapters.integrity import check_layers_to_transform
     from qtulu.adapters.trained_on import adapter_record
 
     from qtulu.adapters.store import AdapterError, adapter_name_problem, parse_adapter_spec, verify_adapter
@@ -72,6 +88,7 @@ def check_before_load(model: str, adapters, trained_on: str | None = None) -> No
             raise AdapterError(f"{path}: adapter directory not found")
         adapter_record(path, trained_on)  # a plain PEFT adapter needs --trained-on; a contradiction is refused
         verify_adapter(path, trained_on=trained_on)
+        check_layers_to_transform(path, _n_layers(model))  # a layer the base lacks, before the base loads
     names = [n for n, _ in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

@@ -151,6 +151,17 @@ def _check_layers(config: dict, n_layers: int | None, where: Path) -> None:
                                 f"layers (0..{n_layers - 1})")
 
 
+def check_layers_to_transform(adapter_dir: str | Path, n_layers: int | None) -> None:
+    """``layers_to_transform`` of the adapter's config within the base's ``n_layers`` (`AdapterShapeError`)."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{path}: unreadable ({e})") from None
+    if isinstance(config, dict):
+        _check_layers(config, n_layers, path)
+
+
 def n_layers_of(model_or_config) -> int | None:
     """The base's number of transformer layers (``num_hidden_layers`` of its text config), or None."""
     config = getattr(model_or_config, "config", model_or_config)
