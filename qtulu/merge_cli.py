@@ -50,12 +50,16 @@ def register(subparsers) -> None:
 
 def check_arguments(args: argparse.Namespace, n_adapters: int) -> None:
     """The merge request's own consistency, checked before anything is loaded (`MergeError`)."""
+    import math
     from pathlib import Path
 
     if not (args.full and n_adapters == 1) and n_adapters < 2:
         raise MergeError("combining needs at least two --adapter (one adapter: use --full to export it)")
     if args.weights is not None and len(args.weights) != n_adapters:
         raise MergeError(f"--weights: {len(args.weights)} weights for {n_adapters} adapters")
+    if args.weights is not None and not all(math.isfinite(w) and abs(w) <= 1e6 for w in args.weights):
+        # a huge weight scales the merged factors past what the compute dtype holds
+        raise MergeError(f"--weights: {args.weights}: each weight must be finite and at most 1e6 in size")
     if n_adapters > 1 and args.method in _NEEDS_DENSITY:
         if args.density is None:
             raise MergeError(f"method {args.method!r} needs a density: --density (fraction of each delta kept, in (0, 1])")
