@@ -106,7 +106,7 @@ OUTPUT_MARKERS = {
     "model": ("qtulu_merge.json",),
     "run": (".qtulu-run.lock", "checkpoints", "adapter", "steps.jsonl"),
     "eval": ("results.json", "*/*/metrics.json", "*/*/predictions.jsonl", "merge_search.json", "candidates"),
-    "study": (".qtulu-study", "log.jsonl"),
+    "study": (".qtulu-study", "log.jsonl", ".qtulu-run.lock"),
 }
 OUTPUT_WHAT = {"adapter": "adapter", "model": "merged model", "run": "training run", "eval": "eval output",
                "study": "study", "file": "output file"}
