@@ -194,8 +194,10 @@ def _preflight(args, names: list[str], task_options: dict) -> None:
         resolve_task(name, task_options[name], getattr(args, "profile", None))
     if not Path(args.data_dir).is_dir():
         raise EvalUsageError(f"--data-dir {args.data_dir}: not a directory")
+    from qtulu.adapters.store import parse_adapter_spec
+
     check_output(args.out, kind="eval", overwrite=args.overwrite, inputs=[  # never over what it reads
-        ("base model", args.model), ("data dir", args.data_dir), *[("adapter", a.rpartition("=")[2]) for a in args.adapter]])
+        ("base model", args.model), ("data dir", args.data_dir), *[("adapter", parse_adapter_spec(a)[1]) for a in args.adapter]])
     if getattr(args, "quick", False):
         from .quick import apply_quick
 

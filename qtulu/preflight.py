@@ -102,9 +102,10 @@ def check_before_load(model: str, adapters, trained_on: str | None = None) -> No
 # What each kind of output leaves behind, so that a later command recognises its own earlier output
 # (a glob relative to the output folder; any match is enough).
 OUTPUT_MARKERS = {
-    "adapter": ("qtulu.json", "adapter_config.json"),
+    "adapter": ("qtulu.json",),
     "model": ("qtulu_merge.json",),
-    "run": (".qtulu-run.lock", "checkpoints", "adapter", "steps.jsonl"),
+    # names only qtulu writes (a foreign "checkpoints/" folder is not enough: a run cleans stale files there)
+    "run": (".qtulu-run.lock", "steps.jsonl", "adapter/qtulu.json", "checkpoints/checkpoint-*/qtulu_checkpoint.json"),
     "eval": ("results.json", "*/*/metrics.json", "*/*/predictions.jsonl", "merge_search.json", "candidates"),
     "study": (".qtulu-study", "log.jsonl", ".qtulu-run.lock"),
 }

@@ -448,3 +448,17 @@ def test_full_disk_at_adapter_save_and_merged_export_is_one_line(world, tmp_path
     rc = main(["merge", "--model", str(base_dir), "--adapter", str(dirs["first"]), "--full", "--out", str(tmp_path / "full")])
     refused(capsys, rc, "disk is full", str(tmp_path / "full"), alone=False)
     assert os.listdir(tmp_path) == []  # no stage, no half-written output
+
+
+def test_what_counts_as_an_earlier_output_of_the_same_kind(tmp_path):
+    from qtulu.preflight import is_output_of
+
+    plain = tmp_path / "peft_only"
+    plain.mkdir()
+    (plain / "adapter_config.json").write_text("{}")  # a plain PEFT adapter: not a qtulu output
+    assert not is_output_of(plain, "adapter")
+    other = tmp_path / "other_trainer"
+    (other / "checkpoints" / "checkpoint-5").mkdir(parents=True)  # another trainer's run: not ours to clean
+    assert not is_output_of(other, "run")
+    (other / "checkpoints" / "checkpoint-5" / "qtulu_checkpoint.json").write_text("{}")
+    assert is_output_of(other, "run")
