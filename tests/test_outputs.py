@@ -462,3 +462,25 @@ def test_what_counts_as_an_earlier_output_of_the_same_kind(tmp_path):
     assert not is_output_of(other, "run")
     (other / "checkpoints" / "checkpoint-5" / "qtulu_checkpoint.json").write_text("{}")
     assert is_output_of(other, "run")
+
+
+def test_full_disk_in_atomic_writes_is_one_line_and_leaves_the_old_file(tmp_path):
+    """Eval results, study records and reports go through `atomic_write`: a full disk there is a
+    `DiskFullError` (a QtuluError: one line, exit 2) and the earlier file is untouched."""
+    from qtulu.errors import QtuluError
+    from qtulu.files import DiskFullError, atomic_write, write_json
+
+    target = tmp_path / "results.json"
+    write_json(target, {"score": 1})
+    before = target.read_bytes()
+
+    def full(tmp):
+        tmp.write_bytes(b"{")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(DiskFullError, match="the disk is full") as err:
+        atomic_write(target, full)
+    assert isinstance(err.value, QtuluError) and "\n" not in str(err.value)
+    assert target.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["results.json"]
+    with pytest.raises(ValueError, match="unrelated"):  # other errors pass through unchanged
+        atomic_write(target, lambda tmp: (_ for _ in ()).throw(ValueError("unrelated")))

@@ -157,9 +157,11 @@ def check_adapter_config(adapter_dir: str | os.PathLike) -> dict:
     for key in _OFF_KEYS:
         if cfg.get(key) not in (None, [], {}):
             bad(key, f"{cfg[key]!r} is not supported (it makes peft change more than LoRA factors; expected null)")
-    if "init_lora_weights" in cfg and not isinstance(cfg["init_lora_weights"], bool):
-        # "pissa", "olora", "loftq", ... rewrite the base weights when peft builds the layer
-        bad("init_lora_weights", f"{cfg['init_lora_weights']!r}: only true/false are supported")
+    if "init_lora_weights" in cfg and not (isinstance(cfg["init_lora_weights"], bool)
+                                           or cfg["init_lora_weights"] in ("gaussian", "orthogonal")):
+        # "pissa", "olora", "loftq", "corda", "eva", ... rewrite the base weights when peft builds the layer
+        bad("init_lora_weights", f"{cfg['init_lora_weights']!r}: only true, false, gaussian or orthogonal "
+            "(inits that leave the base weights alone)")
     _check_targets(cfg, bad)
     for key, ok, want in (("rank_pattern", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
                           ("alpha_pattern", lambda v: _is_num(v) and v > 0, "a number > 0")):
