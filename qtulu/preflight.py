@@ -41,7 +41,7 @@ def check_base_dir(model, revision: str | None = None, what: str = "--model") ->
     elif str(model).startswith(("/", "./", "../", "~")):
         raise PreflightError(f"{what}: {p}: not found (no such directory)")
     else:
-        from qtulu.model.hub import offline_reason
+        from qtulu.hub import offline_reason
 
         if offline_reason():  # only the cache can serve it: a miss fails now, in one line
             resolve_checkpoint(str(model), revision)
