@@ -68,6 +68,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype of the base (default: the one the first adapter was trained with, else bfloat16)")
     p.add_argument("--tasks", help="comma-separated task names, or 'all' (see `qtulu eval --list-tasks`)")
     p.add_argument("--out", help="output dir")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out that is not a qtulu eval output")
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--limit", type=_positive_int, default=None,
                    help="examples per subject/task/language/group (per task where it has none)")
@@ -194,7 +195,7 @@ def _preflight(args, names: list[str], task_options: dict) -> None:
     """
     from pathlib import Path
 
-    from qtulu.preflight import check_before_load
+    from qtulu.preflight import check_before_load, check_output
 
     from .runner import check_requirements, resolve_task
     from .tasks import TASKS
@@ -208,6 +209,10 @@ def _preflight(args, names: list[str], task_options: dict) -> None:
         from qtulu.preflight import demo_hint
 
         raise EvalUsageError(f"--data-dir {args.data_dir}: not a directory{demo_hint(args.data_dir)}")
+    from qtulu.adapters.store import parse_adapter_spec
+
+    check_output(args.out, kind="eval", overwrite=args.overwrite, inputs=[  # never over what it reads
+        ("base model", args.model), ("data dir", args.data_dir), *[("adapter", parse_adapter_spec(a)[1]) for a in args.adapter]])
     if getattr(args, "quick", False):
         from .quick import apply_quick
 
@@ -366,8 +371,12 @@ def _score(args) -> int:
     from pathlib import Path
 
     from qtulu.files import write_json
+    from qtulu.preflight import check_output
     from .runner import read_jsonl
     from .tasks import get_task
+
+    if args.out:  # never over the predictions or the data it reads
+        check_output(args.out, kind="file", inputs=[("predictions file", args.predictions), ("data dir", args.data_dir)])
 
     task = get_task(args.task, **{"profile": args.profile, **_task_options(args.task_option, prefixed=False)})
     preds = read_jsonl(args.predictions)

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -25,6 +26,8 @@ import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from qtulu.errors import QtuluError
 
 NEARLY_FULL_BYTES = 4 << 20  # a write that failed with less than this free is taken as "disk full"
 
@@ -104,15 +107,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        share_modes(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with disk_full_is_one_line(path.parent, f"writing {path}"):  # eval results, study records, reports
+        try:
+            write(tmp)
+            share_modes(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return path
 
 
@@ -121,17 +125,54 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+        return False  # an old kernel or a filesystem without the flag: fall back to two renames
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def replace_dir(stage: Path, out_dir: Path) -> None:
     """Move a fully written ``stage`` dir to ``out_dir`` (replacing it) with renames only; its files
-    get the umask's modes first (`share_modes`)."""
+    get the umask's modes first (`share_modes`).
+
+    The earlier ``out_dir`` stays recoverable at every instant: where the kernel can, the two are
+    swapped in one step (the old one then sits at ``stage`` until removed); elsewhere the old one is
+    moved to ``.NAME.old-XXXX`` beside it first, and moved back if the second rename fails. It is
+    deleted only once the new one is in place."""
+    stage, out_dir = Path(stage), Path(out_dir)
     share_modes(stage)
+    if out_dir.is_dir() and not out_dir.is_symlink() and _exchange(stage, out_dir):
+        fsync_dir(out_dir.parent)
+        shutil.rmtree(stage, ignore_errors=True)
+        return
     old = None
-    if out_dir.exists():
+    if out_dir.exists() or out_dir.is_symlink():
         old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(out_dir, old)
-    os.replace(stage, out_dir)
+    try:
+        os.replace(stage, out_dir)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out_dir)  # put the earlier output back: nothing is lost
+        raise
+    fsync_dir(out_dir.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
@@ -149,3 +190,57 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON-able: {type(o).__name__}")
+
+
+# --------------------------------------------------------------------------------------------
+# inputs that are not plain files, and a full disk, as one-line errors
+
+
+class NotAFileError(QtuluError, ValueError):
+    """An input path is a FIFO, a device or a socket (reading it could hang or never end)."""
+
+
+class DiskFullError(QtuluError, OSError):
+    """A write failed because the disk (or quota) is full; nothing half-written was left."""
+
+
+def check_input_path(path: str | os.PathLike, what: str = "input") -> Path:
+    """``path`` if it is a regular file or a directory (symlinks followed); `NotAFileError` naming it
+    for a FIFO, character/block device or socket, which a reader would block on or read forever.
+    A missing path is left to the caller (its own "not found" message)."""
+    import stat
+
+    p = Path(path)
+    try:
+        mode = os.stat(p).st_mode
+    except OSError:
+        return p
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise NotAFileError(f"{what} {p}: is {kind}, not a regular file; refusing to read it")
+    return p
+
+
+def check_input_tree(path: str | os.PathLike, what: str = "input") -> Path:
+    """`check_input_path` for ``path`` and, when it is a directory, every entry below it."""
+    p = check_input_path(path, what)
+    if p.is_dir():
+        for sub in sorted(p.rglob("*")):
+            check_input_path(sub, what)
+    return p
+
+
+@contextlib.contextmanager
+def disk_full_is_one_line(path: str | os.PathLike, what: str):
+    """Turn a full disk while writing ``what`` under ``path`` into `DiskFullError` (one line);
+    every other error passes through unchanged."""
+    try:
+        yield
+    except QtuluError:
+        raise
+    except Exception as e:
+        if is_disk_full(e, path):
+            raise DiskFullError(f"{what}: the disk is full at {path} ({type(e).__name__}); nothing was "
+                                "written there. Free some space and run the command again") from e
+        raise

@@ -43,17 +43,23 @@ def register(subparsers) -> None:
     p.add_argument("--compute-dtype", default=None, choices=("bfloat16", "float16", "float32"),
                    help="base compute dtype (default: the one the first adapter was trained with)")
     p.add_argument("--force", action="store_true", help="load adapters recorded for another base/quantization")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write to a non-empty --out that is not a qtulu adapter (merged model with --full)")
     p.set_defaults(func=_main)
 
 
 def check_arguments(args: argparse.Namespace, n_adapters: int) -> None:
     """The merge request's own consistency, checked before anything is loaded (`MergeError`)."""
+    import math
     from pathlib import Path
 
     if not (args.full and n_adapters == 1) and n_adapters < 2:
         raise MergeError("combining needs at least two --adapter (one adapter: use --full to export it)")
     if args.weights is not None and len(args.weights) != n_adapters:
         raise MergeError(f"--weights: {len(args.weights)} weights for {n_adapters} adapters")
+    if args.weights is not None and not all(math.isfinite(w) and abs(w) <= 1e6 for w in args.weights):
+        # a huge weight scales the merged factors past what the compute dtype holds
+        raise MergeError(f"--weights: {args.weights}: each weight must be finite and at most 1e6 in size")
     if n_adapters > 1 and args.method in _NEEDS_DENSITY:
         if args.density is None:
             raise MergeError(f"method {args.method!r} needs a density: --density (fraction of each delta kept, in (0, 1])")
@@ -65,6 +71,16 @@ def check_arguments(args: argparse.Namespace, n_adapters: int) -> None:
         raise MergeError("--quantize applies to --full (a merged model); an adapter stays as trained")
     if Path(args.out).is_file():
         raise MergeError(f"--out {args.out}: is a file (a directory is written there)")
+
+
+def check_merge_output(args: argparse.Namespace, specs) -> None:
+    """--out is none of the inputs (base, adapters), not inside one, holds none, and is empty, new or an
+    earlier output of the same kind unless --overwrite (`qtulu.preflight.check_output`)."""
+    from qtulu.preflight import check_output
+
+    inputs = [("base model", args.model), *[("adapter", p) for _, p in specs]]
+    check_output(args.out, kind="model" if args.full else "adapter", inputs=inputs,
+                 overwrite=getattr(args, "overwrite", False))
 
 
 def merged_name(out) -> str | None:
@@ -120,6 +136,7 @@ def _main(args: argparse.Namespace) -> int:
     parse_size(args.max_shard_size)
     # adapters (readable, base precision known: --trained-on) and base files, before the base is loaded
     check_before_load(args.model, args.adapter, args.trained_on)
+    check_merge_output(args, specs)
     quantize = None if args.no_quantize_base else AUTO
     if args.full and len(specs) == 1:
         from qtulu.adapters.export import export_merged

@@ -40,6 +40,7 @@ import copy
 import dataclasses
 import importlib.resources
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -500,6 +501,40 @@ def _check_ranges(recipe: Recipe, err) -> None:
         err("lora.alpha", f"must be > 0, got {lora.alpha}")
     if m.blocksize not in NF4_BLOCKSIZES:
         err("model.blocksize", f"must be one of {', '.join(map(str, NF4_BLOCKSIZES))}, got {m.blocksize}")
+    _check_names(recipe, err)
+
+
+# The names the trainer accepts for the string-valued recipe keys, checked when the recipe loads (an
+# unknown optimizer used to be a traceback after the base had loaded). HF's own names
+# (transformers' OptimizerNames / SchedulerType; tests/test_recipes.py checks they still are),
+# limited to those that need no extra arguments or packages beyond torch and bitsandbytes.
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop",
+              "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "ademamix", "ademamix_8bit",
+              "paged_ademamix_8bit", "paged_ademamix_32bit", "lion_8bit", "lion_32bit", "paged_lion_8bit",
+              "paged_lion_32bit", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
+REPORT_TO = ("none", "tensorboard", "wandb")
+ATTN_IMPLEMENTATIONS = ("qtulu_varlen", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+
+def _check_names(recipe: Recipe, err) -> None:
+    t, m, lora = recipe.train, recipe.model, recipe.lora
+    for key, value, known in (("train.optimizer", t.optimizer, OPTIMIZERS),
+                              ("train.lr_scheduler", t.lr_scheduler, LR_SCHEDULERS),
+                              ("model.attn_implementation", m.attn_implementation, ATTN_IMPLEMENTATIONS)):
+        if value not in known:
+            err(key, f"unknown value {value!r} (known: {', '.join(known)})")
+    for r in str(t.report_to).split(","):
+        if r.strip() not in REPORT_TO:
+            err("train.report_to", f"unknown value {r.strip()!r} (known: {', '.join(REPORT_TO)}, comma-separated)")
+    targets = [lora.target_modules] if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    if not targets:
+        err("lora.target_modules", "empty: give all-linear or a list of module names")
+    for name in targets:
+        if name != "all-linear" and (not _MODULE_NAME.fullmatch(name) or ".." in name):
+            err("lora.target_modules", f"{name!r} is not a module name (e.g. q_proj; or all-linear)")
 
 
 def _load_raw(raw: dict[str, Any], file: Path, overrides, label: str | None = None) -> Recipe:

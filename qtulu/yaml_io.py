@@ -51,6 +51,9 @@ def parse_yaml_value(text: str) -> Any:
 
 def read_mapping(path: Path, error: type[Exception], what: str = "recipe") -> dict[str, Any]:
     """The top-level mapping of YAML file ``path``; ``error(message naming path)`` otherwise."""
+    from qtulu.files import check_input_path
+
+    check_input_path(path, what)  # a FIFO or device would block the read forever
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

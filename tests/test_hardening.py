@@ -196,7 +196,12 @@ def test_resume_never_keeps_an_earlier_runs_checkpoints(tmp_path):
     _toy_train(out)
     first = {p.name: ck.read_manifest(p)["files"] for p in ck.list_checkpoints(out / "checkpoints")}
     assert sorted(first) == ["checkpoint-1", "checkpoint-2"]
+    adapter = {p.name: p.read_bytes() for p in (out / "adapter").iterdir()}
     _toy_train(out, resume="never")
+    # issue 25: the earlier run's adapter is moved aside too, byte for byte, not replaced
+    (old_adapter,) = [p for p in out.iterdir() if p.name.startswith("adapter.previous-")]
+    assert {p.name: p.read_bytes() for p in old_adapter.iterdir()} == adapter
+    assert (out / "adapter" / "qtulu.json").is_file()
     (aside,) = [p for p in out.iterdir() if p.name.startswith("checkpoints.previous-")]
     for p in ck.list_checkpoints(aside):  # moved, complete, byte for byte
         assert ck.check_complete(p)["files"] == first[p.name]

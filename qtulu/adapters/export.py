@@ -319,50 +319,24 @@ def export_merged(
     the weights re-created, hashed as they stream by: the checkpoint is read once) is checked
     before the result is moved into place. ``trained_on``: what a plain PEFT adapter (no
     ``qtulu.json``) was trained against (required for one; see the module docstring). Writes
-    atomically (stage dir + rename). Returns a report dict (also saved as ``qtulu_merge.json``).
+    atomically (stage dir + rename; a full disk is one line, `qtulu.files.DiskFullError`). Returns
+    a report dict (also saved as ``qtulu_merge.json``).
+
+    Stages: `_out_dtype` (arguments), `_adapter_side` (verify, what it trained against),
+    `_base_side` (the weights stream), `_merge_stream` (delta added, shards written),
+    `_write_config`, `_merge_report`; then the stage dir replaces ``out_dir``.
     """
     from transformers import PreTrainedModel
 
-    from qtulu.adapters.store import trained_on_of, verify_adapter
-
     adapter_dir = Path(adapter_dir)
     out_dir = Path(out_dir)
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ExportError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        out_dtype = _DTYPES[dtype]
-    else:
-        out_dtype = dtype
-    if quantize not in (None, "nf4"):
-        raise ExportError(f"quantize must be None or 'nf4', got {quantize!r}")
-
-    from qtulu.adapters.store import check_base
-
-    # integrity, and for a plain PEFT adapter what --trained-on says (refused without it)
-    meta = verify_adapter(adapter_dir, trained_on=trained_on)
-    quant = meta.get("quantization", (meta.get("base") or {}).get("quantization"))
-    if compute_dtype is None:
-        from qtulu.adapters.store import recorded_compute_dtype
-
-        compute_dtype = recorded_compute_dtype(meta) or "bfloat16"
-    cdtype = _DTYPES[compute_dtype] if isinstance(compute_dtype, str) else compute_dtype
-    skip = tuple((quant or {}).get("skip", ("lm_head",)))
-
-    if isinstance(base, PreTrainedModel):
-        from qtulu.model.load import base_info
-
-        info = base_info(base)
-        check_base(meta, info, where=str(adapter_dir), force=force)
-        config = base.config
-        stream, dry = _iter_model_base(base), _iter_model_base(base, dry=True)
-        src_dir, digests = None, None
-        n_total = sum(1 for _ in base.named_modules())
-    else:
-        from qtulu.model.load import _safetensor_files, files_sha256, load_config, resolve_checkpoint
+    out_dtype = _out_dtype(dtype, quantize)
+    meta, quant, cdtype, skip = _adapter_side(adapter_dir, trained_on, compute_dtype)
+    if not isinstance(base, PreTrainedModel):
+        from qtulu.model.load import load_config, resolve_checkpoint
 
         src_dir, _rev = resolve_checkpoint(base)
-        config = load_config(src_dir)
-        if getattr(config, "quantization_config", None):
+        if getattr(load_config(src_dir), "quantization_config", None):
             # a bitsandbytes-quantized checkpoint: its NF4 weights are the trained-against weights;
             # load it (it is 4-bit, so it fits) and dequantize layer by layer from memory
             from qtulu.model.load import load_base
@@ -373,124 +347,208 @@ def export_merged(
                 max_shard_size=max_shard_size, tokenizer=tokenizer or tok, force=force, progress=progress,
                 measure=measure, trained_on=trained_on,
             )
-        # the base is re-created as the adapter trained against it (`quant`, `cdtype`); its
-        # weights_sha256 is built from the digests of the stream below and checked at the end
-        from qtulu.model.base_hash import WEIGHTS_HASH
+    src = _base_side(base, meta, quant, cdtype, skip, adapter_dir, force)
+    from qtulu.adapters.integrity import check_adapter_weights, n_layers_of
 
-        info = {"id": str(base), "revision": _rev, "weights_sha256": None, "weights_hash": WEIGHTS_HASH,
-                "quantization": quant}
-        if (meta.get("base") or {}).get("weights_sha256") and not (meta.get("base") or {}).get("weights_hash"):
-            # saved before weights_hash: its hash is of the files (read once more, cached)
-            info.update(files_sha256=files_sha256(_safetensor_files(src_dir)), weights_hash=None)
-            check_base(meta, info, where=str(adapter_dir), force=force)
-        digests = {}
-        stream = _iter_dir_base(src_dir, config, quant, cdtype, skip, digests=digests)
-        dry = _iter_dir_base(src_dir, config, quant, cdtype, skip, dry=True)
-        n_total = None
-
-    from qtulu.adapters.integrity import check_adapter_weights, check_finite
-
-    check_adapter_weights(adapter_dir)  # NaN/inf or factors not matching the config's r: refused, naming the tensor
-    deltas = LoraDeltas(adapter_dir)
+    # NaN/inf, factors not matching the config's r, overflow in the compute dtype, layers the base lacks:
+    # refused, naming the tensor or key
+    check_adapter_weights(adapter_dir, compute_dtype=cdtype, n_layers=n_layers_of(src.config))
     requant_cfg = {"blocksize": (quant or {}).get("blocksize", 64), "double_quant": (quant or {}).get("double_quant", True)}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    stage.mkdir()
-    try:
-        from tqdm.auto import tqdm
+    from qtulu.files import disk_full_is_one_line, replace_dir
 
-        layout = output_layout(dry, out_dtype, quantize, skip, requant_cfg)
-        writer = ShardWriter(stage, layout, parse_size(max_shard_size))
-        merged, rounding, requant = 0, [], []
-        for name, t, is_linear in tqdm(stream, total=n_total, desc="merge+export", disable=not progress, leave=False):
-            if is_linear:
-                d = deltas.delta(name[: -len(".weight")])
-                if d is not None:
-                    if d.shape != t.shape:
-                        raise ExportError(f"{adapter_dir}: delta for {name} is {tuple(d.shape)}, base weight {tuple(t.shape)}")
-                    t = t + d  # fp32 (out, in)
-                    merged += 1
-                if t.is_floating_point():
-                    out_t = t.to(out_dtype)
-                    rounding.append(float((out_t.float() - t).norm() / t.norm().clamp_min(1e-30)))
-                    if quantize == "nf4" and name.rsplit(".", 2)[-2] not in skip:
-                        # re-quantize the merged weight; written in bitsandbytes' layout (the keys
-                        # Linear4bit's state dict uses), which transformers and load_base both read
-                        check_finite(name, out_t, where=f"merged model for {out_dir}")  # nothing non-finite is written
-                        q4, err = _requantize(out_t, requant_cfg)
-                        requant.append(err)
-                        for k, v in q4.items():
-                            writer.add(name + k, v)
-                        continue
-                    t = out_t
-            elif t.is_floating_point():
-                t = t.to(out_dtype)
-            check_finite(name, t, where=f"merged model for {out_dir}")  # nothing non-finite is written
-            writer.add(name, t)
-        unused = sorted(set(deltas.factors) - deltas.used)
-        if unused:
-            raise ExportError(f"{adapter_dir}: adapter modules not found among the base's Linear layers: {unused[:5]}")
-        if digests is not None and info.get("weights_hash"):
-            from qtulu.model.base_hash import combine_digests
+    with disk_full_is_one_line(out_dir.parent, f"writing the merged model to {out_dir}"):
+        stage = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+        stage.mkdir()
+        try:
+            stats = _merge_stream(src, LoraDeltas(adapter_dir), stage, out_dir, adapter_dir, meta, out_dtype, quantize,
+                                  skip, requant_cfg, max_shard_size, progress, force)
+            _write_config(stage, src.config, out_dtype, quantize, requant_cfg, cdtype, skip)
+            _write_tokenizer(stage, src.src_dir, tokenizer)
+            report = _merge_report(out_dir, adapter_dir, meta, src.info, quant, out_dtype, cdtype, quantize,
+                                   requant_cfg, stats)
+            (stage / MERGE_META).write_text(json.dumps(report, indent=2, default=str) + "\n")
+            replace_dir(stage, out_dir)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        if quantize == "nf4" and measure:
+            if src.src_dir is None:
+                report["requantize"]["logits"] = "not measured: in-memory base (pass the base dir to measure)"
+            else:
+                report["requantize"]["logits"] = measure_logit_error(
+                    src.src_dir, adapter_dir, out_dir, quantize_base=quant is not None, compute_dtype=cdtype,
+                    tokenizer=tokenizer, trained_on=trained_on,
+                )
+            (out_dir / MERGE_META).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return report
 
-            info["weights_sha256"] = combine_digests(digests)
-            check_base(meta, info, where=str(adapter_dir), force=force)  # another base: nothing is kept
-        shards = writer.finish()
 
-        config = config.__class__.from_dict(config.to_dict())  # a copy: never mutate the caller's config
-        if hasattr(config, "quantization_config"):
-            delattr(config, "quantization_config")
-        config.dtype = out_dtype
-        if quantize == "nf4":
-            config.quantization_config = {
-                "quant_method": "bitsandbytes",
-                "load_in_4bit": True,
-                "load_in_8bit": False,
-                "bnb_4bit_quant_type": "nf4",
-                "bnb_4bit_use_double_quant": bool(requant_cfg["double_quant"]),
-                "bnb_4bit_compute_dtype": str(cdtype).replace("torch.", ""),
-                "bnb_4bit_quant_storage": "uint8",
-                "llm_int8_skip_modules": list(skip),
-            }
-        config.save_pretrained(str(stage))
-        _write_tokenizer(stage, src_dir, tokenizer)
-        report = {
-            "out_dir": str(out_dir),
-            "dtype": str(out_dtype).replace("torch.", ""),
-            "compute_dtype": str(cdtype).replace("torch.", ""),
-            "base": {k: info.get(k) for k in ("id", "revision", "weights_sha256")},
-            "quantization": quant,
-            "adapter": {"dir": str(adapter_dir), "sha256": (meta.get("files") or {}).get("adapter_model.safetensors"),
-                        "trained_on": trained_on_of(meta)},
-            "recipe": meta.get("recipe"),
-            "merged_layers": merged,
-            "shards": shards,
-            "total_bytes": writer.total,
-            "weight_rounding_rel_error_max": max(rounding) if rounding else 0.0,
+def _out_dtype(dtype, quantize) -> torch.dtype:
+    """The merged weights' dtype; ``quantize`` must be None or ``"nf4"``."""
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ExportError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        out_dtype = _DTYPES[dtype]
+    else:
+        out_dtype = dtype
+    if quantize not in (None, "nf4"):
+        raise ExportError(f"quantize must be None or 'nf4', got {quantize!r}")
+    return out_dtype
+
+
+def _adapter_side(adapter_dir: Path, trained_on, compute_dtype):
+    """The adapter's record (verified: integrity, and for a plain PEFT adapter what --trained-on
+    says, refused without it), its quantization, compute dtype and the modules kept unquantized."""
+    from qtulu.adapters.store import recorded_compute_dtype, verify_adapter
+
+    meta = verify_adapter(adapter_dir, trained_on=trained_on)
+    quant = meta.get("quantization", (meta.get("base") or {}).get("quantization"))
+    if compute_dtype is None:
+        compute_dtype = recorded_compute_dtype(meta) or "bfloat16"
+    cdtype = _DTYPES[compute_dtype] if isinstance(compute_dtype, str) else compute_dtype
+    skip = tuple((quant or {}).get("skip", ("lm_head",)))
+    return meta, quant, cdtype, skip
+
+
+class _BaseSource:
+    """Where the base weights come from: ``stream`` yields ``(name, fp32 tensor, is_linear)``, ``dry``
+    the same names on the meta device (the shard plan); ``digests`` collects the weights hash."""
+
+    def __init__(self, info, config, stream, dry, src_dir, digests, n_total):
+        self.info, self.config, self.stream, self.dry = info, config, stream, dry
+        self.src_dir, self.digests, self.n_total = src_dir, digests, n_total
+
+
+def _base_side(base, meta: dict, quant, cdtype, skip, adapter_dir: Path, force: bool) -> _BaseSource:
+    """The base re-created as the adapter trained against it (``quant``, ``cdtype``): from a loaded
+    model (checked now against the adapter's record) or streamed from a checkpoint dir (its
+    weights_sha256 built from the digests of the stream and checked at the end)."""
+    from transformers import PreTrainedModel
+
+    from qtulu.adapters.store import check_base
+
+    if isinstance(base, PreTrainedModel):
+        from qtulu.model.load import base_info
+
+        info = base_info(base)
+        check_base(meta, info, where=str(adapter_dir), force=force)
+        return _BaseSource(info, base.config, _iter_model_base(base), _iter_model_base(base, dry=True), None, None,
+                           sum(1 for _ in base.named_modules()))
+    from qtulu.model.base_hash import WEIGHTS_HASH
+    from qtulu.model.load import _safetensor_files, files_sha256, load_config, resolve_checkpoint
+
+    src_dir, _rev = resolve_checkpoint(base)
+    config = load_config(src_dir)
+    info = {"id": str(base), "revision": _rev, "weights_sha256": None, "weights_hash": WEIGHTS_HASH,
+            "quantization": quant}
+    if (meta.get("base") or {}).get("weights_sha256") and not (meta.get("base") or {}).get("weights_hash"):
+        # saved before weights_hash: its hash is of the files (read once more, cached)
+        info.update(files_sha256=files_sha256(_safetensor_files(src_dir)), weights_hash=None)
+        check_base(meta, info, where=str(adapter_dir), force=force)
+    digests: dict = {}
+    stream = _iter_dir_base(src_dir, config, quant, cdtype, skip, digests=digests)
+    dry = _iter_dir_base(src_dir, config, quant, cdtype, skip, dry=True)
+    return _BaseSource(info, config, stream, dry, src_dir, digests, None)
+
+
+def _merge_stream(src: _BaseSource, deltas: "LoraDeltas", stage: Path, out_dir: Path, adapter_dir: Path, meta: dict,
+                  out_dtype, quantize, skip, requant_cfg: dict, max_shard_size, progress: bool, force: bool) -> dict:
+    """Each base tensor, its LoRA delta added in fp32 (Linear weights), cast (or re-quantized) and
+    written to ``stage``'s shards; the base's identity checked once every tensor has streamed by.
+    Returns the counts the report needs."""
+    from tqdm.auto import tqdm
+
+    from qtulu.adapters.integrity import check_finite
+    from qtulu.adapters.store import check_base
+
+    layout = output_layout(src.dry, out_dtype, quantize, skip, requant_cfg)
+    writer = ShardWriter(stage, layout, parse_size(max_shard_size))
+    merged, rounding, requant = 0, [], []
+    for name, t, is_linear in tqdm(src.stream, total=src.n_total, desc="merge+export", disable=not progress, leave=False):
+        if is_linear:
+            d = deltas.delta(name[: -len(".weight")])
+            if d is not None:
+                if d.shape != t.shape:
+                    raise ExportError(f"{adapter_dir}: delta for {name} is {tuple(d.shape)}, base weight {tuple(t.shape)}")
+                t = t + d  # fp32 (out, in)
+                merged += 1
+            if t.is_floating_point():
+                out_t = t.to(out_dtype)
+                rounding.append(float((out_t.float() - t).norm() / t.norm().clamp_min(1e-30)))
+                if quantize == "nf4" and name.rsplit(".", 2)[-2] not in skip:
+                    # re-quantize the merged weight; written in bitsandbytes' layout (the keys
+                    # Linear4bit's state dict uses), which transformers and load_base both read
+                    check_finite(name, out_t, where=f"merged model for {out_dir}")  # nothing non-finite is written
+                    q4, err = _requantize(out_t, requant_cfg)
+                    requant.append(err)
+                    for k, v in q4.items():
+                        writer.add(name + k, v)
+                    continue
+                t = out_t
+        elif t.is_floating_point():
+            t = t.to(out_dtype)
+        check_finite(name, t, where=f"merged model for {out_dir}")  # nothing non-finite is written
+        writer.add(name, t)
+    unused = sorted(set(deltas.factors) - deltas.used)
+    if unused:
+        raise ExportError(f"{adapter_dir}: adapter modules not found among the base's Linear layers: {unused[:5]}")
+    if src.digests is not None and src.info.get("weights_hash"):
+        from qtulu.model.base_hash import combine_digests
+
+        src.info["weights_sha256"] = combine_digests(src.digests)
+        check_base(meta, src.info, where=str(adapter_dir), force=force)  # another base: nothing is kept
+    shards = writer.finish()
+    return {"merged": merged, "rounding": rounding, "requant": requant, "shards": shards, "total": writer.total}
+
+
+def _write_config(stage: Path, config, out_dtype, quantize, requant_cfg: dict, cdtype, skip) -> None:
+    """The merged model's config.json: the base's, in ``out_dtype``, with bitsandbytes'
+    ``quantization_config`` when re-quantized to NF4."""
+    config = config.__class__.from_dict(config.to_dict())  # a copy: never mutate the caller's config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = out_dtype
+    if quantize == "nf4":
+        config.quantization_config = {
+            "quant_method": "bitsandbytes",
+            "load_in_4bit": True,
+            "load_in_8bit": False,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": bool(requant_cfg["double_quant"]),
+            "bnb_4bit_compute_dtype": str(cdtype).replace("torch.", ""),
+            "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": list(skip),
         }
-        if quantize == "nf4":
-            report["requantize"] = {
-                "method": "nf4",
-                **requant_cfg,
-                "weight_rel_error_max": max(requant) if requant else 0.0,
-                "weight_rel_error_mean": sum(requant) / len(requant) if requant else 0.0,
-            }
-        (stage / MERGE_META).write_text(json.dumps(report, indent=2, default=str) + "\n")
-        from qtulu.files import replace_dir
+    config.save_pretrained(str(stage))
 
-        replace_dir(stage, out_dir)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    if quantize == "nf4" and measure:
-        if src_dir is None:
-            report["requantize"]["logits"] = "not measured: in-memory base (pass the base dir to measure)"
-        else:
-            report["requantize"]["logits"] = measure_logit_error(
-                src_dir, adapter_dir, out_dir, quantize_base=quant is not None, compute_dtype=cdtype, tokenizer=tokenizer,
-                trained_on=trained_on,
-            )
-        (out_dir / MERGE_META).write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+def _merge_report(out_dir: Path, adapter_dir: Path, meta: dict, info: dict, quant, out_dtype, cdtype, quantize,
+                  requant_cfg: dict, stats: dict) -> dict:
+    from qtulu.adapters.store import trained_on_of
+
+    rounding, requant = stats["rounding"], stats["requant"]
+    report = {
+        "out_dir": str(out_dir),
+        "dtype": str(out_dtype).replace("torch.", ""),
+        "compute_dtype": str(cdtype).replace("torch.", ""),
+        "base": {k: info.get(k) for k in ("id", "revision", "weights_sha256")},
+        "quantization": quant,
+        "adapter": {"dir": str(adapter_dir), "sha256": (meta.get("files") or {}).get("adapter_model.safetensors"),
+                    "trained_on": trained_on_of(meta)},
+        "recipe": meta.get("recipe"),
+        "merged_layers": stats["merged"],
+        "shards": stats["shards"],
+        "total_bytes": stats["total"],
+        "weight_rounding_rel_error_max": max(rounding) if rounding else 0.0,
+    }
+    if quantize == "nf4":
+        report["requantize"] = {
+            "method": "nf4",
+            **requant_cfg,
+            "weight_rel_error_max": max(requant) if requant else 0.0,
+            "weight_rel_error_mean": sum(requant) / len(requant) if requant else 0.0,
+        }
     return report
 
 

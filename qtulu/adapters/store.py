@@ -58,11 +58,12 @@ from qtulu.adapters.files import (  # noqa: F401 - the format's names are part o
     _json_default,
     _safetensors_layout,
     _write_json,
+    check_adapter_config,
     read_meta,
     recorded_compute_dtype,
     sha256_file,
 )
-from qtulu.files import replace_dir
+from qtulu.files import check_input_tree, disk_full_is_one_line, replace_dir
 from qtulu.adapters.swap import (  # noqa: F401 - re-exported: qtulu.adapters.store.set_active etc.
     adapter_names_of,
     adapters_disabled,
@@ -110,49 +111,51 @@ def save_adapter(
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        stage.mkdir()
-        peft_model.save_pretrained(
-            str(stage), selected_adapters=[adapter_name], safe_serialization=True, state_dict=state_dict
-        )
-        if adapter_name != "default":
-            # peft nests non-default adapters in a sub-folder; an adapter dir holds one adapter
-            sub = stage / adapter_name
-            for item in sub.iterdir():
-                os.replace(item, stage / item.name)
-            sub.rmdir()
-        weights = stage / WEIGHTS_NAME
-        if not weights.is_file() or not (stage / CONFIG_NAME).is_file():
-            raise AdapterError(f"save_adapter: peft did not write {WEIGHTS_NAME}/{CONFIG_NAME} in {stage}")
-        bad = [k for k, t in load_file(str(weights)).items() if t.is_floating_point() and not bool(t.isfinite().all())]
-        if bad:
-            raise AdapterError(
-                f"save_adapter: refusing to save adapter {adapter_name!r} to {out_dir}: non-finite "
-                f"values in {len(bad)} tensor(s), e.g. {bad[:3]}"
+    # a full disk (safetensors' own error, torch's, ENOSPC) is one line; the stage is removed
+    with disk_full_is_one_line(out_dir.parent, f"saving the adapter to {out_dir}"):
+        stage = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            stage.mkdir()
+            peft_model.save_pretrained(
+                str(stage), selected_adapters=[adapter_name], safe_serialization=True, state_dict=state_dict
             )
-        files = sorted(p.name for p in stage.iterdir() if p.is_file())
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "adapter_name": adapter_name,
-            "name": name,
-            "base": base_info,
-            "quantization": base_info.get("quantization"),
-            # the dtype the base weights were cast to before NF4 quantization / used in the matmuls:
-            # export_merged needs it to re-create the trained-against weights bit for bit
-            "compute_dtype": compute_dtype_of(peft_model),
-            "recipe": recipe,
-            "data_manifest": manifest,
-            "extra": extra or {},
-            "files": {name: sha256_file(stage / name) for name in files},
-            "sizes": {name: (stage / name).stat().st_size for name in files},
-            "tensors": _safetensors_layout(weights),
-        }
-        _write_json(stage / META_NAME, meta)
-        replace_dir(stage, out_dir)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+            if adapter_name != "default":
+                # peft nests non-default adapters in a sub-folder; an adapter dir holds one adapter
+                sub = stage / adapter_name
+                for item in sub.iterdir():
+                    os.replace(item, stage / item.name)
+                sub.rmdir()
+            weights = stage / WEIGHTS_NAME
+            if not weights.is_file() or not (stage / CONFIG_NAME).is_file():
+                raise AdapterError(f"save_adapter: peft did not write {WEIGHTS_NAME}/{CONFIG_NAME} in {stage}")
+            bad = [k for k, t in load_file(str(weights)).items() if t.is_floating_point() and not bool(t.isfinite().all())]
+            if bad:
+                raise AdapterError(
+                    f"save_adapter: refusing to save adapter {adapter_name!r} to {out_dir}: non-finite "
+                    f"values in {len(bad)} tensor(s), e.g. {bad[:3]}"
+                )
+            files = sorted(p.name for p in stage.iterdir() if p.is_file())
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "adapter_name": adapter_name,
+                "name": name,
+                "base": base_info,
+                "quantization": base_info.get("quantization"),
+                # the dtype the base weights were cast to before NF4 quantization / used in the matmuls:
+                # export_merged needs it to re-create the trained-against weights bit for bit
+                "compute_dtype": compute_dtype_of(peft_model),
+                "recipe": recipe,
+                "data_manifest": manifest,
+                "extra": extra or {},
+                "files": {name: sha256_file(stage / name) for name in files},
+                "sizes": {name: (stage / name).stat().st_size for name in files},
+                "tensors": _safetensors_layout(weights),
+            }
+            _write_json(stage / META_NAME, meta)
+            replace_dir(stage, out_dir)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
     return out_dir
 
 
@@ -200,16 +203,15 @@ def verify_adapter(adapter_dir: str | os.PathLike, *, base_info: dict | None = N
     d = Path(adapter_dir)
     if not d.is_dir():
         raise AdapterError(f"{d}: adapter directory not found")
+    check_input_tree(d, "adapter file")  # a FIFO, device or socket would hang or never end a read
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (d / name).is_file():
             raise AdapterError(f"{d / name}: missing (an adapter dir needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    check_adapter_config(d)  # every hostile value one line, before peft reads it
     if not (d / META_NAME).is_file():
         record = plain_peft_record(d, trained_on)
         try:
             _safetensors_layout(d / WEIGHTS_NAME)
-            json.loads((d / CONFIG_NAME).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AdapterError(f"{d / CONFIG_NAME}: not valid JSON ({e})") from None
         except Exception as e:  # safetensors' own error types
             raise AdapterError(f"{d / WEIGHTS_NAME}: corrupt safetensors file ({e})") from None
         if base_info is not None:
@@ -395,11 +397,14 @@ def attach_adapters(model, adapters: Iterable, *, base_info: dict | None = None,
             # peft matches adapter names inside state-dict keys: a name that is part of its
             # "lora_" prefix can re-initialise weights on load (peft warns; we refuse)
             raise AdapterError(f"adapter name {name!r} is part of peft's 'lora_' prefix; rename it (NAME=DIR)")
-    from qtulu.adapters.integrity import check_adapter_weights, linear_dims
+    from qtulu.adapters.integrity import check_adapter_weights, linear_dims, n_layers_of
 
+    cdtype = compute_dtype_of(model)
     for name, path in specs:
         verify_adapter(path, base_info=base_info, force=force, trained_on=trained_on)
-        check_adapter_weights(path, linear_dims(model))  # NaN/inf, or factors that do not fit: refused, naming the tensor
+        # NaN/inf, factors that do not fit, values that overflow in the compute dtype, layers the base
+        # lacks: refused, naming the tensor or key
+        check_adapter_weights(path, linear_dims(model), compute_dtype=cdtype, n_layers=n_layers_of(model))
         if isinstance(model, PeftModel):
             if name in model.peft_config:
                 raise AdapterError(f"{path}: an adapter named {name!r} is already loaded")
@@ -461,7 +466,7 @@ def load_model(base, adapters: Sequence = (), *, quantize: str | None = AUTO, tr
 
     for path in paths:  # a corrupt or garbage (NaN, misshapen) adapter is refused before the base loads
         verify_adapter(path, force=force, trained_on=trained_on)
-        check_adapter_weights(path)
+        check_adapter_weights(path, compute_dtype=load_kwargs.get("compute_dtype"))
     model, tokenizer = load_base(base, quantize=quantize, **load_kwargs)
     info = get_base_info(model) if adapters else None
     source = getattr(model, "qtulu_source_dir", None)

@@ -52,7 +52,13 @@ def is_saved_dataset(p: Path) -> bool:
 def local_files(path: str, source: str = "") -> list[Path]:
     """The data files a ``path`` names: a file, a folder (its data files, sorted; or itself when it
     is a ``save_to_disk`` folder) or a glob."""
+    from qtulu.files import check_input_tree
+
     label = f"source {source!r}: " if source else ""
+    return [check_input_tree(f, f"{label}data file") for f in _local_files(path, label, source)]
+
+
+def _local_files(path: str, label: str, source: str) -> list[Path]:
     if any(c in path for c in "*?["):
         files = sorted(Path(p) for p in glob.glob(path) if p.endswith(LOCAL_SUFFIXES))
         if not files:

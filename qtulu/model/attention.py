@@ -23,7 +23,9 @@ the layer passes) and Gemma-2's ``attn_logit_softcapping`` (``softcap``) run in 
 packed and unpacked rows alike (the padded/decoding fallback applies the softcap too, where
 transformers' SDPA cannot). What the kernel cannot do is refused with a `PackedAttentionError`
 naming the config key (:func:`check_packed_support`: chunked attention, bidirectional layers,
-unknown layer types, attention sinks, custom mask functions) rather than run inexactly. Attention
+unknown layer types, attention sinks, custom mask functions, ALiBi position biases: Bloom, Falcon
+with ``alibi``, MPT) rather than run inexactly, and :func:`check_attention_took_effect` refuses a
+model whose attention does not go through transformers' attention interface at all. Attention
 dropout is refused in training (LLaMA's default is 0).
 """
 
@@ -44,6 +46,7 @@ __all__ = [
     "register_attention",
     "cu_seqlens_from_position_ids",
     "check_packed_support",
+    "check_attention_took_effect",
     "PackedAttentionError",
     "varlen_attention_forward",
     "varlen_mask",
@@ -83,11 +86,60 @@ def check_packed_support(config) -> None:
         problems.append(f"layer_types {unknown} (supported: {list(SUPPORTED_LAYER_TYPES)})")
     if getattr(config, "attention_sinks", None) or name in ("gpt_oss",):
         problems.append("attention sinks")
+    problems += _position_bias_problems(config, name)
     if problems:
         raise PackedAttentionError(
             f"attn_implementation={ATTN_IMPLEMENTATION!r} cannot compute {name}'s attention exactly: "
             f"{'; '.join(problems)}; use attn_implementation='sdpa' (and no packing)"
         )
+
+
+# Architectures whose attention adds a position bias to the scores outside the attention interface
+# (ALiBi): the kernel has no bias input, so packing them would let documents see each other (Bloom
+# trained silently wrong, issue 25) or crash (Falcon). model_type -> the config key that says so.
+ALIBI_ALWAYS = {"bloom": "model_type=bloom (ALiBi position bias, always on)"}
+
+
+def _position_bias_problems(config, name: str) -> list[str]:
+    problems = []
+    if name in ALIBI_ALWAYS:
+        problems.append(ALIBI_ALWAYS[name])
+    for key in ("alibi", "use_alibi"):
+        if getattr(config, key, False) is True:
+            problems.append(f"{key}=True (ALiBi position bias)")
+    attn_config = getattr(config, "attn_config", None)  # MPT
+    alibi = attn_config.get("alibi") if isinstance(attn_config, dict) else getattr(attn_config, "alibi", False)
+    if alibi is True:
+        problems.append("attn_config.alibi=True (ALiBi position bias)")
+    pet = getattr(config, "position_embedding_type", None)
+    if isinstance(pet, str) and pet not in ("absolute", "rope", "rotary"):
+        problems.append(f"position_embedding_type={pet!r} (a bias the kernel does not add)")
+    return problems
+
+
+def check_attention_took_effect(model) -> None:
+    """After ``set_attn_implementation("qtulu_varlen")``: refuse (`PackedAttentionError`) a model
+    whose attention would not call the registered kernel, so that packed rows would silently attend
+    across documents. transformers routes a model's attention through the attention interface only
+    when its class says so (``_supports_attention_backend``); every (sub)config must name the
+    kernel; `check_packed_support` must hold for the config the model really has."""
+    problems = []
+    for sub in [model, *(m for m in model.modules() if m is not model)]:
+        cls = type(sub)
+        if not hasattr(cls, "_supports_attention_backend") or not hasattr(sub, "config"):
+            continue  # not a transformers PreTrainedModel (a layer, a peft wrapper)
+        if not cls._supports_attention_backend:
+            problems.append(f"{cls.__name__} computes attention in its own code, not through transformers' "
+                            "attention interface (_supports_attention_backend=False)")
+        impl = getattr(sub.config, "_attn_implementation", None)
+        if impl != ATTN_IMPLEMENTATION:
+            problems.append(f"{cls.__name__}.config._attn_implementation is {impl!r}")
+    if problems:
+        name = getattr(model.config, "model_type", None) or type(model).__name__
+        raise PackedAttentionError(
+            f"attn_implementation={ATTN_IMPLEMENTATION!r} did not take effect for {name}: {'; '.join(sorted(set(problems)))}; "
+            "use attn_implementation='sdpa' (and no packing)")
+    check_packed_support(model.config)
 
 
 def set_attention_backend(backend: str) -> None:

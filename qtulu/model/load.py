@@ -212,6 +212,10 @@ def set_attention(model, attn_implementation: str | None) -> str | None:
         model.set_attn_implementation(attn_implementation)
     else:  # older transformers
         model.config._attn_implementation = attn_implementation
+    if attn_implementation == "qtulu_varlen":
+        from qtulu.model.attention import check_attention_took_effect
+
+        check_attention_took_effect(model)  # a model whose attention bypasses the interface is refused
     return attn_implementation
 
 

@@ -17,6 +17,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("study", help="study file (YAML), or a name in recipes/studies/ (e.g. demo)")
     p.add_argument("--out", default=None, help="output directory (default: studies/NAME)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out that is not a qtulu study")
     p.add_argument("--plan", action="store_true", help="list the cells, complete or to run, and stop (loads no model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cli)
@@ -25,5 +26,5 @@ def register(subparsers) -> None:
 def _cli(args: argparse.Namespace) -> int:
     from qtulu.study.runner import run_study
 
-    run_study(args.study, args.out, progress=not args.no_progress, plan_only=args.plan)
+    run_study(args.study, args.out, progress=not args.no_progress, plan_only=args.plan, overwrite=args.overwrite)
     return 0

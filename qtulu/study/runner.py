@@ -30,13 +30,14 @@ def say(msg: str) -> None:
     print(f"[qtulu study] {msg}", flush=True)
 
 
-def run_study(path, out_dir=None, *, progress: bool = True, plan_only: bool = False) -> dict:
+def run_study(path, out_dir=None, *, progress: bool = True, plan_only: bool = False, overwrite: bool = False) -> dict:
     """Run (or resume) the study at ``path`` in ``out_dir`` (default ``studies/NAME``); returns the
     results (also ``OUT/results.json``). ``plan_only``: print which cells are complete and stop."""
     from qtulu.train.runlock import run_lock
 
     out = Path(out_dir) if out_dir is not None else default_out(path)
     study = load_study(path, out)
+    _check_out(study, overwrite)
     run = StudyRun(study, progress=progress)
     run.preflight(inside_out=False)  # before the output folder is even created
     if plan_only:  # a look, not a run: no lock, no synthetic data, no memo; nothing is written
@@ -44,6 +45,17 @@ def run_study(path, out_dir=None, *, progress: bool = True, plan_only: bool = Fa
     with run_lock(study.out, what="qtulu study", hint="choose another --out"):
         run.prepare()
         return run.run()
+
+
+def _check_out(study: LoadedStudy, overwrite: bool) -> None:
+    """The study's folder is none of the files it reads (study file, recipes, a base or eval data
+    outside it), and is new, empty or an earlier study (`qtulu.preflight.check_output`)."""
+    from qtulu.preflight import check_output
+
+    inputs = [("study file", study.file), *[(f"recipe of row {r.name}", getattr(r.recipe, "path", None)) for r in study.rows]]
+    if study.base.demo is None:
+        inputs.append(("base model", study.base_path))
+    check_output(study.out, kind="study", inputs=inputs, overwrite=overwrite)
 
 
 @contextlib.contextmanager

@@ -145,7 +145,9 @@ class Records:
         line = {"t": round(time.time(), 3), "pid": os.getpid(), "event": event, **({"cell": cell} if cell else {}),
                 **extra}
         data = (json.dumps(line, default=str) + "\n").encode("utf-8")
-        with open(self.out / "log.jsonl", "a+b") as f:
+        from qtulu.files import disk_full_is_one_line
+
+        with disk_full_is_one_line(self.out, "appending to the study log"), open(self.out / "log.jsonl", "a+b") as f:
             if f.seek(0, os.SEEK_END):  # a line torn by a kill mid-append: end it, or this one is lost with it
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from qtulu.errors import QtuluError
-from qtulu.preflight import check_base_source, check_run_name
-from qtulu.train.runlock import locks_run_dir, set_aside_checkpoints
+from qtulu.preflight import check_base_source, check_run_name, check_run_output
+from qtulu.train.runlock import locks_run_dir, set_aside_adapter, set_aside_checkpoints
 from qtulu.train.distributed import (
     fsdp_refusal,
     fsdp_settings,
@@ -285,6 +285,7 @@ def train(
         resume_from = ck.last_complete_checkpoint(run_dir, log=say)
     elif is_main:  # a fresh run: an earlier run's checkpoints must not be resumed later, nor lost
         set_aside_checkpoints(run_dir, say=say)
+        set_aside_adapter(out / ADAPTER_DIRNAME, say=say)
 
     # ---- data, built before the base is loaded (a bad row must not cost a base load)
     import torch
@@ -518,6 +519,8 @@ def register(subparsers) -> None:
     p.add_argument("--resume", default="auto",
                    help="auto (newest complete checkpoint in OUT/checkpoints), never, or a checkpoint path")
     p.add_argument("--force", action="store_true", help="resume even if the recipe/data changed since the checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --output-dir that is not a qtulu run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cli)
 
@@ -531,6 +534,7 @@ def _cli(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, preset_overrides(args.preset, args.recipe) + list(args.overrides))
     name = check_run_name(args.name or recipe.name)
     out = args.output_dir or os.path.join("runs", name)
+    check_run_output(recipe, out, overwrite=args.overwrite)  # never over an input, nor a foreign folder
     result = train(recipe, output_dir=out, resume=args.resume, force=args.force, progress=not args.no_progress,
                    name=name)
     if result.adapter_dir is not None:

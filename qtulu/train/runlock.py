@@ -8,18 +8,21 @@ that a second run on the same directory fails at once with a message naming the 
 Under torchrun/accelerate only the main process (RANK 0) takes the lock: the ranks of one launch
 share the directory; a second launch's rank 0 is refused.
 
-Also here: `set_aside_checkpoints`, what ``--resume never`` does with the checkpoints an earlier run
-left in the directory: it moves them aside (``checkpoints.previous-<time>``), never deletes them.
+Also here: `set_aside_checkpoints` and `set_aside_adapter`, what ``--resume never`` does with the
+checkpoints and the adapter an earlier run left in the directory: it moves them aside
+(``checkpoints.previous-<time>``, ``adapter.previous-<time>``), never deletes them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -50,8 +53,18 @@ def run_lock(out_dir: str | os.PathLike, *, what: str = "qtulu train run",
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
+        # never follow a planted symlink (its target would be truncated and overwritten), never
+        # block on a FIFO: the lock is a plain file qtulu created, or nothing
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        if path.is_symlink() or e.errno == errno.ELOOP:
+            raise RunDirLocked(f"{path}: is a symlink, not qtulu's lock file; refusing to follow it "
+                               "(remove it, or choose another directory)") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RunDirLocked(f"{path}: is not a regular file (qtulu's lock file is one); refusing to use it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -99,4 +112,26 @@ def set_aside_checkpoints(run_dir: str | os.PathLike, *, say=print) -> Path | No
     os.replace(run_dir, dest)
     run_dir.mkdir()
     say(f"resume=never: the earlier run's checkpoints were moved to {dest} (not deleted)")
+    return dest
+
+
+def _aside(path: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = path.with_name(f"{path.name}.previous-{stamp}")
+    n = 1
+    while dest.exists() or dest.is_symlink():
+        n += 1
+        dest = path.with_name(f"{path.name}.previous-{stamp}-{n}")
+    return dest
+
+
+def set_aside_adapter(adapter_dir: str | os.PathLike, *, say=print) -> Path | None:
+    """Move an earlier run's ``adapter/`` (``adapter_dir``) to ``adapter.previous-<time>`` so that a
+    fresh run (``--resume never``) never replaces it; returns where it went (None if nothing was there)."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir.exists() or adapter_dir.is_symlink()):
+        return None
+    dest = _aside(adapter_dir)
+    os.replace(adapter_dir, dest)
+    say(f"resume=never: the earlier run's adapter was moved to {dest} (not deleted)")
     return dest

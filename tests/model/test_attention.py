@@ -441,3 +441,51 @@ def test_cu_seqlens_agrees_with_transformers_helpers():
     continued = torch.tensor([[0, 1, 2], [3, 4, 0]])
     assert cu_seqlens_from_position_ids(continued)[0].tolist() == [0, 3, 5, 6]
     assert prepare_fa_kwargs_from_position_ids(continued)[0][0].tolist() == [0, 5, 6]  # rows merged
+
+
+def _tiny(config_cls, **kw):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config_cls(vocab_size=64, **kw))
+
+
+def test_alibi_models_are_refused_naming_the_key():
+    """Issue 25: Bloom (ALiBi always) trained with packing silently wrong, Falcon with alibi=True
+    crashed with an AttributeError; both are refused through the loader's `set_attention`."""
+    from transformers import BloomConfig, FalconConfig
+
+    from qtulu.model.attention import PackedAttentionError
+    from qtulu.model.load import set_attention
+
+    bloom = _tiny(BloomConfig, hidden_size=32, n_layer=1, n_head=2)
+    with pytest.raises(PackedAttentionError, match="model_type=bloom"):
+        set_attention(bloom, "qtulu_varlen")
+    falcon = _tiny(FalconConfig, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, alibi=True)
+    with pytest.raises(PackedAttentionError, match="alibi=True"):
+        set_attention(falcon, "qtulu_varlen")
+    assert set_attention(bloom, "sdpa") == "sdpa"  # unpacked attention stays available
+
+
+def test_attention_that_bypasses_the_interface_is_refused():
+    """A model class that computes attention in its own code (transformers'
+    ``_supports_attention_backend`` False) would ignore the kernel: packed rows would attend across
+    documents. `check_attention_took_effect` refuses it even when its config passes."""
+    from transformers import LlamaForCausalLM
+
+    from qtulu.model.attention import PackedAttentionError, check_attention_took_effect, register_attention
+    from qtulu.model.load import set_attention
+
+    model = _model()
+    assert set_attention(model, "qtulu_varlen") == "qtulu_varlen"  # LLaMA: took effect
+    check_attention_took_effect(model)
+
+    class OwnAttention(LlamaForCausalLM):
+        _supports_attention_backend = False
+
+    own = OwnAttention(model.config)
+    own.config._attn_implementation_internal = register_attention()
+    with pytest.raises(PackedAttentionError, match="OwnAttention computes attention in its own code"):
+        check_attention_took_effect(own)
+    model.config._attn_implementation_internal = "sdpa"  # a switch that did not happen is refused too
+    with pytest.raises(PackedAttentionError, match="_attn_implementation is 'sdpa'"):
+        check_attention_took_effect(model)
