@@ -247,8 +247,55 @@ def train(
     Order: everything that can fail without the model is checked first (recipe, run name, base
     path, tokenizer, data build), so that a typo costs seconds, not a base load. Ctrl-C stops with
     a `KeyboardInterrupt` naming the last complete checkpoint (the same command resumes from it).
+
+    The stages, in order: `_setup` (recipe, checks, run directory, resume point), `_build_data`,
+    `_load_model` (base, LoRA, resume identity), `_make_trainer` (`_training_args`, callbacks),
+    `_run_trainer`, `_save_result`.
     """
-    from qtulu import files
+    run = _setup(recipe, overrides, output_dir=output_dir, model=model, name=name, resume=resume)
+    data, tokenizer = _build_data(run, data, tokenizer, progress=progress)
+    _load_model(run, data, model=model, tokenizer=tokenizer, force=force, adapter_name=adapter_name)
+    _make_trainer(run, callbacks, progress=progress)
+    _run_trainer(run, adapter_name=adapter_name)
+    return _save_result(run, adapter_name=adapter_name)
+
+
+@dataclass
+class _Run:
+    """What the stages of one `train` call share; each stage fills in its part."""
+
+    recipe: Any
+    out: Path
+    run_dir: Path  # OUT/checkpoints
+    is_main: bool
+    run_name: str
+    resume_from: Path | None
+    t0: float
+    # _build_data / _load_model
+    manifest: dict | None = None
+    dataset: Any = None
+    base: Any = None
+    tok: Any = None
+    info: dict = field(default_factory=dict)
+    peft_model: Any = None
+    world: int = 1
+    ga: int = 1
+    identity: dict = field(default_factory=dict)
+    resumed_guard: dict | None = None
+    # _make_trainer
+    args: Any = None
+    trainer: Any = None
+    guard: Any = None
+    host: Any = None
+
+    @property
+    def t(self):
+        return self.recipe.train
+
+
+def _setup(recipe, overrides, *, output_dir, model, name, resume) -> _Run:
+    """Stage 1: the recipe, every check that needs neither torch nor the model, the run directory and
+    the resume point (decided before anything heavy so that a refusal is quick)."""
     from qtulu.train import checkpoint as ck
     from qtulu.recipes import Recipe, load_recipe
 
@@ -276,7 +323,6 @@ def train(
         for p in ck.clean_stale(run_dir):
             say(f"removed {p.name} (left by an interrupted checkpoint write)")
 
-    # ---- resume point (decided before anything heavy so that a refusal is quick)
     resume_from: Path | None = None
     if resume not in ("auto", "never", None):
         resume_from = Path(resume)
@@ -285,22 +331,29 @@ def train(
         resume_from = ck.last_complete_checkpoint(run_dir, log=say)
     elif is_main:  # a fresh run: an earlier run's checkpoints must not be resumed later, nor lost
         set_aside_checkpoints(run_dir, say=say)
+    return _Run(recipe=recipe, out=out, run_dir=run_dir, is_main=is_main, run_name=run_name,
+                resume_from=resume_from, t0=t0)
 
-    # ---- data, built before the base is loaded (a bad row must not cost a base load)
-    import torch
-    from transformers import set_seed
-    from trl import SFTConfig
 
-    from qtulu.train.callbacks import GuardCallback, NonFiniteError, StepGuard, plot_losses
-    from qtulu.model.load import attach_lora, base_info
-
+def _build_data(run: _Run, data, tokenizer, *, progress: bool):
+    """Stage 2: the packed data, built before the base is loaded (a bad row must not cost a base load)."""
     if data is None:
         from qtulu.data.build import build_dataset, resolve_tokenizer
 
-        tokenizer = resolve_tokenizer(recipe, tokenizer)  # data.tokenizer, else the base's own files
-        data = build_dataset(recipe, tokenizer, progress=progress)
+        tokenizer = resolve_tokenizer(run.recipe, tokenizer)  # data.tokenizer, else the base's own files
+        data = build_dataset(run.recipe, tokenizer, progress=progress)
+    return data, tokenizer
 
-    # ---- model, LoRA
+
+def _load_model(run: _Run, data, *, model, tokenizer, force: bool, adapter_name: str) -> None:
+    """Stage 3: the base (quantized), the training columns, the run's identity (checked against the
+    resumed checkpoint's) and the LoRA adapter."""
+    from transformers import set_seed
+
+    from qtulu.train import checkpoint as ck
+    from qtulu.model.load import attach_lora, base_info
+
+    recipe, t = run.recipe, run.t
     set_seed(t.seed)
     base, tok = load_for_recipe(recipe, model=model, tokenizer=tokenizer)
     if tok is None:
@@ -322,12 +375,11 @@ def train(
         "gradient_accumulation_steps": ga,
         "base": {"weights_sha256": info.get("weights_sha256"), "quantization": info.get("quantization")},
     }
-    resumed_guard = None
-    if resume_from is not None:
-        saved = ck.read_manifest(resume_from)
-        ck.check_resume(saved, identity, where=resume_from, force=force, warn=say)
-        resumed_guard = saved.get("guard")
-        say(f"resuming from {resume_from}")
+    if run.resume_from is not None:
+        saved = ck.read_manifest(run.resume_from)
+        ck.check_resume(saved, identity, where=run.resume_from, force=force, warn=say)
+        run.resumed_guard = saved.get("guard")
+        say(f"resuming from {run.resume_from}")
 
     set_seed(t.seed)  # LoRA init depends only on the seed
     peft_model = attach_lora(base, recipe.lora, adapter_name=adapter_name)
@@ -335,14 +387,20 @@ def train(
         from qtulu.train.lora_dropout import use_recompute_dropout
 
         use_recompute_dropout(peft_model)
+    run.base, run.tok, run.info, run.manifest, run.dataset = base, tok, info, manifest, dataset
+    run.world, run.ga, run.identity, run.peft_model = world, ga, identity, peft_model
 
-    cuda = torch.cuda.is_available()
-    dtype = recipe.model.compute_dtype
+
+def _training_args(run: _Run, *, progress: bool, cuda: bool):
+    """The `SFTConfig` of the run (HF Trainer's arguments)."""
+    from trl import SFTConfig
+
+    t, dtype, world = run.t, run.recipe.model.compute_dtype, run.world
     fsdp_on, fsdp_config = fsdp_settings(t, world)
-    args = SFTConfig(
-        output_dir=str(run_dir),
+    return SFTConfig(
+        output_dir=str(run.run_dir),
         per_device_train_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=ga,
+        gradient_accumulation_steps=run.ga,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=float(t.warmup_ratio),
@@ -375,25 +433,36 @@ def train(
         ddp_backend="gloo" if (world > 1 and not cuda) else None,
         save_only_model=False,
     )
+
+
+def _make_trainer(run: _Run, callbacks, *, progress: bool) -> None:
+    """Stage 4: the trainer (qtulu's SFTTrainer subclass), the step guard and the memory switches' callbacks."""
+    import torch
+
+    from qtulu.train.callbacks import GuardCallback, StepGuard
+    from qtulu.train.trainer import make_trainer_class
+
+    t, recipe = run.t, run.recipe
+    cuda = torch.cuda.is_available()
+    dtype = recipe.model.compute_dtype
+    args = _training_args(run, progress=progress, cuda=cuda)
     host = None
     if t.master_weights == "host":  # memory switch (qtulu.train.master_weights): fp32 masters + optimizer on the host
         from qtulu.train.master_weights import trainer_setup
         from qtulu.model.load import as_dtype
 
-        host = trainer_setup(peft_model, args, t, compute_dtype=as_dtype(dtype), cuda=cuda, world_size=world,
-                             resume_from=resume_from)
+        host = trainer_setup(run.peft_model, args, t, compute_dtype=as_dtype(dtype), cuda=cuda, world_size=run.world,
+                             resume_from=run.resume_from)
     guard = StepGuard(t.max_nonfinite_in_a_row)
-    guard.load_state(resumed_guard)
-    from qtulu.train.trainer import make_trainer_class
-
+    guard.load_state(run.resumed_guard)
     Trainer = make_trainer_class()
     trainer = Trainer(
-        model=peft_model,
+        model=run.peft_model,
         args=args,
-        train_dataset=dataset,
-        processing_class=tok,
+        train_dataset=run.dataset,
+        processing_class=run.tok,
         qtulu_guard=guard,
-        qtulu_identity=identity,
+        qtulu_identity=run.identity,
         qtulu_keep=t.save_total_limit,
         optimizers=(host.optimizer if host else None, None),
     )
@@ -408,38 +477,53 @@ def train(
     for cb in callbacks:
         trainer.add_callback(cb)
     say(
-        f"{len(dataset)} packed rows ({examples_per_row(dataset):.2f} examples/row), micro-batch {t.micro_batch_size} row(s), "
-        f"accumulation {ga}, world size {world}, optimizer {getattr(args.optim, 'value', args.optim)}, "
-        f"base {'NF4' if info.get('quantization') else dtype}"
+        f"{len(run.dataset)} packed rows ({examples_per_row(run.dataset):.2f} examples/row), micro-batch "
+        f"{t.micro_batch_size} row(s), accumulation {run.ga}, world size {run.world}, optimizer "
+        f"{getattr(args.optim, 'value', args.optim)}, base {'NF4' if run.info.get('quantization') else dtype}"
     )
+    run.args, run.trainer, run.guard, run.host = args, trainer, guard, host
+
+
+def _run_trainer(run: _Run, *, adapter_name: str) -> None:
+    """Stage 5: train (or, resumed at ``max_steps``, load the checkpoint's weights); Ctrl-C names the resume point."""
+    from qtulu.train import checkpoint as ck
+
+    t, trainer, resume_from = run.t, run.trainer, run.resume_from
     done = int(ck.read_manifest(resume_from).get("global_step", 0)) if resume_from else 0
     if resume_from is not None and 0 < t.max_steps <= done:
         # HF Trainer would run one more step when resumed at max_steps: load the weights instead
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        set_peft_model_state_dict(peft_model, load_file(str(resume_from / "adapter_model.safetensors")),
+        set_peft_model_state_dict(run.peft_model, load_file(str(resume_from / "adapter_model.safetensors")),
                                   adapter_name=adapter_name)
-        if host is not None:
-            host.restore(resume_from)
+        if run.host is not None:
+            run.host.restore(resume_from)
         trainer.state.global_step = done
         say(f"{resume_from.name} already reached train.max_steps={t.max_steps}: nothing left to train")
-    else:
-        from qtulu.train.loss import loss_chunking
-        from qtulu.model.threads import fitted_threads
+        return
+    from qtulu.train.loss import loss_chunking
+    from qtulu.model.threads import fitted_threads
 
-        try:
-            # one intra-op thread for a small model (more only oversubscribe); loss tiles (qtulu.train.loss)
-            with fitted_threads(base), loss_chunking(t.loss_chunk_size):
-                trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(ck.interrupted_message(out, guard.steps, is_main)) from None
-        if resume_from is None and trainer.state.global_step == 0:  # never save an untrained adapter as a result
-            raise TrainError(f"the run took 0 optimizer steps ({len(dataset)} packed rows, train.epochs={t.epochs}, "
-                             f"train.max_steps={t.max_steps}); no adapter was saved")
+    try:
+        # one intra-op thread for a small model (more only oversubscribe); loss tiles (qtulu.train.loss)
+        with fitted_threads(run.base), loss_chunking(t.loss_chunk_size):
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(ck.interrupted_message(run.out, run.guard.steps, run.is_main)) from None
+    if resume_from is None and trainer.state.global_step == 0:  # never save an untrained adapter as a result
+        raise TrainError(f"the run took 0 optimizer steps ({len(run.dataset)} packed rows, train.epochs={t.epochs}, "
+                         f"train.max_steps={t.max_steps}); no adapter was saved")
 
+
+def _save_result(run: _Run, *, adapter_name: str) -> TrainResult:
+    """Stage 6: ``steps.jsonl``, the non-finite stop, the adapter (``OUT/adapter``) and ``loss.png``."""
+    from qtulu import files
+    from qtulu.train.callbacks import NonFiniteError, plot_losses
+
+    t, trainer, guard, host, out = run.t, run.trainer, run.guard, run.host, run.out
     steps = guard.steps
-    if is_main:
+    if run.is_main:
         files.atomic_write_text(out / "steps.jsonl", "".join(json.dumps(s) + "\n" for s in steps))
     if guard.stopped:
         raise NonFiniteError(
@@ -450,33 +534,34 @@ def train(
         )
     adapter_dir = None
     png = None
-    gathered = full_trainable_state(peft_model) if trainer.is_fsdp_enabled else None  # collective
-    if is_main:
+    gathered = full_trainable_state(run.peft_model) if trainer.is_fsdp_enabled else None  # collective
+    resumed_from = str(run.resume_from) if run.resume_from else None
+    if run.is_main:
         from qtulu.adapters.store import save_adapter
 
         adapter_dir = save_adapter(
-            peft_model,
+            run.peft_model,
             out / ADAPTER_DIRNAME,
             adapter_name=adapter_name,
-            base_info=info,
-            recipe=recipe.to_dict(),
-            manifest=manifest,
+            base_info=run.info,
+            recipe=run.recipe.to_dict(),
+            manifest=run.manifest,
             extra={
                 "train": {
                     "global_step": trainer.state.global_step,
                     "skipped_steps": guard.skipped_total,
-                    "gradient_accumulation_steps": ga,
-                    "world_size": world,
-                    "optimizer": getattr(args.optim, "value", str(args.optim)),
+                    "gradient_accumulation_steps": run.ga,
+                    "world_size": run.world,
+                    "optimizer": getattr(run.args.optim, "value", str(run.args.optim)),
                     "final_loss": next((s["loss"] for s in reversed(steps) if s["loss"] is not None), None),
-                    "resumed_from": str(resume_from) if resume_from else None,
+                    "resumed_from": resumed_from,
                 },
             },
             # FSDP2 serves peft_model.state_dict() as local shards: save from the gathered tensors
-            state_dict=host.master.adapter_state(peft_model, adapter_name) if host else gathered,
-            name=run_name,
+            state_dict=host.master.adapter_state(run.peft_model, adapter_name) if host else gathered,
+            name=run.run_name,
         )
-        png = plot_losses(steps, out / "loss.png", title=f"{recipe.name}: training loss")
+        png = plot_losses(steps, out / "loss.png", title=f"{run.recipe.name}: training loss")
         say(f"adapter saved to {adapter_dir}" + (f"; loss curve {png}" if png else ""))
     trainer.accelerator.wait_for_everyone()
     return TrainResult(
@@ -485,12 +570,12 @@ def train(
         global_step=trainer.state.global_step,
         steps=steps,
         skipped_steps=guard.skipped_total,
-        resumed_from=str(resume_from) if resume_from else None,
-        seconds=time.time() - t0,
+        resumed_from=resumed_from,
+        seconds=time.time() - run.t0,
         loss_png=png,
-        gradient_accumulation_steps=ga,
-        model=peft_model,
-        tokenizer=tok,
+        gradient_accumulation_steps=run.ga,
+        model=run.peft_model,
+        tokenizer=run.tok,
     )
 
 
