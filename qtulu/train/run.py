@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import os
 import time
@@ -72,10 +71,29 @@ class TrainResult:
     gradient_accumulation_steps: int
     model: Any = field(default=None, repr=False)
     tokenizer: Any = field(default=None, repr=False)
+    evals: list[dict[str, Any]] = field(default_factory=list)  # {"step", "eval_loss", "eval_tokens"} per evaluation
+    best_eval: dict[str, Any] | None = None  # {"step", "eval_loss"}: the lowest validation loss
+    adapter_step: int | None = None  # the step whose weights OUT/adapter holds (the best one if kept)
 
     @property
     def losses(self) -> list[float | None]:
         return [s["loss"] for s in self.steps]
+
+    @property
+    def eval_loss(self) -> float | None:
+        """The last validation loss (at the end of the run), or None without validation."""
+        return self.evals[-1]["eval_loss"] if self.evals else None
+
+    def summary(self) -> str:
+        """The one line `qtulu train` prints at the end."""
+        last = next((s["loss"] for s in reversed(self.steps) if s["loss"] is not None), float("nan"))
+        text = f"done: {self.global_step} steps ({self.skipped_steps} skipped), final loss {last:.4f}"
+        if self.evals:
+            text += f", validation loss {self.eval_loss:.4f}" if self.eval_loss is not None else ", validation loss nan"
+            if self.best_eval and len(self.evals) > 1:
+                text += f" (best {self.best_eval['eval_loss']:.4f} at step {self.best_eval['step']}"
+                text += ", kept)" if self.adapter_step == self.best_eval["step"] != self.global_step else ")"
+        return text + f", {self.seconds:.0f}s; adapter: {self.adapter_dir}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,19 +118,25 @@ def resolve_optimizer(name: str, *, cuda: bool | None = None) -> str:
     return name
 
 
-def resolve_report_to(report_to: str) -> str:
-    """``none`` | ``tensorboard`` | ``wandb`` (comma-separated); one that is not installed is dropped with a note."""
+# the package each logger needs (HF's TensorBoard callback also takes tensorboardX)
+_LOGGER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def resolve_report_to(report_to: str, where: str = "") -> str:
+    """``none`` | ``tensorboard`` | ``wandb`` (comma-separated), as HF's ``report_to``.
+
+    A requested logger that is not installed is a `TrainError` (checked before the model loads):
+    a run the user means to watch must not train for hours unwatched.
+    """
     import importlib.util
 
     wanted = [r.strip() for r in str(report_to or "none").split(",") if r.strip() and r.strip() != "none"]
-    have = []
     for r in wanted:
-        module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(r, r)
-        if importlib.util.find_spec(module) is None:
-            say(f"report_to={r}: package {module!r} is not installed; not reporting there (pip install {module})")
-        else:
-            have.append(r)
-    return ",".join(have) if have else "none"
+        modules = _LOGGER_PACKAGES.get(r, (r,))
+        if all(importlib.util.find_spec(m) is None for m in modules):
+            raise TrainError(f"{where + ': ' if where else ''}train.report_to={r}: the package {modules[0]!r} is not "
+                             f"installed (pip install {modules[0]}, or set train.report_to=none)")
+    return ",".join(wanted) if wanted else "none"
 
 
 def to_train_columns(dataset):
@@ -274,6 +298,8 @@ class _Run:
     # _build_data / _load_model
     manifest: dict | None = None
     dataset: Any = None
+    eval_rows: Any = None  # held-out packed rows (data.validation), None without validation
+    eval_dataset: Any = None
     base: Any = None
     tok: Any = None
     info: dict = field(default_factory=dict)
@@ -287,6 +313,7 @@ class _Run:
     trainer: Any = None
     guard: Any = None
     host: Any = None
+    steps_log: Any = None
 
     @property
     def t(self):
@@ -315,6 +342,10 @@ def _setup(recipe, overrides, *, output_dir, model, name, resume) -> _Run:
     if t.activation_offload and not t.gradient_checkpointing:
         raise TrainError(f"{recipe.path or recipe.name}: train.activation_offload offloads the checkpointed layer "
                          "inputs: it needs train.gradient_checkpointing: true")
+    resolve_report_to(t.report_to, where=str(recipe.path or recipe.name))
+    from qtulu.train.validation import check_validation_source
+
+    check_validation_source(recipe)
     out = Path(output_dir)
     run_dir = out / CHECKPOINTS_DIRNAME
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -336,12 +367,22 @@ def _setup(recipe, overrides, *, output_dir, model, name, resume) -> _Run:
 
 
 def _build_data(run: _Run, data, tokenizer, *, progress: bool):
-    """Stage 2: the packed data, built before the base is loaded (a bad row must not cost a base load)."""
-    if data is None:
-        from qtulu.data.build import build_dataset, resolve_tokenizer
+    """Stage 2: the packed data, built before the base is loaded (a bad row must not cost a base load),
+    and the held-out validation rows (``data.validation``, `qtulu.train.validation`)."""
+    from qtulu.data.build import build_dataset, resolve_tokenizer
 
+    if data is None:
         tokenizer = resolve_tokenizer(run.recipe, tokenizer)  # data.tokenizer, else the base's own files
         data = build_dataset(run.recipe, tokenizer, progress=progress)
+    if run.recipe.data.validation is not None:
+        from qtulu.train.validation import hold_out
+
+        if isinstance(run.recipe.data.validation, str):
+            tokenizer = resolve_tokenizer(run.recipe, tokenizer)
+        data, run.eval_rows, run.manifest = hold_out(run.recipe, data, tokenizer, progress=progress)
+        v = run.manifest["validation"]
+        say(f"validation: {v['validation']['examples']} example(s), {v['validation']['supervised_tokens']} supervised "
+            f"tokens held out ({'fraction ' + str(v['fraction']) if v['source'] == 'fraction' else v['path']})")
     return data, tokenizer
 
 
@@ -359,13 +400,15 @@ def _load_model(run: _Run, data, *, model, tokenizer, force: bool, adapter_name:
     if tok is None:
         raise TrainError("no tokenizer: pass tokenizer= or set data.tokenizer in the recipe")
     info = base_info(base)
-    manifest = None
+    manifest = run.manifest
     if hasattr(data, "dataset"):
         manifest = getattr(data, "manifest", None)
         data = data.dataset
     dataset = to_train_columns(data)
     if len(dataset) == 0:
         raise TrainError("the packed training dataset is empty")
+    if run.eval_rows is not None:
+        run.eval_dataset = to_train_columns(run.eval_rows)
     world = world_size()
     ga = gradient_accumulation(t, dataset, world)
     identity = {
@@ -432,7 +475,31 @@ def _training_args(run: _Run, *, progress: bool, cuda: bool):
         fsdp_config=fsdp_config,
         ddp_backend="gloo" if (world > 1 and not cuda) else None,
         save_only_model=False,
+        run_name=run.run_name,  # the run's name in TensorBoard / W&B
+        **_eval_args(run),
     )
+
+
+def _eval_args(run: _Run) -> dict:
+    """HF's evaluation arguments for ``data.validation`` / ``train.eval_steps``.
+
+    HF's own schedule runs the evaluations (every ``eval_steps`` and once at the last step, see
+    DefaultFlowCallback) and tracks the best ``eval_loss`` (``metric_for_best_model``: its step is
+    kept in ``trainer_state.json``, so a resumed run remembers it). ``load_best_model_at_end`` is
+    not used: HF would look for the best checkpoint under the staging folder it wrote it in and
+    would not restore the host master weights (``train.master_weights=host``); `_save_result` loads
+    the best checkpoint itself. ``eval_steps: 0`` (only at the end) evaluates in `_run_trainer`.
+    """
+    t = run.t
+    if run.eval_dataset is None:
+        return {"eval_strategy": "no"}
+    return {
+        "eval_strategy": "steps" if t.eval_steps > 0 else "no",
+        "eval_steps": t.eval_steps if t.eval_steps > 0 else None,
+        "per_device_eval_batch_size": t.micro_batch_size,  # the training micro-batch's memory
+        "metric_for_best_model": "eval_loss",
+        "greater_is_better": False,
+    }
 
 
 def _make_trainer(run: _Run, callbacks, *, progress: bool) -> None:
@@ -464,8 +531,11 @@ def _make_trainer(run: _Run, callbacks, *, progress: bool) -> None:
         qtulu_guard=guard,
         qtulu_identity=run.identity,
         qtulu_keep=t.save_total_limit,
+        qtulu_keep_best=t.keep_best_checkpoint,
+        eval_dataset=run.eval_dataset,
         optimizers=(host.optimizer if host else None, None),
     )
+    _tensorboard_dir(trainer, run.out / "tensorboard")
     if host is not None:
         trainer.qtulu_master = host.master
         trainer.add_callback(host.callback)  # before the guard: it sums the gradients the guard reads
@@ -476,6 +546,10 @@ def _make_trainer(run: _Run, callbacks, *, progress: bool) -> None:
         trainer.add_callback(offload_callback())
     for cb in callbacks:
         trainer.add_callback(cb)
+    from qtulu.train.callbacks import StepsLog
+
+    run.steps_log = StepsLog(run.out / "steps.jsonl", guard, enabled=run.is_main)
+    trainer.add_callback(run.steps_log)
     say(
         f"{len(run.dataset)} packed rows ({examples_per_row(run.dataset):.2f} examples/row), micro-batch "
         f"{t.micro_batch_size} row(s), accumulation {run.ga}, world size {run.world}, optimizer "
@@ -484,21 +558,35 @@ def _make_trainer(run: _Run, callbacks, *, progress: bool) -> None:
     run.args, run.trainer, run.guard, run.host = args, trainer, guard, host
 
 
+def _tensorboard_dir(trainer, where: Path) -> None:
+    """TensorBoard events in ``OUT/tensorboard`` (HF's default is under ``OUT/checkpoints/runs``, which
+    ``--resume never`` sets aside with the checkpoints); ``TENSORBOARD_LOGGING_DIR`` still wins."""
+    for cb in trainer.callback_handler.callbacks:
+        if type(cb).__name__ == "TensorBoardCallback" and getattr(cb, "logging_dir", "unset") is None:
+            cb.logging_dir = str(where)
+
+
+def _load_checkpoint_weights(run: _Run, ckpt: Path, adapter_name: str) -> None:
+    """The LoRA weights (and host masters) of checkpoint ``ckpt`` into the run's model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(run.peft_model, load_file(str(ckpt / "adapter_model.safetensors")),
+                              adapter_name=adapter_name)
+    if run.host is not None:
+        run.host.restore(ckpt)
+
+
 def _run_trainer(run: _Run, *, adapter_name: str) -> None:
     """Stage 5: train (or, resumed at ``max_steps``, load the checkpoint's weights); Ctrl-C names the resume point."""
     from qtulu.train import checkpoint as ck
 
     t, trainer, resume_from = run.t, run.trainer, run.resume_from
+    run.steps_log.start()  # steps.jsonl: empty, or the resumed checkpoint's records (see StepsLog)
     done = int(ck.read_manifest(resume_from).get("global_step", 0)) if resume_from else 0
     if resume_from is not None and 0 < t.max_steps <= done:
         # HF Trainer would run one more step when resumed at max_steps: load the weights instead
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(run.peft_model, load_file(str(resume_from / "adapter_model.safetensors")),
-                                  adapter_name=adapter_name)
-        if run.host is not None:
-            run.host.restore(resume_from)
+        _load_checkpoint_weights(run, resume_from, adapter_name)
         trainer.state.global_step = done
         say(f"{resume_from.name} already reached train.max_steps={t.max_steps}: nothing left to train")
         return
@@ -509,22 +597,26 @@ def _run_trainer(run: _Run, *, adapter_name: str) -> None:
         # one intra-op thread for a small model (more only oversubscribe); loss tiles (qtulu.train.loss)
         with fitted_threads(run.base), loss_chunking(t.loss_chunk_size):
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            evals = run.guard.evals
+            if (run.eval_dataset is not None and not run.guard.stopped and trainer.state.global_step > 0
+                    and not (evals and evals[-1]["step"] == trainer.state.global_step)):
+                trainer.evaluate()  # train.eval_steps: 0 (HF's schedule already evaluated the last step otherwise)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(ck.interrupted_message(run.out, run.guard.steps, run.is_main)) from None
+    finally:
+        run.steps_log.sync()  # the steps since the last logging step, whatever stopped the run
     if resume_from is None and trainer.state.global_step == 0:  # never save an untrained adapter as a result
         raise TrainError(f"the run took 0 optimizer steps ({len(run.dataset)} packed rows, train.epochs={t.epochs}, "
                          f"train.max_steps={t.max_steps}); no adapter was saved")
 
 
 def _save_result(run: _Run, *, adapter_name: str) -> TrainResult:
-    """Stage 6: ``steps.jsonl``, the non-finite stop, the adapter (``OUT/adapter``) and ``loss.png``."""
-    from qtulu import files
+    """Stage 6: the non-finite stop, the best checkpoint's weights (``train.keep_best_checkpoint``), the
+    adapter (``OUT/adapter``) and ``loss.png`` (``steps.jsonl`` is already written, by `StepsLog`)."""
     from qtulu.train.callbacks import NonFiniteError, plot_losses
 
     t, trainer, guard, host, out = run.t, run.trainer, run.guard, run.host, run.out
     steps = guard.steps
-    if run.is_main:
-        files.atomic_write_text(out / "steps.jsonl", "".join(json.dumps(s) + "\n" for s in steps))
     if guard.stopped:
         raise NonFiniteError(
             f"training stopped at step {trainer.state.global_step}: {guard.in_a_row} optimizer steps in a row had a "
@@ -532,6 +624,15 @@ def _save_result(run: _Run, *, adapter_name: str) -> TrainResult:
             f"{guard.skipped_total} skipped in all. No adapter was saved; the last checkpoint holds finite weights. "
             "Lower train.learning_rate or check the data."
         )
+    best = best_eval(guard.evals)
+    adapter_step = trainer.state.global_step
+    if t.keep_best_checkpoint and best is not None and best["step"] != adapter_step:
+        ckpt = run.run_dir / f"checkpoint-{best['step']}"
+        if not ckpt.is_dir():  # cannot happen with the recipe's checks (a checkpoint at every evaluation)
+            raise TrainError(f"train.keep_best_checkpoint: the best checkpoint {ckpt} is missing; no adapter was saved")
+        _load_checkpoint_weights(run, ckpt, adapter_name)
+        adapter_step = best["step"]
+        say(f"keeping the best checkpoint: step {best['step']}, validation loss {best['eval_loss']:.4f}")
     adapter_dir = None
     png = None
     gathered = full_trainable_state(run.peft_model) if trainer.is_fsdp_enabled else None  # collective
@@ -555,13 +656,16 @@ def _save_result(run: _Run, *, adapter_name: str) -> TrainResult:
                     "optimizer": getattr(run.args.optim, "value", str(run.args.optim)),
                     "final_loss": next((s["loss"] for s in reversed(steps) if s["loss"] is not None), None),
                     "resumed_from": resumed_from,
+                    "final_eval_loss": guard.evals[-1]["eval_loss"] if guard.evals else None,
+                    "best_eval": best,  # {"step", "eval_loss"} of the lowest validation loss, or None
+                    "adapter_step": adapter_step,  # the step whose weights are saved (best one if kept)
                 },
             },
             # FSDP2 serves peft_model.state_dict() as local shards: save from the gathered tensors
             state_dict=host.master.adapter_state(run.peft_model, adapter_name) if host else gathered,
             name=run.run_name,
         )
-        png = plot_losses(steps, out / "loss.png", title=f"{run.recipe.name}: training loss")
+        png = plot_losses(steps, out / "loss.png", title=f"{run.recipe.name}: training loss", evals=guard.evals)
         say(f"adapter saved to {adapter_dir}" + (f"; loss curve {png}" if png else ""))
     trainer.accelerator.wait_for_everyone()
     return TrainResult(
@@ -576,7 +680,19 @@ def _save_result(run: _Run, *, adapter_name: str) -> TrainResult:
         gradient_accumulation_steps=run.ga,
         model=run.peft_model,
         tokenizer=run.tok,
+        evals=list(guard.evals),
+        best_eval=best,
+        adapter_step=adapter_step,
     )
+
+
+def best_eval(evals: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """``{"step", "eval_loss"}`` of the lowest finite validation loss (the earliest on a tie), or None."""
+    finite = [e for e in evals if e.get("eval_loss") is not None]
+    if not finite:
+        return None
+    b = min(finite, key=lambda e: (e["eval_loss"], e["step"]))
+    return {"step": b["step"], "eval_loss": b["eval_loss"]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -619,9 +735,5 @@ def _cli(args: argparse.Namespace) -> int:
     result = train(recipe, output_dir=out, resume=args.resume, force=args.force, progress=not args.no_progress,
                    name=name)
     if result.adapter_dir is not None:
-        last = next((s["loss"] for s in reversed(result.steps) if s["loss"] is not None), float("nan"))
-        print(
-            f"done: {result.global_step} steps ({result.skipped_steps} skipped), final loss {last:.4f}, "
-            f"{result.seconds:.0f}s; adapter: {result.adapter_dir}"
-        )
+        print(result.summary())
     return 0

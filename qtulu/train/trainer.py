@@ -22,11 +22,54 @@ def make_trainer_class():
     class QTuluTrainer(SFTTrainer):
         """SFTTrainer with staged checkpoints, a non-finite step guard and per-step loss records."""
 
-        def __init__(self, *args, qtulu_guard, qtulu_identity: dict, qtulu_keep: int | None, **kwargs):
+        def __init__(self, *args, qtulu_guard, qtulu_identity: dict, qtulu_keep: int | None,
+                     qtulu_keep_best: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
             self.qtulu_guard = qtulu_guard
             self.qtulu_identity = qtulu_identity
             self.qtulu_keep = qtulu_keep
+            self.qtulu_keep_best = qtulu_keep_best  # train.keep_best_checkpoint: rotation spares the best one
+
+        def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                            metric_key_prefix="eval"):
+            """The validation loss as the mean over supervised tokens of the whole validation set.
+
+            By hand rather than HF's loop: HF averages one loss per batch, and a padding-free batch
+            (all its rows in one sequence) counts as one sample, so a batch of 10 supervised tokens
+            would weigh as much as one of 10,000. Here each batch's summed token loss (TRL's
+            ``compute_loss``, the training loss's own code path, given the batch's supervised-token count
+            as ``num_items_in_batch``) is added up and divided by the tokens of all batches on all ranks. HF's `evaluate` around it still logs,
+            calls the callbacks and tracks the best ``eval_loss`` (``metric_for_best_model``).
+            """
+            from transformers.trainer_utils import EvalLoopOutput
+
+            model = self.model  # no DDP wrapper: no gradients, so nothing to synchronise
+            was_training = model.training
+            model.eval()
+            total = torch.zeros((), dtype=torch.float64, device=self.args.device)
+            count = torch.zeros((), dtype=torch.float64, device=self.args.device)
+            try:
+                with torch.no_grad():
+                    for inputs in dataloader:
+                        inputs = self._prepare_inputs(inputs)
+                        # the supervised tokens, counted as HF counts the training step's (num_items_in_batch)
+                        labels = inputs["shift_labels"] if "shift_labels" in inputs else inputs["labels"][..., 1:]
+                        n = labels.ne(-100).sum()
+                        loss = self.compute_loss(model, inputs, num_items_in_batch=n)  # token-loss sum / max(n, 1)
+                        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                            loss = loss / self.accelerator.num_processes  # TRL scales it up for DDP's gradient mean
+                        total += loss.detach().to(torch.float64) * n.to(torch.float64)
+                        count += n.to(torch.float64)
+            finally:
+                model.train(was_training)
+            if self.accelerator.num_processes > 1:
+                total = self.accelerator.reduce(total.reshape(1), reduction="sum")[0]
+                count = self.accelerator.reduce(count.reshape(1), reduction="sum")[0]
+            tokens = int(count.item())
+            metrics = {f"{metric_key_prefix}_loss": float(total.item()) / tokens if tokens else float("nan"),
+                       f"{metric_key_prefix}_tokens": tokens}
+            return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics,
+                                  num_samples=self.num_examples(dataloader))
 
         def create_accelerator_and_postprocess(self):
             super().create_accelerator_and_postprocess()
@@ -99,6 +142,14 @@ def make_trainer_class():
                 payload = dict(self.qtulu_identity)
                 payload["global_step"] = step
                 payload["guard"] = self.qtulu_guard.state()
+                best = self._qtulu_best(run_dir, step)
+                if best is not None:
+                    # HF recorded the best checkpoint under the staging root it wrote into: point it
+                    # at the final name (HF's resume drops a best_model_checkpoint that is not a folder)
+                    self.state.best_model_checkpoint = str(best)
+                    from transformers.trainer import TRAINER_STATE_NAME
+
+                    self.state.save_to_json(str(written / TRAINER_STATE_NAME))
                 if getattr(self, "qtulu_master", None) is not None:  # fp32 master weights (exact resume)
                     from qtulu.train.master_weights import MASTER_FILE
 
@@ -108,7 +159,16 @@ def make_trainer_class():
                 import shutil
 
                 shutil.rmtree(stage_root, ignore_errors=True)
-                ck.rotate(run_dir, self.qtulu_keep)
+                best = self._qtulu_best(run_dir, step)
+                ck.rotate(run_dir, self.qtulu_keep, protect=best if self.qtulu_keep_best else None)
             self.accelerator.wait_for_everyone()
+
+        def _qtulu_best(self, run_dir: Path, step: int) -> Path | None:
+            """Where the checkpoint with the best eval_loss is (or will be, when it is ``step``'s); None if none."""
+            best_step = self.state.best_global_step
+            if not best_step:
+                return None
+            path = run_dir / f"{ck.CHECKPOINT_PREFIX}-{best_step}"
+            return path if best_step == step or path.is_dir() else None
 
     return QTuluTrainer
