@@ -37,12 +37,19 @@ def make_trainer_class():
             By hand rather than HF's loop: HF averages one loss per batch, and a padding-free batch
             (all its rows in one sequence) counts as one sample, so a batch of 10 supervised tokens
             would weigh as much as one of 10,000. Here each batch's summed token loss (TRL's
-            ``compute_loss``, the training loss's own code path, given the batch's supervised-token count
-            as ``num_items_in_batch``) is added up and divided by the tokens of all batches on all ranks. HF's `evaluate` around it still logs,
-            calls the callbacks and tracks the best ``eval_loss`` (``metric_for_best_model``).
+            ``compute_loss``, the training loss's own code path, given the batch's supervised-token
+            count as ``num_items_in_batch``) is added up and divided by the tokens of all batches.
+            HF's `evaluate` around it still logs, calls the callbacks and tracks the best
+            ``eval_loss`` (``metric_for_best_model``).
             """
             from transformers.trainer_utils import EvalLoopOutput
 
+            # Every rank reads the whole validation set, in order, unsharded: accelerate's sharded loader
+            # pads the last batches with repeated rows to even the ranks out, which would count their
+            # tokens twice; here every rank computes the same exact sum (and under FSDP every rank runs
+            # the same number of forwards, as the gathers need). Validation sets are small.
+            loader = torch.utils.data.DataLoader(dataloader.dataset, batch_size=self.args.eval_batch_size,
+                                                 shuffle=False, collate_fn=dataloader.collate_fn, num_workers=0)
             model = self.model  # no DDP wrapper: no gradients, so nothing to synchronise
             was_training = model.training
             model.eval()
@@ -50,7 +57,7 @@ def make_trainer_class():
             count = torch.zeros((), dtype=torch.float64, device=self.args.device)
             try:
                 with torch.no_grad():
-                    for inputs in dataloader:
+                    for inputs in loader:
                         inputs = self._prepare_inputs(inputs)
                         # the supervised tokens, counted as HF counts the training step's (num_items_in_batch)
                         labels = inputs["shift_labels"] if "shift_labels" in inputs else inputs["labels"][..., 1:]
@@ -62,14 +69,11 @@ def make_trainer_class():
                         count += n.to(torch.float64)
             finally:
                 model.train(was_training)
-            if self.accelerator.num_processes > 1:
-                total = self.accelerator.reduce(total.reshape(1), reduction="sum")[0]
-                count = self.accelerator.reduce(count.reshape(1), reduction="sum")[0]
             tokens = int(count.item())
             metrics = {f"{metric_key_prefix}_loss": float(total.item()) / tokens if tokens else float("nan"),
                        f"{metric_key_prefix}_tokens": tokens}
             return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics,
-                                  num_samples=self.num_examples(dataloader))
+                                  num_samples=len(loader.dataset))
 
         def create_accelerator_and_postprocess(self):
             super().create_accelerator_and_postprocess()
