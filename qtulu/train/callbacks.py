@@ -169,6 +169,17 @@ class StepsLog(TrainerCallback):
         self.sync()
 
 
+class EvaluateAtEnd(TrainerCallback):
+    """``train.eval_steps: 0``: one evaluation, after the last optimizer step, inside HF's loop (as its
+    step schedule does for the last step), so that loggers and the best-metric tracking see it
+    before the trainer closes them."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            control.should_evaluate = True
+        return control
+
+
 def plot_losses(steps: list[dict[str, Any]], path: str | Path, title: str = "training loss",
                 evals: list[dict[str, Any]] = ()) -> Path | None:
     """Write a PNG loss curve (per optimizer step, skipped steps marked; the validation loss of

@@ -5,6 +5,14 @@ Flow: recipe -> base (`qtulu.model.load.load_base`, NF4 unless ``model.quantize:
 SFTTrainer -> ``OUT/adapter`` (PEFT dir + ``qtulu.json``, `qtulu.adapters.store.save_adapter`),
 ``OUT/loss.png``, ``OUT/steps.jsonl``; checkpoints in ``OUT/checkpoints/checkpoint-N``.
 
+Watching a run. ``steps.jsonl`` gets one line per optimizer step and per evaluation, appended and
+flushed at every logging step (`qtulu.train.callbacks.StepsLog`; a resumed run rewrites it to its
+checkpoint's lines first). ``data.validation`` holds examples out (`qtulu.train.validation`); their
+loss, the mean over their supervised tokens (`QTuluTrainer.evaluation_loop`), is evaluated every
+``train.eval_steps`` steps and at the end, plotted in ``loss.png`` and printed in the summary;
+``train.keep_best_checkpoint`` saves the best one as the adapter. ``train.report_to``
+(tensorboard -> ``OUT/tensorboard``, wandb) must be installed: checked before the model loads.
+
 Batches. Rows are already packed (several examples per row, ``seq_lens`` giving the example
 lengths); TRL's padding-free collator concatenates the rows of a micro-batch into one ``(1, total)``
 sequence with ``position_ids`` restarting at 0 per example, so there is no padding and no (T, T)
@@ -488,7 +496,7 @@ def _eval_args(run: _Run) -> dict:
     kept in ``trainer_state.json``, so a resumed run remembers it). ``load_best_model_at_end`` is
     not used: HF would look for the best checkpoint under the staging folder it wrote it in and
     would not restore the host master weights (``train.master_weights=host``); `_save_result` loads
-    the best checkpoint itself. ``eval_steps: 0`` (only at the end) evaluates in `_run_trainer`.
+    the best checkpoint itself. ``eval_steps: 0`` (only at the end): `EvaluateAtEnd`.
     """
     t = run.t
     if run.eval_dataset is None:
@@ -546,8 +554,10 @@ def _make_trainer(run: _Run, callbacks, *, progress: bool) -> None:
         trainer.add_callback(offload_callback())
     for cb in callbacks:
         trainer.add_callback(cb)
-    from qtulu.train.callbacks import StepsLog
+    from qtulu.train.callbacks import EvaluateAtEnd, StepsLog
 
+    if run.eval_dataset is not None and t.eval_steps == 0:
+        trainer.add_callback(EvaluateAtEnd())
     run.steps_log = StepsLog(run.out / "steps.jsonl", guard, enabled=run.is_main)
     trainer.add_callback(run.steps_log)
     say(
@@ -600,7 +610,7 @@ def _run_trainer(run: _Run, *, adapter_name: str) -> None:
             evals = run.guard.evals
             if (run.eval_dataset is not None and not run.guard.stopped and trainer.state.global_step > 0
                     and not (evals and evals[-1]["step"] == trainer.state.global_step)):
-                trainer.evaluate()  # train.eval_steps: 0 (HF's schedule already evaluated the last step otherwise)
+                trainer.evaluate()  # a run stopped early by a callback: the final weights still get their loss
     except KeyboardInterrupt:
         raise KeyboardInterrupt(ck.interrupted_message(run.out, run.guard.steps, run.is_main)) from None
     finally:

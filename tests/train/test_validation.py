@@ -267,12 +267,13 @@ def test_resumed_run_neither_duplicates_nor_loses_lines(tmp_path):
                 assert a[k] == pytest.approx(b[k], rel=1e-5), (a, b)
 
 
-def test_tensorboard_event_file_holds_the_losses(tmp_path):
+@pytest.mark.parametrize("eval_steps,evaluated", [(2, [2, 3]), (0, [3])])
+def test_tensorboard_event_file_holds_the_losses(tmp_path, eval_steps, evaluated):
     pytest.importorskip("tensorboard", reason="the `tensorboard` package is not installed (pip install tensorboard)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    recipe = _recipe({"max_steps": 3, "eval_steps": 2, "report_to": "tensorboard"}, data={"max_seq_len": 48})
+    recipe = _recipe({"max_steps": 3, "eval_steps": eval_steps, "report_to": "tensorboard"}, data={"max_seq_len": 48})
     _train(recipe, out, packed_toy_dataset(12, 2, seed=3))
     lines = _lines(out / "steps.jsonl")
     files = list((out / "tensorboard").glob("events.out.tfevents.*"))
@@ -283,7 +284,7 @@ def test_tensorboard_event_file_holds_the_losses(tmp_path):
     eval_loss = {e.step: e.value for e in acc.Scalars("eval/loss")}
     assert train_loss == pytest.approx({r["step"]: r["loss"] for r in lines if "loss" in r}, rel=1e-6)
     assert eval_loss == pytest.approx({r["step"]: r["eval_loss"] for r in lines if "eval_loss" in r}, rel=1e-6)
-    assert sorted(eval_loss) == [2, 3]
+    assert sorted(eval_loss) == evaluated
 
 
 def test_a_requested_logger_that_is_not_installed_fails_before_the_model_loads(tmp_path, monkeypatch):
