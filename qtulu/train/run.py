@@ -98,7 +98,7 @@ class TrainResult:
         text = f"done: {self.global_step} steps ({self.skipped_steps} skipped), final loss {last:.4f}"
         if self.evals:
             text += f", validation loss {self.eval_loss:.4f}" if self.eval_loss is not None else ", validation loss nan"
-            if self.best_eval and len(self.evals) > 1:
+            if self.best_eval and self.best_eval["step"] != self.evals[-1]["step"]:
                 text += f" (best {self.best_eval['eval_loss']:.4f} at step {self.best_eval['step']}"
                 text += ", kept)" if self.adapter_step == self.best_eval["step"] != self.global_step else ")"
         return text + f", {self.seconds:.0f}s; adapter: {self.adapter_dir}"
