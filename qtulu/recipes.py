@@ -127,6 +127,11 @@ class DataConfig:
     # (weighted random instruction templates, seeded by `seed`); "plain" = the same selection with
     # one fixed layout (instruction, blank line, input). See qtulu.data.formats.
     profile: Literal["open_instruct", "plain"] = "open_instruct"
+    # Held-out examples for the validation loss (train.eval_steps): a fraction in (0, 1) of the built
+    # examples (whole examples, drawn with `seed` before the training rows are packed), or a path to
+    # a file in a source format (validation_format); null = no validation
+    validation: float | str | None = None
+    validation_format: str | None = None  # converter of a data.validation file (see FORMATS); null = the first source's
 
 
 @dataclass(frozen=True)
@@ -185,7 +190,12 @@ class TrainConfig:
     save_steps: int = 200  # write a checkpoint every this many steps (0 = none; resume needs one)
     save_total_limit: int = 3  # checkpoints kept (oldest removed)
     max_nonfinite_in_a_row: int = 10  # stop after this many consecutive NaN/inf steps (each is skipped)
-    report_to: str = "none"  # none, tensorboard or wandb (comma-separated)
+    report_to: str = "none"  # none, tensorboard or wandb (comma-separated); each must be installed
+    # evaluate the validation loss (data.validation) every this many optimizer steps; 0 = only at the end
+    eval_steps: int = 0
+    # keep the checkpoint with the lowest validation loss (never rotated away) and save its weights as
+    # OUT/adapter; needs a checkpoint at every evaluation (train.eval_steps a multiple of train.save_steps)
+    keep_best_checkpoint: bool = False
     # FSDP2 (fully_shard) across the ranks of a torchrun/accelerate launch; None = DDP. full_shard
     # re-shards parameters after each forward, shard_grad_op keeps them gathered until backward.
     fsdp: Literal["full_shard", "shard_grad_op"] | None = None
@@ -392,6 +402,8 @@ def _apply_override(raw: dict[str, Any], key: str, value: Any, file: str) -> Non
             value = _resolve_local(value, Path.cwd())
         if (parts[0], last) in _PATH_LIKE_KEYS and len(parts) == 2 and isinstance(value, str) and _is_path_like(value):
             value = _resolve_local(value, Path.cwd())
+        if (parts[0], last) == ("data", "validation") and len(parts) == 2 and isinstance(value, str) and value.strip():
+            value = _resolve_local(value, Path.cwd())
         node[last] = value
     else:
         err(f"{'.'.join(parts[:-1])} is not a mapping")
@@ -499,6 +511,7 @@ def _check_ranges(recipe: Recipe, err) -> None:
             err(key, f"must be >= {low}, got {value}")
     if lora.alpha <= 0:
         err("lora.alpha", f"must be > 0, got {lora.alpha}")
+    _check_validation(recipe, err)
     if m.blocksize not in NF4_BLOCKSIZES:
         err("model.blocksize", f"must be one of {', '.join(map(str, NF4_BLOCKSIZES))}, got {m.blocksize}")
     _check_names(recipe, err)
@@ -537,6 +550,31 @@ def _check_names(recipe: Recipe, err) -> None:
             err("lora.target_modules", f"{name!r} is not a module name (e.g. q_proj; or all-linear)")
 
 
+def _check_validation(recipe: Recipe, err) -> None:
+    """data.validation / validation_format, train.eval_steps / keep_best_checkpoint / report_to."""
+    d, t = recipe.data, recipe.train
+    v = d.validation
+    if isinstance(v, float) and not 0.0 < v < 1.0:
+        err("data.validation", f"a fraction of the examples must be in (0, 1), got {v}")
+    if isinstance(v, str) and not v.strip():
+        err("data.validation", "expected a fraction in (0, 1) or a file path, got an empty string")
+    if d.validation_format is not None:
+        if d.validation_format not in FORMATS:
+            err("data.validation_format", f"unknown format {d.validation_format!r} (known: {', '.join(FORMATS)})")
+        if not isinstance(v, str):
+            err("data.validation_format", "applies to a data.validation file; data.validation is not a path")
+    if t.eval_steps < 0:
+        err("train.eval_steps", f"must be >= 0 (0 = evaluate only at the end), got {t.eval_steps}")
+    if t.eval_steps > 0 and v is None:
+        err("train.eval_steps", "needs held-out data: set data.validation (a fraction such as 0.05, or a file)")
+    if t.keep_best_checkpoint:
+        if v is None:
+            err("train.keep_best_checkpoint", "needs held-out data: set data.validation")
+        if t.save_steps <= 0 or t.eval_steps <= 0 or t.eval_steps % t.save_steps:
+            err("train.keep_best_checkpoint", "needs a checkpoint at every evaluation: train.eval_steps >= 1 and a "
+                f"multiple of train.save_steps (got eval_steps={t.eval_steps}, save_steps={t.save_steps})")
+
+
 def _load_raw(raw: dict[str, Any], file: Path, overrides, label: str | None = None) -> Recipe:
     label = label or str(file)
     raw = copy.deepcopy(raw)
@@ -547,6 +585,9 @@ def _load_raw(raw: dict[str, Any], file: Path, overrides, label: str | None = No
         sec = raw.get(section)
         if isinstance(sec, dict) and isinstance(sec.get(key), str) and _is_path_like(sec[key]):
             sec[key] = _resolve_local(sec[key], file.parent)
+    if isinstance(raw.get("data"), dict) and isinstance(raw["data"].get("validation"), str) \
+            and raw["data"]["validation"].strip():  # a string is always a path
+        raw["data"]["validation"] = _resolve_local(raw["data"]["validation"], file.parent)
     pairs = _normalize_overrides(overrides)
     try:
         for key, value in pairs:

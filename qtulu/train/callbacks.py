@@ -10,6 +10,7 @@ wrapper) leave the LR scheduler where it is. The step is counted; after
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ class StepGuard:
         self.in_a_row = 0
         self.stopped = False
         self.steps: list[dict[str, Any]] = []  # {"step", "loss", "lr", "skipped"} per optimizer step
+        self.evals: list[dict[str, Any]] = []  # {"step", "eval_loss", "eval_tokens"} per evaluation
 
     def add_micro_batch(self, loss: torch.Tensor) -> None:
         loss = loss.detach().float()
@@ -46,13 +48,19 @@ class StepGuard:
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
 
     def state(self) -> dict[str, Any]:
-        return {"skipped_total": self.skipped_total, "in_a_row": self.in_a_row, "steps": self.steps}
+        return {"skipped_total": self.skipped_total, "in_a_row": self.in_a_row, "steps": self.steps,
+                "evals": self.evals}
 
     def load_state(self, state: dict[str, Any] | None) -> None:
         if state:
             self.skipped_total = int(state.get("skipped_total", 0))
             self.in_a_row = int(state.get("in_a_row", 0))
             self.steps = list(state.get("steps", []))
+            self.evals = list(state.get("evals", []))
+
+    def records(self) -> list[dict[str, Any]]:
+        """Step and evaluation records in step order (an evaluation after its step's record)."""
+        return sorted([*self.steps, *self.evals], key=lambda r: (r["step"], "eval_loss" in r))
 
 
 def grads_finite(parameters) -> bool:
@@ -116,8 +124,66 @@ class GuardCallback(TrainerCallback):
         return control
 
 
-def plot_losses(steps: list[dict[str, Any]], path: str | Path, title: str = "training loss") -> Path | None:
-    """Write a PNG loss curve (per optimizer step, skipped steps marked); None when nothing to plot."""
+class StepsLog(TrainerCallback):
+    """``OUT/steps.jsonl`` as the run goes: one JSON line per optimizer step (``step``, ``loss``, ``lr``,
+    ``skipped``) and one per evaluation (``step``, ``eval_loss``, ``eval_tokens``), appended and flushed
+    at every logging step (HF's ``on_log``) and every evaluation, so that ``tail -f`` follows a run.
+
+    `start` rewrites the file from the guard's records: none for a fresh run, the resumed
+    checkpoint's for a resumed one. Lines an interrupted run appended after that checkpoint's step
+    are dropped: those steps are trained again from the checkpoint and logged again, so the file
+    never holds a step twice nor lacks one. Only the main rank writes (``enabled``).
+    """
+
+    def __init__(self, path: str | Path, guard: StepGuard, *, enabled: bool = True):
+        self.path = Path(path)
+        self.guard = guard
+        self.enabled = enabled
+        self.written_steps = 0
+        self.written_evals = 0
+
+    def start(self) -> None:
+        from qtulu.files import atomic_write_text
+
+        self.written_steps, self.written_evals = len(self.guard.steps), len(self.guard.evals)
+        if self.enabled:
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.guard.records()))
+
+    def sync(self) -> None:
+        """Append the records not written yet (steps first: an evaluation follows its step)."""
+        new = self.guard.steps[self.written_steps:] + self.guard.evals[self.written_evals:]
+        self.written_steps, self.written_evals = len(self.guard.steps), len(self.guard.evals)
+        if self.enabled and new:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in new))
+                f.flush()
+
+    def on_log(self, args, state, control, **kwargs):
+        self.sync()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_loss" in metrics:
+            value = float(metrics["eval_loss"])
+            self.guard.evals.append({"step": state.global_step, "eval_loss": value if math.isfinite(value) else None,
+                                     "eval_tokens": int(metrics.get("eval_tokens", 0))})
+        self.sync()
+
+
+class EvaluateAtEnd(TrainerCallback):
+    """``train.eval_steps: 0``: one evaluation, after the last optimizer step, inside HF's loop (as its
+    step schedule does for the last step), so that loggers and the best-metric tracking see it
+    before the trainer closes them."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            control.should_evaluate = True
+        return control
+
+
+def plot_losses(steps: list[dict[str, Any]], path: str | Path, title: str = "training loss",
+                evals: list[dict[str, Any]] = ()) -> Path | None:
+    """Write a PNG loss curve (per optimizer step, skipped steps marked; the validation loss of
+    ``evals`` as a second curve); None when nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,6 +203,10 @@ def plot_losses(steps: list[dict[str, Any]], path: str | Path, title: str = "tra
     skipped = [s["step"] for s in steps if s.get("skipped")]
     for i, x in enumerate(skipped):
         ax.axvline(x, color="red", alpha=0.3, lw=0.8, label="skipped (non-finite)" if i == 0 else None)
+    ev = [(e["step"], e["eval_loss"]) for e in evals if e.get("eval_loss") is not None]
+    if ev:
+        ax.plot([x for x, _ in ev], [y for _, y in ev], "o-", color="tab:green", lw=1.5, ms=4,
+                label="validation loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean over supervised tokens)")
     ax.set_title(title)

@@ -40,6 +40,8 @@ RESUME_IGNORED_KEYS = (
     "train.save_total_limit",
     "train.report_to",
     "train.max_nonfinite_in_a_row",
+    "train.eval_steps",  # evaluation reads the weights under no_grad: the training steps stay the same
+    "train.keep_best_checkpoint",
 )
 
 
@@ -180,12 +182,17 @@ def last_complete_checkpoint(run_dir: Path, *, log=None) -> Path | None:
     return None
 
 
-def rotate(run_dir: Path, keep: int | None) -> None:
-    """Keep the ``keep`` newest checkpoints (None/<=0: keep all); older ones are removed safely."""
+def rotate(run_dir: Path, keep: int | None, protect: Path | None = None) -> None:
+    """Keep the ``keep`` newest checkpoints (None/<=0: keep all); older ones are removed safely.
+
+    ``protect`` (the best checkpoint, ``train.keep_best_checkpoint``) is kept in addition to them.
+    """
     if not keep or keep <= 0:
         return
     ckpts = list_checkpoints(run_dir)
     for old in ckpts[: max(0, len(ckpts) - keep)]:
+        if protect is not None and old.name == Path(protect).name:
+            continue
         remove_checkpoint(old)
 
 
@@ -245,9 +252,10 @@ def check_resume(manifest: dict, current: dict, *, where: Path, force: bool = Fa
 
 
 def interrupted_message(out: Path, steps: list[dict], is_main: bool = True) -> str:
-    """What Ctrl-C left behind: the last complete checkpoint (resume point) and the steps so far."""
-    if is_main and steps:
-        atomic_write_text(out / "steps.jsonl", "".join(json.dumps(s) + "\n" for s in steps))
+    """What Ctrl-C left behind: the last complete checkpoint (resume point) and the steps so far.
+
+    (``steps.jsonl`` is written as the run goes, by `qtulu.train.callbacks.StepsLog`.)
+    """
     last = last_complete_checkpoint(out / "checkpoints")
     where = (f"last complete checkpoint {last}; run the same command again to resume from it" if last
              else "no checkpoint was complete yet (train.save_steps); a new run starts over")

@@ -5,6 +5,14 @@ Flow: recipe -> base (`qtulu.model.load.load_base`, NF4 unless ``model.quantize:
 SFTTrainer -> ``OUT/adapter`` (PEFT dir + ``qtulu.json``, `qtulu.adapters.store.save_adapter`),
 ``OUT/loss.png``, ``OUT/steps.jsonl``; checkpoints in ``OUT/checkpoints/checkpoint-N``.
 
+Watching a run. ``steps.jsonl`` gets one line per optimizer step and per evaluation, appended and
+flushed at every logging step (`qtulu.train.callbacks.StepsLog`; a resumed run rewrites it to its
+checkpoint's lines first). ``data.validation`` holds examples out (`qtulu.train.validation`); their
+loss, the mean over their supervised tokens (`QTuluTrainer.evaluation_loop`), is evaluated every
+``train.eval_steps`` steps and at the end, plotted in ``loss.png`` and printed in the summary;
+``train.keep_best_checkpoint`` saves the best one as the adapter. ``train.report_to``
+(tensorboard -> ``OUT/tensorboard``, wandb) must be installed: checked before the model loads.
+
 Batches. Rows are already packed (several examples per row, ``seq_lens`` giving the example
 lengths); TRL's padding-free collator concatenates the rows of a micro-batch into one ``(1, total)``
 sequence with ``position_ids`` restarting at 0 per example, so there is no padding and no (T, T)
@@ -28,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import os
 import time
@@ -72,10 +79,29 @@ class TrainResult:
     gradient_accumulation_steps: int
     model: Any = field(default=None, repr=False)
     tokenizer: Any = field(default=None, repr=False)
+    evals: list[dict[str, Any]] = field(default_factory=list)  # {"step", "eval_loss", "eval_tokens"} per evaluation
+    best_eval: dict[str, Any] | None = None  # {"step", "eval_loss"}: the lowest validation loss
+    adapter_step: int | None = None  # the step whose weights OUT/adapter holds (the best one if kept)
 
     @property
     def losses(self) -> list[float | None]:
         return [s["loss"] for s in self.steps]
+
+    @property
+    def eval_loss(self) -> float | None:
+        """The last validation loss (at the end of the run), or None without validation."""
+        return self.evals[-1]["eval_loss"] if self.evals else None
+
+    def summary(self) -> str:
+        """The one line `qtulu train` prints at the end."""
+        last = next((s["loss"] for s in reversed(self.steps) if s["loss"] is not None), float("nan"))
+        text = f"done: {self.global_step} steps ({self.skipped_steps} skipped), final loss {last:.4f}"
+        if self.evals:
+            text += f", validation loss {self.eval_loss:.4f}" if self.eval_loss is not None else ", validation loss nan"
+            if self.best_eval and self.best_eval["step"] != self.evals[-1]["step"]:
+                text += f" (best {self.best_eval['eval_loss']:.4f} at step {self.best_eval['step']}"
+                text += ", kept)" if self.adapter_step == self.best_eval["step"] != self.global_step else ")"
+        return text + f", {self.seconds:.0f}s; adapter: {self.adapter_dir}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,19 +126,25 @@ def resolve_optimizer(name: str, *, cuda: bool | None = None) -> str:
     return name
 
 
-def resolve_report_to(report_to: str) -> str:
-    """``none`` | ``tensorboard`` | ``wandb`` (comma-separated); one that is not installed is dropped with a note."""
+# the package each logger needs (HF's TensorBoard callback also takes tensorboardX)
+_LOGGER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def resolve_report_to(report_to: str, where: str = "") -> str:
+    """``none`` | ``tensorboard`` | ``wandb`` (comma-separated), as HF's ``report_to``.
+
+    A requested logger that is not installed is a `TrainError` (checked before the model loads):
+    a run the user means to watch must not train for hours unwatched.
+    """
     import importlib.util
 
     wanted = [r.strip() for r in str(report_to or "none").split(",") if r.strip() and r.strip() != "none"]
-    have = []
     for r in wanted:
-        module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(r, r)
-        if importlib.util.find_spec(module) is None:
-            say(f"report_to={r}: package {module!r} is not installed; not reporting there (pip install {module})")
-        else:
-            have.append(r)
-    return ",".join(have) if have else "none"
+        modules = _LOGGER_PACKAGES.get(r, (r,))
+        if all(importlib.util.find_spec(m) is None for m in modules):
+            raise TrainError(f"{where + ': ' if where else ''}train.report_to={r}: the package {modules[0]!r} is not "
+                             f"installed (pip install {modules[0]}, or set train.report_to=none)")
+    return ",".join(wanted) if wanted else "none"
 
 
 def to_train_columns(dataset):
@@ -247,8 +279,58 @@ def train(
     Order: everything that can fail without the model is checked first (recipe, run name, base
     path, tokenizer, data build), so that a typo costs seconds, not a base load. Ctrl-C stops with
     a `KeyboardInterrupt` naming the last complete checkpoint (the same command resumes from it).
+
+    The stages, in order: `_setup` (recipe, checks, run directory, resume point), `_build_data`,
+    `_load_model` (base, LoRA, resume identity), `_make_trainer` (`_training_args`, callbacks),
+    `_run_trainer`, `_save_result`.
     """
-    from qtulu import files
+    run = _setup(recipe, overrides, output_dir=output_dir, model=model, name=name, resume=resume)
+    data, tokenizer = _build_data(run, data, tokenizer, progress=progress)
+    _load_model(run, data, model=model, tokenizer=tokenizer, force=force, adapter_name=adapter_name)
+    _make_trainer(run, callbacks, progress=progress)
+    _run_trainer(run, adapter_name=adapter_name)
+    return _save_result(run, adapter_name=adapter_name)
+
+
+@dataclass
+class _Run:
+    """What the stages of one `train` call share; each stage fills in its part."""
+
+    recipe: Any
+    out: Path
+    run_dir: Path  # OUT/checkpoints
+    is_main: bool
+    run_name: str
+    resume_from: Path | None
+    t0: float
+    # _build_data / _load_model
+    manifest: dict | None = None
+    dataset: Any = None
+    eval_rows: Any = None  # held-out packed rows (data.validation), None without validation
+    eval_dataset: Any = None
+    base: Any = None
+    tok: Any = None
+    info: dict = field(default_factory=dict)
+    peft_model: Any = None
+    world: int = 1
+    ga: int = 1
+    identity: dict = field(default_factory=dict)
+    resumed_guard: dict | None = None
+    # _make_trainer
+    args: Any = None
+    trainer: Any = None
+    guard: Any = None
+    host: Any = None
+    steps_log: Any = None
+
+    @property
+    def t(self):
+        return self.recipe.train
+
+
+def _setup(recipe, overrides, *, output_dir, model, name, resume) -> _Run:
+    """Stage 1: the recipe, every check that needs neither torch nor the model, the run directory and
+    the resume point (decided before anything heavy so that a refusal is quick)."""
     from qtulu.train import checkpoint as ck
     from qtulu.recipes import Recipe, load_recipe
 
@@ -268,6 +350,10 @@ def train(
     if t.activation_offload and not t.gradient_checkpointing:
         raise TrainError(f"{recipe.path or recipe.name}: train.activation_offload offloads the checkpointed layer "
                          "inputs: it needs train.gradient_checkpointing: true")
+    resolve_report_to(t.report_to, where=str(recipe.path or recipe.name))
+    from qtulu.train.validation import check_validation_source
+
+    check_validation_source(recipe)
     out = Path(output_dir)
     run_dir = out / CHECKPOINTS_DIRNAME
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -276,7 +362,6 @@ def train(
         for p in ck.clean_stale(run_dir):
             say(f"removed {p.name} (left by an interrupted checkpoint write)")
 
-    # ---- resume point (decided before anything heavy so that a refusal is quick)
     resume_from: Path | None = None
     if resume not in ("auto", "never", None):
         resume_from = Path(resume)
@@ -286,34 +371,53 @@ def train(
     elif is_main:  # a fresh run: an earlier run's checkpoints must not be resumed later, nor lost
         set_aside_checkpoints(run_dir, say=say)
         set_aside_adapter(out / ADAPTER_DIRNAME, say=say)
+    return _Run(recipe=recipe, out=out, run_dir=run_dir, is_main=is_main, run_name=run_name,
+                resume_from=resume_from, t0=t0)
 
-    # ---- data, built before the base is loaded (a bad row must not cost a base load)
-    import torch
-    from transformers import set_seed
-    from trl import SFTConfig
 
-    from qtulu.train.callbacks import GuardCallback, NonFiniteError, StepGuard, plot_losses
-    from qtulu.model.load import attach_lora, base_info
+def _build_data(run: _Run, data, tokenizer, *, progress: bool):
+    """Stage 2: the packed data, built before the base is loaded (a bad row must not cost a base load),
+    and the held-out validation rows (``data.validation``, `qtulu.train.validation`)."""
+    from qtulu.data.build import build_dataset, resolve_tokenizer
 
     if data is None:
-        from qtulu.data.build import build_dataset, resolve_tokenizer
+        tokenizer = resolve_tokenizer(run.recipe, tokenizer)  # data.tokenizer, else the base's own files
+        data = build_dataset(run.recipe, tokenizer, progress=progress)
+    if run.recipe.data.validation is not None:
+        from qtulu.train.validation import hold_out
 
-        tokenizer = resolve_tokenizer(recipe, tokenizer)  # data.tokenizer, else the base's own files
-        data = build_dataset(recipe, tokenizer, progress=progress)
+        if isinstance(run.recipe.data.validation, str):
+            tokenizer = resolve_tokenizer(run.recipe, tokenizer)
+        data, run.eval_rows, run.manifest = hold_out(run.recipe, data, tokenizer, progress=progress)
+        v = run.manifest["validation"]
+        say(f"validation: {v['validation']['examples']} example(s), {v['validation']['supervised_tokens']} supervised "
+            f"tokens held out ({'fraction ' + str(v['fraction']) if v['source'] == 'fraction' else v['path']})")
+    return data, tokenizer
 
-    # ---- model, LoRA
+
+def _load_model(run: _Run, data, *, model, tokenizer, force: bool, adapter_name: str) -> None:
+    """Stage 3: the base (quantized), the training columns, the run's identity (checked against the
+    resumed checkpoint's) and the LoRA adapter."""
+    from transformers import set_seed
+
+    from qtulu.train import checkpoint as ck
+    from qtulu.model.load import attach_lora, base_info
+
+    recipe, t = run.recipe, run.t
     set_seed(t.seed)
     base, tok = load_for_recipe(recipe, model=model, tokenizer=tokenizer)
     if tok is None:
         raise TrainError("no tokenizer: pass tokenizer= or set data.tokenizer in the recipe")
     info = base_info(base)
-    manifest = None
+    manifest = run.manifest
     if hasattr(data, "dataset"):
         manifest = getattr(data, "manifest", None)
         data = data.dataset
     dataset = to_train_columns(data)
     if len(dataset) == 0:
         raise TrainError("the packed training dataset is empty")
+    if run.eval_rows is not None:
+        run.eval_dataset = to_train_columns(run.eval_rows)
     world = world_size()
     ga = gradient_accumulation(t, dataset, world)
     identity = {
@@ -323,12 +427,11 @@ def train(
         "gradient_accumulation_steps": ga,
         "base": {"weights_sha256": info.get("weights_sha256"), "quantization": info.get("quantization")},
     }
-    resumed_guard = None
-    if resume_from is not None:
-        saved = ck.read_manifest(resume_from)
-        ck.check_resume(saved, identity, where=resume_from, force=force, warn=say)
-        resumed_guard = saved.get("guard")
-        say(f"resuming from {resume_from}")
+    if run.resume_from is not None:
+        saved = ck.read_manifest(run.resume_from)
+        ck.check_resume(saved, identity, where=run.resume_from, force=force, warn=say)
+        run.resumed_guard = saved.get("guard")
+        say(f"resuming from {run.resume_from}")
 
     set_seed(t.seed)  # LoRA init depends only on the seed
     peft_model = attach_lora(base, recipe.lora, adapter_name=adapter_name)
@@ -336,14 +439,20 @@ def train(
         from qtulu.train.lora_dropout import use_recompute_dropout
 
         use_recompute_dropout(peft_model)
+    run.base, run.tok, run.info, run.manifest, run.dataset = base, tok, info, manifest, dataset
+    run.world, run.ga, run.identity, run.peft_model = world, ga, identity, peft_model
 
-    cuda = torch.cuda.is_available()
-    dtype = recipe.model.compute_dtype
+
+def _training_args(run: _Run, *, progress: bool, cuda: bool):
+    """The `SFTConfig` of the run (HF Trainer's arguments)."""
+    from trl import SFTConfig
+
+    t, dtype, world = run.t, run.recipe.model.compute_dtype, run.world
     fsdp_on, fsdp_config = fsdp_settings(t, world)
-    args = SFTConfig(
-        output_dir=str(run_dir),
+    return SFTConfig(
+        output_dir=str(run.run_dir),
         per_device_train_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=ga,
+        gradient_accumulation_steps=run.ga,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=float(t.warmup_ratio),
@@ -375,29 +484,67 @@ def train(
         fsdp_config=fsdp_config,
         ddp_backend="gloo" if (world > 1 and not cuda) else None,
         save_only_model=False,
+        run_name=run.run_name,  # the run's name in TensorBoard / W&B
+        **_eval_args(run),
     )
+
+
+def _eval_args(run: _Run) -> dict:
+    """HF's evaluation arguments for ``data.validation`` / ``train.eval_steps``.
+
+    HF's own schedule runs the evaluations (every ``eval_steps`` and once at the last step, see
+    DefaultFlowCallback) and tracks the best ``eval_loss`` (``metric_for_best_model``: its step is
+    kept in ``trainer_state.json``, so a resumed run remembers it). ``load_best_model_at_end`` is
+    not used: HF would look for the best checkpoint under the staging folder it wrote it in and
+    would not restore the host master weights (``train.master_weights=host``); `_save_result` loads
+    the best checkpoint itself. ``eval_steps: 0`` (only at the end): `EvaluateAtEnd`.
+    """
+    t = run.t
+    if run.eval_dataset is None:
+        return {"eval_strategy": "no"}
+    return {
+        "eval_strategy": "steps" if t.eval_steps > 0 else "no",
+        "eval_steps": t.eval_steps if t.eval_steps > 0 else None,
+        "per_device_eval_batch_size": t.micro_batch_size,  # the training micro-batch's memory
+        "metric_for_best_model": "eval_loss",
+        "greater_is_better": False,
+    }
+
+
+def _make_trainer(run: _Run, callbacks, *, progress: bool) -> None:
+    """Stage 4: the trainer (qtulu's SFTTrainer subclass), the step guard and the memory switches' callbacks."""
+    import torch
+
+    from qtulu.train.callbacks import GuardCallback, StepGuard
+    from qtulu.train.trainer import make_trainer_class
+
+    t, recipe = run.t, run.recipe
+    cuda = torch.cuda.is_available()
+    dtype = recipe.model.compute_dtype
+    args = _training_args(run, progress=progress, cuda=cuda)
     host = None
     if t.master_weights == "host":  # memory switch (qtulu.train.master_weights): fp32 masters + optimizer on the host
         from qtulu.train.master_weights import trainer_setup
         from qtulu.model.load import as_dtype
 
-        host = trainer_setup(peft_model, args, t, compute_dtype=as_dtype(dtype), cuda=cuda, world_size=world,
-                             resume_from=resume_from)
+        host = trainer_setup(run.peft_model, args, t, compute_dtype=as_dtype(dtype), cuda=cuda, world_size=run.world,
+                             resume_from=run.resume_from)
     guard = StepGuard(t.max_nonfinite_in_a_row)
-    guard.load_state(resumed_guard)
-    from qtulu.train.trainer import make_trainer_class
-
+    guard.load_state(run.resumed_guard)
     Trainer = make_trainer_class()
     trainer = Trainer(
-        model=peft_model,
+        model=run.peft_model,
         args=args,
-        train_dataset=dataset,
-        processing_class=tok,
+        train_dataset=run.dataset,
+        processing_class=run.tok,
         qtulu_guard=guard,
-        qtulu_identity=identity,
+        qtulu_identity=run.identity,
         qtulu_keep=t.save_total_limit,
+        qtulu_keep_best=t.keep_best_checkpoint,
+        eval_dataset=run.eval_dataset,
         optimizers=(host.optimizer if host else None, None),
     )
+    _tensorboard_dir(trainer, run.out / "tensorboard")
     if host is not None:
         trainer.qtulu_master = host.master
         trainer.add_callback(host.callback)  # before the guard: it sums the gradients the guard reads
@@ -408,40 +555,79 @@ def train(
         trainer.add_callback(offload_callback())
     for cb in callbacks:
         trainer.add_callback(cb)
+    from qtulu.train.callbacks import EvaluateAtEnd, StepsLog
+
+    if run.eval_dataset is not None and t.eval_steps == 0:
+        trainer.add_callback(EvaluateAtEnd())
+    run.steps_log = StepsLog(run.out / "steps.jsonl", guard, enabled=run.is_main)
+    trainer.add_callback(run.steps_log)
     say(
-        f"{len(dataset)} packed rows ({examples_per_row(dataset):.2f} examples/row), micro-batch {t.micro_batch_size} row(s), "
-        f"accumulation {ga}, world size {world}, optimizer {getattr(args.optim, 'value', args.optim)}, "
-        f"base {'NF4' if info.get('quantization') else dtype}"
+        f"{len(run.dataset)} packed rows ({examples_per_row(run.dataset):.2f} examples/row), micro-batch "
+        f"{t.micro_batch_size} row(s), accumulation {run.ga}, world size {run.world}, optimizer "
+        f"{getattr(args.optim, 'value', args.optim)}, base {'NF4' if run.info.get('quantization') else dtype}"
     )
+    run.args, run.trainer, run.guard, run.host = args, trainer, guard, host
+
+
+def _tensorboard_dir(trainer, where: Path) -> None:
+    """TensorBoard events in ``OUT/tensorboard`` (HF's default is under ``OUT/checkpoints/runs``, which
+    ``--resume never`` sets aside with the checkpoints); ``TENSORBOARD_LOGGING_DIR`` still wins."""
+    for cb in trainer.callback_handler.callbacks:
+        if type(cb).__name__ == "TensorBoardCallback" and getattr(cb, "logging_dir", "unset") is None:
+            cb.logging_dir = str(where)
+
+
+def _load_checkpoint_weights(run: _Run, ckpt: Path, adapter_name: str) -> None:
+    """The LoRA weights (and host masters) of checkpoint ``ckpt`` into the run's model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(run.peft_model, load_file(str(ckpt / "adapter_model.safetensors")),
+                              adapter_name=adapter_name)
+    if run.host is not None:
+        run.host.restore(ckpt)
+
+
+def _run_trainer(run: _Run, *, adapter_name: str) -> None:
+    """Stage 5: train (or, resumed at ``max_steps``, load the checkpoint's weights); Ctrl-C names the resume point."""
+    from qtulu.train import checkpoint as ck
+
+    t, trainer, resume_from = run.t, run.trainer, run.resume_from
+    run.steps_log.start()  # steps.jsonl: empty, or the resumed checkpoint's records (see StepsLog)
     done = int(ck.read_manifest(resume_from).get("global_step", 0)) if resume_from else 0
     if resume_from is not None and 0 < t.max_steps <= done:
         # HF Trainer would run one more step when resumed at max_steps: load the weights instead
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(peft_model, load_file(str(resume_from / "adapter_model.safetensors")),
-                                  adapter_name=adapter_name)
-        if host is not None:
-            host.restore(resume_from)
+        _load_checkpoint_weights(run, resume_from, adapter_name)
         trainer.state.global_step = done
         say(f"{resume_from.name} already reached train.max_steps={t.max_steps}: nothing left to train")
-    else:
-        from qtulu.train.loss import loss_chunking
-        from qtulu.model.threads import fitted_threads
+        return
+    from qtulu.train.loss import loss_chunking
+    from qtulu.model.threads import fitted_threads
 
-        try:
-            # one intra-op thread for a small model (more only oversubscribe); loss tiles (qtulu.train.loss)
-            with fitted_threads(base), loss_chunking(t.loss_chunk_size):
-                trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(ck.interrupted_message(out, guard.steps, is_main)) from None
-        if resume_from is None and trainer.state.global_step == 0:  # never save an untrained adapter as a result
-            raise TrainError(f"the run took 0 optimizer steps ({len(dataset)} packed rows, train.epochs={t.epochs}, "
-                             f"train.max_steps={t.max_steps}); no adapter was saved")
+    try:
+        # one intra-op thread for a small model (more only oversubscribe); loss tiles (qtulu.train.loss)
+        with fitted_threads(run.base), loss_chunking(t.loss_chunk_size):
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            evals = run.guard.evals
+            if (run.eval_dataset is not None and not run.guard.stopped and trainer.state.global_step > 0
+                    and not (evals and evals[-1]["step"] == trainer.state.global_step)):
+                trainer.evaluate()  # a run stopped early by a callback: the final weights still get their loss
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(ck.interrupted_message(run.out, run.guard.steps, run.is_main)) from None
+    finally:
+        run.steps_log.sync()  # the steps since the last logging step, whatever stopped the run
+    if resume_from is None and trainer.state.global_step == 0:  # never save an untrained adapter as a result
+        raise TrainError(f"the run took 0 optimizer steps ({len(run.dataset)} packed rows, train.epochs={t.epochs}, "
+                         f"train.max_steps={t.max_steps}); no adapter was saved")
 
+
+def _save_result(run: _Run, *, adapter_name: str) -> TrainResult:
+    """Stage 6: the non-finite stop, the best checkpoint's weights (``train.keep_best_checkpoint``), the
+    adapter (``OUT/adapter``) and ``loss.png`` (``steps.jsonl`` is already written, by `StepsLog`)."""
+    from qtulu.train.callbacks import NonFiniteError, plot_losses
+
+    t, trainer, guard, host, out = run.t, run.trainer, run.guard, run.host, run.out
     steps = guard.steps
-    if is_main:
-        files.atomic_write_text(out / "steps.jsonl", "".join(json.dumps(s) + "\n" for s in steps))
     if guard.stopped:
         raise NonFiniteError(
             f"training stopped at step {trainer.state.global_step}: {guard.in_a_row} optimizer steps in a row had a "
@@ -449,35 +635,48 @@ def train(
             f"{guard.skipped_total} skipped in all. No adapter was saved; the last checkpoint holds finite weights. "
             "Lower train.learning_rate or check the data."
         )
+    best = best_eval(guard.evals)
+    adapter_step = trainer.state.global_step
+    if t.keep_best_checkpoint and best is not None and best["step"] != adapter_step:
+        ckpt = run.run_dir / f"checkpoint-{best['step']}"
+        if not ckpt.is_dir():  # cannot happen with the recipe's checks (a checkpoint at every evaluation)
+            raise TrainError(f"train.keep_best_checkpoint: the best checkpoint {ckpt} is missing; no adapter was saved")
+        _load_checkpoint_weights(run, ckpt, adapter_name)
+        adapter_step = best["step"]
+        say(f"keeping the best checkpoint: step {best['step']}, validation loss {best['eval_loss']:.4f}")
     adapter_dir = None
     png = None
-    gathered = full_trainable_state(peft_model) if trainer.is_fsdp_enabled else None  # collective
-    if is_main:
+    gathered = full_trainable_state(run.peft_model) if trainer.is_fsdp_enabled else None  # collective
+    resumed_from = str(run.resume_from) if run.resume_from else None
+    if run.is_main:
         from qtulu.adapters.store import save_adapter
 
         adapter_dir = save_adapter(
-            peft_model,
+            run.peft_model,
             out / ADAPTER_DIRNAME,
             adapter_name=adapter_name,
-            base_info=info,
-            recipe=recipe.to_dict(),
-            manifest=manifest,
+            base_info=run.info,
+            recipe=run.recipe.to_dict(),
+            manifest=run.manifest,
             extra={
                 "train": {
                     "global_step": trainer.state.global_step,
                     "skipped_steps": guard.skipped_total,
-                    "gradient_accumulation_steps": ga,
-                    "world_size": world,
-                    "optimizer": getattr(args.optim, "value", str(args.optim)),
+                    "gradient_accumulation_steps": run.ga,
+                    "world_size": run.world,
+                    "optimizer": getattr(run.args.optim, "value", str(run.args.optim)),
                     "final_loss": next((s["loss"] for s in reversed(steps) if s["loss"] is not None), None),
-                    "resumed_from": str(resume_from) if resume_from else None,
+                    "resumed_from": resumed_from,
+                    "final_eval_loss": guard.evals[-1]["eval_loss"] if guard.evals else None,
+                    "best_eval": best,  # {"step", "eval_loss"} of the lowest validation loss, or None
+                    "adapter_step": adapter_step,  # the step whose weights are saved (best one if kept)
                 },
             },
             # FSDP2 serves peft_model.state_dict() as local shards: save from the gathered tensors
-            state_dict=host.master.adapter_state(peft_model, adapter_name) if host else gathered,
-            name=run_name,
+            state_dict=host.master.adapter_state(run.peft_model, adapter_name) if host else gathered,
+            name=run.run_name,
         )
-        png = plot_losses(steps, out / "loss.png", title=f"{recipe.name}: training loss")
+        png = plot_losses(steps, out / "loss.png", title=f"{run.recipe.name}: training loss", evals=guard.evals)
         say(f"adapter saved to {adapter_dir}" + (f"; loss curve {png}" if png else ""))
     trainer.accelerator.wait_for_everyone()
     return TrainResult(
@@ -486,13 +685,25 @@ def train(
         global_step=trainer.state.global_step,
         steps=steps,
         skipped_steps=guard.skipped_total,
-        resumed_from=str(resume_from) if resume_from else None,
-        seconds=time.time() - t0,
+        resumed_from=resumed_from,
+        seconds=time.time() - run.t0,
         loss_png=png,
-        gradient_accumulation_steps=ga,
-        model=peft_model,
-        tokenizer=tok,
+        gradient_accumulation_steps=run.ga,
+        model=run.peft_model,
+        tokenizer=run.tok,
+        evals=list(guard.evals),
+        best_eval=best,
+        adapter_step=adapter_step,
     )
+
+
+def best_eval(evals: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """``{"step", "eval_loss"}`` of the lowest finite validation loss (the earliest on a tie), or None."""
+    finite = [e for e in evals if e.get("eval_loss") is not None]
+    if not finite:
+        return None
+    b = min(finite, key=lambda e: (e["eval_loss"], e["step"]))
+    return {"step": b["step"], "eval_loss": b["eval_loss"]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,9 +749,5 @@ def _cli(args: argparse.Namespace) -> int:
     result = train(recipe, output_dir=out, resume=args.resume, force=args.force, progress=not args.no_progress,
                    name=name)
     if result.adapter_dir is not None:
-        last = next((s["loss"] for s in reversed(result.steps) if s["loss"] is not None), float("nan"))
-        print(
-            f"done: {result.global_step} steps ({result.skipped_steps} skipped), final loss {last:.4f}, "
-            f"{result.seconds:.0f}s; adapter: {result.adapter_dir}"
-        )
+        print(result.summary())
     return 0

@@ -1,9 +1,15 @@
 """One writer per run directory: ``qtulu train`` holds an exclusive lock on ``OUT/.qtulu-run.lock``.
 
 The lock is a ``flock`` on that file, so the kernel releases it whenever the holder ends, however
-it ends (return, exception, SIGKILL, power cut): a lock is never stale after its holder died, and
-nothing has to be cleaned up. The file records who holds it (pid, host, command, start time) so
-that a second run on the same directory fails at once with a message naming the holder.
+it ends (return, exception, SIGKILL, power cut): a lock is never stale after its holder died. The
+file records who holds it (pid, host, command, start time) so that a second run on the same
+directory fails at once with a message naming the holder.
+
+A run that ends in Python, successfully or with an error or Ctrl-C, also removes the file, so a
+failed run leaves no lock file behind that would look held. It is unlinked while still locked, and
+a taker checks after locking that the file it locked is still the one at the path (else it locked
+a removed file and tries again): two runs can never both hold the directory. Only a process killed
+outright (SIGKILL) leaves the file; it is not locked, and the next run takes it over.
 
 Under torchrun/accelerate only the main process (RANK 0) takes the lock: the ranks of one launch
 share the directory; a second launch's rank 0 is refused.
@@ -53,35 +59,56 @@ def run_lock(out_dir: str | os.PathLike, *, what: str = "qtulu train run",
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_NAME
+    fd = _take(path, out, what, hint)
     try:
-        # never follow a planted symlink (its target would be truncated and overwritten), never
-        # block on a FIFO: the lock is a plain file qtulu created, or nothing
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-    except OSError as e:
-        if path.is_symlink() or e.errno == errno.ELOOP:
-            raise RunDirLocked(f"{path}: is a symlink, not qtulu's lock file; refusing to follow it "
-                               "(remove it, or choose another directory)") from None
-        raise
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise RunDirLocked(f"{path}: is not a regular file (qtulu's lock file is one); refusing to use it")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                info = json.loads(os.pread(fd, 65536, 0) or b"{}")
-            except (OSError, ValueError):
-                info = {}
-            raise RunDirLocked(
-                f"{out} is in use by another {what} ({_describe(info)}); wait for it to finish or {hint}"
-            ) from None
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
                 "command": " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         yield path
     finally:
-        os.close(fd)  # releases the lock (the file stays: removing it would race with a waiting taker)
+        try:
+            os.unlink(path)  # still locked here: a taker that opened it re-checks the path after locking
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # releases the lock
+
+
+def _take(path: Path, out: Path, what: str, hint: str) -> int:
+    """Open and lock ``path``; the locked file must still be the one at ``path`` (see module doc)."""
+    while True:
+        try:
+            # never follow a planted symlink (its target would be truncated and overwritten), never
+            # block on a FIFO: the lock is a plain file qtulu created, or nothing
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            if path.is_symlink() or e.errno == errno.ELOOP:
+                raise RunDirLocked(f"{path}: is a symlink, not qtulu's lock file; refusing to follow it "
+                                   "(remove it, or choose another directory)") from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise RunDirLocked(f"{path}: is not a regular file (qtulu's lock file is one); refusing to use it")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                info = json.loads(os.pread(fd, 65536, 0) or b"{}")
+            except (OSError, ValueError):
+                info = {}
+            os.close(fd)
+            raise RunDirLocked(
+                f"{out} is in use by another {what} ({_describe(info)}); wait for it to finish or {hint}"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the holder removed it between our open and our lock: take the new one
 
 
 def locks_run_dir(fn):

@@ -22,11 +22,17 @@ def make_trainer_class():
     class QTuluTrainer(SFTTrainer):
         """SFTTrainer with staged checkpoints, a non-finite step guard and per-step loss records."""
 
-        def __init__(self, *args, qtulu_guard, qtulu_identity: dict, qtulu_keep: int | None, **kwargs):
+        def __init__(self, *args, qtulu_guard, qtulu_identity: dict, qtulu_keep: int | None,
+                     qtulu_keep_best: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
             self.qtulu_guard = qtulu_guard
             self.qtulu_identity = qtulu_identity
             self.qtulu_keep = qtulu_keep
+            self.qtulu_keep_best = qtulu_keep_best  # train.keep_best_checkpoint: rotation spares the best one
+
+        def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                            metric_key_prefix="eval"):
+            return validation_loss(self, dataloader, metric_key_prefix)  # see there why not HF's loop
 
         def create_accelerator_and_postprocess(self):
             super().create_accelerator_and_postprocess()
@@ -99,6 +105,14 @@ def make_trainer_class():
                 payload = dict(self.qtulu_identity)
                 payload["global_step"] = step
                 payload["guard"] = self.qtulu_guard.state()
+                best = best_checkpoint(self, run_dir, step)
+                if best is not None:
+                    # HF recorded the best checkpoint under the staging root it wrote into: point it
+                    # at the final name (HF's resume drops a best_model_checkpoint that is not a folder)
+                    self.state.best_model_checkpoint = str(best)
+                    from transformers.trainer import TRAINER_STATE_NAME
+
+                    self.state.save_to_json(str(written / TRAINER_STATE_NAME))
                 if getattr(self, "qtulu_master", None) is not None:  # fp32 master weights (exact resume)
                     from qtulu.train.master_weights import MASTER_FILE
 
@@ -108,7 +122,66 @@ def make_trainer_class():
                 import shutil
 
                 shutil.rmtree(stage_root, ignore_errors=True)
-                ck.rotate(run_dir, self.qtulu_keep)
+                best = best_checkpoint(self, run_dir, step)
+                ck.rotate(run_dir, self.qtulu_keep, protect=best if self.qtulu_keep_best else None)
             self.accelerator.wait_for_everyone()
 
     return QTuluTrainer
+
+
+def validation_loss(trainer, dataloader, metric_key_prefix: str = "eval"):
+    """The validation loss as the mean over supervised tokens of the whole validation set.
+
+    By hand rather than HF's loop: HF averages one loss per batch, and a padding-free batch
+    (all its rows in one sequence) counts as one sample, so a batch of 10 supervised tokens
+    would weigh as much as one of 10,000. Here each batch's summed token loss (TRL's
+    ``compute_loss``, the training loss's own code path, given the batch's supervised-token
+    count as ``num_items_in_batch``) is added up and divided by the tokens of all batches.
+    HF's `evaluate` around it still logs, calls the callbacks and tracks the best
+    ``eval_loss`` (``metric_for_best_model``).
+    """
+    import torch
+    from transformers.trainer_utils import EvalLoopOutput
+
+    # Every rank reads the whole validation set, in order, unsharded: accelerate's sharded loader
+    # pads the last batches with repeated rows to even the ranks out, which would count their
+    # tokens twice; here every rank computes the same exact sum (and under FSDP every rank runs
+    # the same number of forwards, as the gathers need). Validation sets are small.
+    loader = torch.utils.data.DataLoader(dataloader.dataset, batch_size=trainer.args.eval_batch_size,
+                                         shuffle=False, collate_fn=dataloader.collate_fn, num_workers=0)
+    model = trainer.model  # no DDP wrapper: no gradients, so nothing to synchronise
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=trainer.args.device)
+    count = torch.zeros((), dtype=torch.float64, device=trainer.args.device)
+    try:
+        with torch.no_grad():
+            for inputs in loader:
+                inputs = trainer._prepare_inputs(inputs)
+                # the supervised tokens, counted as HF counts the training step's (num_items_in_batch)
+                labels = inputs["shift_labels"] if "shift_labels" in inputs else inputs["labels"][..., 1:]
+                n = labels.ne(-100).sum()
+                loss = trainer.compute_loss(model, inputs, num_items_in_batch=n)  # token-loss sum / max(n, 1)
+                if trainer.args.average_tokens_across_devices and trainer.accelerator.num_processes > 1:
+                    loss = loss / trainer.accelerator.num_processes  # TRL scales it up for DDP's gradient mean
+                total += loss.detach().to(torch.float64) * n.to(torch.float64)
+                count += n.to(torch.float64)
+    finally:
+        model.train(was_training)
+    tokens = int(count.item())
+    metrics = {f"{metric_key_prefix}_loss": float(total.item()) / tokens if tokens else float("nan"),
+               f"{metric_key_prefix}_tokens": tokens}
+    return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics,
+                          num_samples=len(loader.dataset))
+
+
+def best_checkpoint(trainer, run_dir: Path, step: int) -> Path | None:
+    """Where the checkpoint with the best eval_loss (HF's ``state.best_global_step``) is, or will be when it
+    is the one of ``step`` being written; None without one."""
+    from qtulu.train.checkpoint import CHECKPOINT_PREFIX
+
+    best_step = trainer.state.best_global_step
+    if not best_step:
+        return None
+    path = Path(run_dir) / f"{CHECKPOINT_PREFIX}-{best_step}"
+    return path if best_step == step or path.is_dir() else None

@@ -158,8 +158,9 @@ def test_helpers():
     from qtulu.train.run import resolve_report_to
 
     assert resolve_report_to("none") == "none"
-    if importlib.util.find_spec("wandb") is None:
-        assert resolve_report_to("wandb") == "none"  # asked but not installed: a note, no crash
+    if importlib.util.find_spec("wandb") is None:  # issue 28: asked but not installed is an error (was a note)
+        with pytest.raises(TrainError, match=r"train.report_to=wandb: .*pip install wandb"):
+            resolve_report_to("wandb")
     with pytest.raises(TrainError, match="seq_lens"):
         to_train_columns(packed_toy_dataset(2, 1).remove_columns(["seq_lens"]))
 
