@@ -79,6 +79,7 @@ def build_real_step(settings: PlanSettings, *, stack: str, config, device: str):
         from qtulu.train.master_weights import HostMaster, host_optimizer_name
 
         master = HostMaster(model.named_parameters(), compute_dtype=settings.torch_dtype)
+        master.match_input_casts(model)
         opt_settings = settings.replace(optimizer=host_optimizer_name(settings.optimizer))
     cuda = device == "cuda"
     optimizer = make_optimizer(model, opt_settings, cuda=cuda, params=master.masters if master else None)

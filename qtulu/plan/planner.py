@@ -215,6 +215,7 @@ def plan_step(settings: PlanSettings, *, stack: str = "qtulu", config=None) -> P
 
                 # the host is the meta device here: never counted
                 master = HostMaster(model.named_parameters(), compute_dtype=settings.torch_dtype, host_device="meta")
+                master.match_input_casts(model)  # as qtulu train: dropout on the fp32 input
                 opt_settings = settings.replace(optimizer=host_optimizer_name(settings.optimizer))
         # outside the fake mode: bitsandbytes builds its quantization maps from real values
         optimizer = make_optimizer(model, opt_settings, cuda=cuda, params=master.masters if master else None)
