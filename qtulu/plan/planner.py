@@ -10,6 +10,8 @@ that step and what was alive at the peak, by category.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -101,7 +103,7 @@ def _module_hooks(model, tracker: StorageTracker, backbone):
     def pre(module, args):
         recompute = tracker.phase in ("loss_backward", "backward")
         if recompute:
-            tracker.enter_recompute()
+            tracker.enter_recompute(names.get(id(module), ""))
         tracker.module_stack.append(names.get(id(module), type(module).__name__))
         stack.append((id(module), recompute))
 
@@ -145,19 +147,95 @@ def _register_state(tracker: StorageTracker, model, batches) -> None:
                 tracker.track(v, role="activations")
 
 
-def _floor(config, settings: PlanSettings, breakdown_state: dict[str, int]) -> dict[str, int]:
-    """Weights + quant state + LoRA + optimizer states + the checkpointed layer inputs."""
+# TRL's chunked LM head projects at most this many tokens per tile (trl/kernels/chunked_logprob.py)
+_TRL_TOKEN_TILE = 4096
+
+
+def _live_at(tracker: StorageTracker, indices: list[int]) -> dict[int, int]:
+    """Live device bytes just after each event index in ``indices``."""
+    want = sorted(set(indices))
+    out: dict[int, int] = {}
+    live, k = 0, 0
+    for i, (sid, kind) in enumerate(tracker.events):
+        s = tracker.storages[sid]
+        if not s.host:
+            live += s.nbytes if kind > 0 else -s.nbytes
+        while k < len(want) and want[k] == i:
+            out[want[k]] = live
+            k += 1
+    for j in want[k:]:
+        out[j] = live
+    return out
+
+
+def _recompute_set(tracker: StorageTracker, after: int) -> int:
+    """Device bytes one checkpointed layer's recomputation leaves alive for its backward (its saved
+    tensors, the reloaded input when offloaded): the first recomputation after event ``after``."""
+    ids = sorted(r for r, start in tracker.recompute_starts.items() if start >= after and r in tracker.recompute_ends)
+    if not ids:
+        return 0
+    # a checkpoint replays the layer's function, not the layer module: its submodules' forwards are
+    # separate recomputations, grouped here by the decoder layer they belong to
+    layer = _layer_of(tracker.recompute_modules.get(ids[0], ""))
+    group = [ids[0]] + list(itertools.takewhile(
+        lambda r: layer is not None and _layer_of(tracker.recompute_modules.get(r, "")) == layer, ids[1:]))
+    start, end = tracker.recompute_starts[group[0]], tracker.recompute_ends[group[-1]] - 1
+    live = _live_at(tracker, [start - 1, end])
+    return max(0, live[end] - live[start - 1])
+
+
+def _layer_of(module_name: str) -> str | None:
+    m = re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", module_name)
+    return m.group(1) if m else None
+
+
+def _loss_tile(config, settings: PlanSettings, stack: str) -> int:
+    """The loss path's one unavoidable buffer: TRL's fused head projects one (<= 4096 tokens) x
+    (chunk columns) tile in the compute dtype; the model's own loss needs the whole logits."""
+    vocab = int(getattr(config, "vocab_size", 0))
+    elsize = torch.empty((), dtype=settings.torch_dtype).element_size()
+    rows = max(1, settings.tokens - 1)  # the shifted labels: one fewer position than tokens
+    if stack == "hf" and not settings.extra.get("fused_lm_head", False):
+        return settings.tokens * vocab * elsize
+    from qtulu.train.loss import TRL_DEFAULT_CHUNK
+
+    # TRL allocates the tile chunk_size wide even when the vocabulary is narrower (mm_buf)
+    cols = settings.loss_chunk_size or TRL_DEFAULT_CHUNK
+    return min(rows, _TRL_TOKEN_TILE) * cols * elsize
+
+
+def _floor(config, settings: PlanSettings, state: dict[str, int], *, tracker: StorageTracker,
+           grads: int, after: int, stack: str) -> dict[str, int]:
+    """The physical minimum of this step: what must be alive at once at the start of the last
+    micro-batch's backward (or at its loss), whatever the implementation.
+
+    resident state (weights, quant state, LoRA, device optimizer states) + the gradients summed
+    from earlier micro-batches (device masters, accumulation >= 2) + every checkpointed layer input
+    (kept on the device unless offloaded) + the larger of one layer's recompute set (measured: the
+    first recomputation of the last micro-batch) and the loss tile. Each of those is alive at the
+    end of that recomputation (or during the loss), so a plan's peak can never be below it.
+    """
     layers = int(getattr(config, "num_hidden_layers", 0))
     hidden = int(getattr(config, "hidden_size", 0))
     elsize = torch.empty((), dtype=settings.torch_dtype).element_size()
-    acts = layers * settings.tokens * hidden * elsize if settings.gradient_checkpointing else 0
+    offloaded = settings.activation_offload and settings.device == "cuda"
+    acts = layers * settings.tokens * hidden * elsize if settings.gradient_checkpointing and not offloaded else 0
     return {
-        "weights": breakdown_state["weights"],
-        "quant_state": breakdown_state["quant_state"],
-        "lora": breakdown_state["lora"],
-        "optimizer": breakdown_state["optimizer"],
+        "weights": state["weights"],
+        "quant_state": state["quant_state"],
+        "lora": state["lora"],
+        "optimizer": state["optimizer"],
+        "grads": grads if settings.accumulation >= 2 else 0,
         "activations": acts,
+        "recompute_set": _recompute_set(tracker, after) if settings.gradient_checkpointing else 0,
+        "loss_tile": _loss_tile(config, settings, stack),
     }
+
+
+def floor_total(floor: dict[str, int]) -> int:
+    """The floor's bytes: the layer's recompute set and the loss tile are never alive together."""
+    parts = [v for k, v in floor.items() if k not in ("recompute_set", "loss_tile")]
+    return sum(parts) + max(floor.get("recompute_set", 0), floor.get("loss_tile", 0))
 
 
 def _dequant_copies(tracker: StorageTracker, model) -> list[dict[str, Any]]:
@@ -244,13 +322,15 @@ def plan_step(settings: PlanSettings, *, stack: str = "qtulu", config=None) -> P
     for s in tracker.storages.values():
         if s.died is None and not s.host:
             state[categories.get(s.sid, "transient")] += s.nbytes
-    floor = _floor(config, settings, state)
+    grad_bytes = sum(tracker.storages[sid].nbytes for sid in obs.grads if not tracker.storages[sid].host)
+    last_forward = max(obs.forward_end.values()) if obs.forward_end else start
+    floor = _floor(config, settings, state, tracker=tracker, grads=grad_bytes, after=last_forward, stack=stack)
     return PlanResult(
         stack=stack,
         settings=settings.to_dict(),
         peak_bytes=a.peak_bytes,
         breakdown=a.breakdown,
-        floor_bytes=sum(floor.values()),
+        floor_bytes=floor_total(floor),
         floor=floor,
         peak_phase=a.peak_phase,
         peak_module=a.peak_module,

@@ -31,10 +31,12 @@ def table(result, hf=None) -> str:
     lines.append(f"{'paged optimizer states':<{w}}" + "".join(f"{gb(r.paged_bytes):>24}" for _, r in cols))
     f = result.floor
     lines.append("")
+    rs, tile = f.get("recompute_set", 0), f.get("loss_tile", 0)
     lines.append(
-        f"floor {gb(result.floor_bytes)} {unit} = weights {gb(f['weights'])} + quant state {gb(f['quant_state'])} + "
-        f"LoRA {gb(f['lora'])} + optimizer {gb(f['optimizer'])} + checkpointed layer inputs {gb(f['activations'])}; "
-        f"peak / floor = {result.peak_bytes / max(1, result.floor_bytes):.3f}"
+        f"floor {gb(result.floor_bytes)} {unit} (the physical minimum) = weights {gb(f['weights'])} + quant state "
+        f"{gb(f['quant_state'])} + LoRA {gb(f['lora'])} + optimizer {gb(f['optimizer'])} + gradients "
+        f"{gb(f.get('grads', 0))} + checkpointed layer inputs {gb(f['activations'])} + max(one layer's recompute set "
+        f"{gb(rs)}, loss tile {gb(tile)}); peak / floor = {result.peak_bytes / max(1, result.floor_bytes):.3f}"
     )
     if hf is not None:
         lines.append(f"qtulu / transformers+peft+bnb = {result.peak_bytes / max(1, hf.peak_bytes):.3f}")
@@ -96,7 +98,9 @@ def plot(path: str | os.PathLike, result, hf=None) -> Path:
     if hf is not None:
         bars.append(("transformers\n+peft+bnb", hf.breakdown))
     floor = dict.fromkeys(CATEGORIES, 0)
-    floor.update(result.floor)
+    floor.update({k: v for k, v in result.floor.items() if k in CATEGORIES})
+    rs, tile = result.floor.get("recompute_set", 0), result.floor.get("loss_tile", 0)
+    floor["activations" if rs >= tile else "loss"] += max(rs, tile)
     bars.append(("floor", floor))
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1, 1.6]})
     colors = plt.get_cmap("tab10").colors

@@ -136,3 +136,41 @@ def test_cli_errors_are_one_line(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_no_configuration_lands_under_its_floor(device):
+    """The floor is the physical minimum (resident state + summed gradients + checkpointed layer inputs
+    + the larger of one layer's recompute set and the loss tile): every switch combination, the
+    best included, peaks at or above its own floor."""
+    from itertools import product
+
+    from qtulu.plan.planner import floor_total
+
+    cfg = resolve_config("tiny")
+    base = dict(shape="tiny", seq_len=512, lora_r=8, device=device)
+    if device == "cpu":
+        base.update(compute_dtype="float32", optimizer="adamw_torch")
+    ratios = {}
+    for (impl, chunk), offload, masters, acc in product((("peft", None), ("recompute", 256)), (False, True),
+                                                       ("device", "host"), (1, 2)):
+        if offload and device == "cpu":
+            continue
+        s = PlanSettings(**base, lora_dropout_impl=impl, loss_chunk_size=chunk, activation_offload=offload,
+                         master_weights=masters, accumulation=acc)
+        r = plan_step(s, config=cfg)
+        assert r.floor_bytes == floor_total(r.floor)
+        assert r.floor["weights"] > 0 and r.floor["recompute_set"] > 0 and r.floor["loss_tile"] > 0
+        assert (r.floor["grads"] > 0) == (acc == 2 and masters == "device")
+        ratios[(impl, chunk, offload, masters, acc)] = r.peak_bytes / r.floor_bytes
+    assert min(ratios.values()) >= 1.0, min(ratios.items(), key=lambda kv: kv[1])
+
+
+def test_floor_recompute_set_is_measured():
+    """One layer's recompute set is what the layer's recomputation leaves alive: peft's dropout keeps
+    a dropped copy per adapted linear that the recompute dropout does not."""
+    cfg = resolve_config("tiny")
+    s = PlanSettings(shape="tiny", seq_len=512, lora_r=8, accumulation=1)
+    peft = plan_step(s, config=cfg).floor["recompute_set"]
+    ours = plan_step(s.replace(lora_dropout_impl="recompute"), config=cfg).floor["recompute_set"]
+    assert peft > ours > 0
