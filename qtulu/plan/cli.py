@@ -48,7 +48,9 @@ def register(subparsers) -> None:
     p.add_argument("--activation-offload", action=argparse.BooleanOptionalAction, default=None,
                    help="recipe train.activation_offload")
     p.add_argument("--optimize", action="store_true", help="pick the memory switches that keep the maths")
-    p.add_argument("--compare-hf", action="store_true", help="also plan the transformers+peft+bitsandbytes step")
+    p.add_argument("--compare-hf", action="store_true",
+                   help="also plan transformers+peft+bitsandbytes as TRL's SFTTrainer sets them up (bf16 and fp32 "
+                        "adapters) and name each difference")
     p.add_argument("--plot", metavar="PNG", help="write the breakdown as a PNG")
     p.set_defaults(func=_cli)
 
@@ -120,14 +122,21 @@ def _cli(args: argparse.Namespace) -> int:
     if args.optimize:
         s, chosen = optimize(s, config, log=_say)
         _say("chosen: " + ", ".join(f"{k}={v}" for k, v in chosen["switches"].items()))
-    result = plan_step(s, config=config)
-    hf = plan_step(s.hf_baseline(), stack="hf", config=config) if args.compare_hf else None
-    print(table(result, hf))
+    result = plan_step(s, config=config, progress=_say)
+    hf, diffs, setup = None, None, ""
+    if args.compare_hf:
+        import trl
+
+        from qtulu.plan.models import HF_SETUP, hf_differences
+
+        hf = [plan_step(s.hf_baseline(dt), stack="hf", config=config, progress=_say) for dt in ("bfloat16", "float32")]
+        diffs, setup = hf_differences(s), HF_SETUP.format(trl=trl.__version__)
+    print(table(result, hf, differences=diffs, setup=setup))
     if chosen is not None:
         print("recipe overrides: " + " ".join(f"--set {o}" for o in s.recipe_overrides()))
     if args.plot:
         print(f"plot: {plot(args.plot, result, hf)}")
-    print(json_line(summary(result, hf, optimized=chosen)))
+    print(json_line(summary(result, hf, optimized=chosen, differences=diffs, setup=setup)))
     return 0
 
 

@@ -21,7 +21,7 @@ import torch
 
 from qtulu.plan.models import build_hf, build_qtulu, quant_state_tensors, resolve_config
 from qtulu.plan.settings import PlanSettings
-from qtulu.plan.step import create_optimizer_states, hf_loss, make_batches, make_optimizer, qtulu_loss, run_step
+from qtulu.plan.step import create_optimizer_states, make_batches, make_optimizer, qtulu_loss, run_step
 
 
 @dataclass
@@ -90,7 +90,7 @@ def build_real_step(settings: PlanSettings, *, stack: str, config, device: str):
                                      packed=stack == "qtulu")]
     from qtulu.train.loss import loss_chunking
 
-    kw: dict[str, Any] = dict(loss_fn=qtulu_loss if stack == "qtulu" else hf_loss,
+    kw: dict[str, Any] = dict(loss_fn=qtulu_loss,
                               max_grad_norm=settings.max_grad_norm,
                               context=(lambda: loss_chunking(settings.loss_chunk_size)) if stack == "qtulu" else None)
     if cuda:

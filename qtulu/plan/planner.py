@@ -15,7 +15,7 @@ import re
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -25,7 +25,6 @@ from qtulu.plan.settings import PlanSettings
 from qtulu.plan.step import (
     Observer,
     create_optimizer_states,
-    hf_loss,
     make_batches,
     make_optimizer,
     qtulu_loss,
@@ -91,8 +90,36 @@ class _TrackingObserver(Observer):
                         self.opt_states.add(s.sid)
 
 
+class _Progress:
+    """Per-layer progress lines ("forward 1/2: layer 40/80"), at most one every ``every`` seconds
+    (and the last layer of each pass): a 65B plan runs for minutes."""
+
+    def __init__(self, say: Callable[[str], None] | None, layers: int, micro_batches: int, every: float = 10.0):
+        self.say, self.layers, self.micro_batches, self.every = say, layers, micro_batches, every
+        self.t0 = self.last = time.time()
+        self.seen: tuple[str, str] | None = None
+        self.passes: dict[str, int] = {}
+
+    def layer(self, phase: str, module_name: str) -> None:
+        if self.say is None:
+            return
+        idx = _layer_of(module_name)
+        if idx is None or (phase, idx) == self.seen:
+            return
+        kind = "forward" if phase == "forward" else "backward"
+        if self.seen is None or self.seen[0] != kind:
+            self.passes[kind] = self.passes.get(kind, 0) + 1
+        self.seen = (kind, idx)
+        now = time.time()
+        done = int(idx) + 1 if kind == "forward" else self.layers - int(idx)
+        if now - self.last >= self.every or done == self.layers:
+            self.last = now
+            self.say(f"{kind} {min(self.passes[kind], self.micro_batches)}/{self.micro_batches}: "
+                     f"layer {done}/{self.layers} ({now - self.t0:.0f} s)")
+
+
 @contextlib.contextmanager
-def _module_hooks(model, tracker: StorageTracker, backbone):
+def _module_hooks(model, tracker: StorageTracker, backbone, progress: _Progress | None = None):
     """Module names on the tracker's stack; checkpoint recomputation (a forward during backward);
     the loss region (whatever runs after the backbone in forward, and before its output's grad)."""
     from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
@@ -104,7 +131,10 @@ def _module_hooks(model, tracker: StorageTracker, backbone):
         recompute = tracker.phase in ("loss_backward", "backward")
         if recompute:
             tracker.enter_recompute(names.get(id(module), ""))
-        tracker.module_stack.append(names.get(id(module), type(module).__name__))
+        name = names.get(id(module), type(module).__name__)
+        if progress is not None:
+            progress.layer(tracker.phase, name)
+        tracker.module_stack.append(name)
         stack.append((id(module), recompute))
 
     def post(module, args, output):
@@ -259,8 +289,10 @@ def _dequant_copies(tracker: StorageTracker, model) -> list[dict[str, Any]]:
     return out[:5]
 
 
-def plan_step(settings: PlanSettings, *, stack: str = "qtulu", config=None) -> PlanResult:
-    """Run the step of ``stack`` ("qtulu" or "hf") on fake tensors and return its memory."""
+def plan_step(settings: PlanSettings, *, stack: str = "qtulu", config=None,
+              progress: Callable[[str], None] | None = None) -> PlanResult:
+    """Run the step of ``stack`` ("qtulu" or "hf") on fake tensors and return its memory.
+    ``progress``: called with per-layer progress lines (the CLI prints them on stderr)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     if stack not in ("qtulu", "hf"):
@@ -305,10 +337,12 @@ def plan_step(settings: PlanSettings, *, stack: str = "qtulu", config=None) -> P
             tracker.set_phase("warmup")
             create_optimizer_states(optimizer)
             start = len(tracker.events)
-            with _module_hooks(model, tracker, backbone):
+            layers = int(getattr(config, "num_hidden_layers", 0))
+            ticker = _Progress(progress, layers, len(batches)) if progress is not None else None
+            with _module_hooks(model, tracker, backbone, ticker):
                 run_step(
                     model, optimizer, batches,
-                    loss_fn=qtulu_loss if stack == "qtulu" else hf_loss,
+                    loss_fn=qtulu_loss,
                     autocast_dtype=settings.torch_dtype if cuda and settings.torch_dtype != torch.float32 else None,
                     autocast_device="cpu",
                     max_grad_norm=settings.max_grad_norm,

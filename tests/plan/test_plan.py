@@ -120,7 +120,17 @@ def test_cli_prints_table_json_and_png(tmp_path, capsys):
     assert any(line.startswith("floor") for line in out)
     # no bf16 copy of a 4-bit weight in qtulu's CUDA step; bitsandbytes' backward makes one per layer
     assert summary["dequantized_weight_copies"] == 0 and summary["hf_dequantized_weight_copies"] > 0
-    assert summary["breakdown"]["weights"] < summary["hf_breakdown"]["weights"]  # peft upcasts them to fp32
+    # HF as TRL 1.16's SFTTrainer sets it up: no prepare_model_for_kbit_training (embedding, head and norms
+    # stay bf16, as qtulu's), bf16 adapters by TRL's cast, and the fp32-adapter variant beside it
+    import trl
+
+    assert summary["breakdown"]["weights"] == summary["hf_breakdown"]["weights"]
+    # twice the bytes, give or take the CUDA allocator's 512-byte blocks
+    assert summary["hf_float32_adapters_breakdown"]["lora"] == pytest.approx(2 * summary["hf_breakdown"]["lora"], rel=0.1)
+    assert f"TRL {trl.__version__}" in summary["hf_setup"] and "prepare_model_for_kbit_training" in summary["hf_setup"]
+    assert any(d.startswith("LoRA weights: fp32") for d in summary["hf_differences"])
+    assert any(d.startswith("4-bit matmul") for d in summary["hf_differences"])
+    assert "peak_over_hf_float32_adapters" in summary
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -174,3 +184,27 @@ def test_floor_recompute_set_is_measured():
     peft = plan_step(s, config=cfg).floor["recompute_set"]
     ours = plan_step(s.replace(lora_dropout_impl="recompute"), config=cfg).floor["recompute_set"]
     assert peft > ours > 0
+
+
+def test_hf_baseline_is_trl_s_setup():
+    """The transformers baseline is built as TRL's SFTTrainer builds it: fused LM head, bf16 (or fp32)
+    trainable LoRA weights, bf16 embedding/head/norms (no k-bit preparation), input grads for checkpointing."""
+    from qtulu.plan.models import build_hf
+
+    cfg = resolve_config("tiny")
+    for dt, want in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        m = build_hf(cfg, PlanSettings(shape="tiny").hf_baseline(dt))
+        trainable = [p for p in m.parameters() if p.requires_grad]
+        assert trainable and all(p.dtype == want for p in trainable)
+        frozen_float = [p for n, p in m.named_parameters() if not p.requires_grad and p.is_floating_point()]
+        assert frozen_float and all(p.dtype == torch.bfloat16 for p in frozen_float)
+        assert "fused_lm_head" in m.get_base_model().forward.__code__.co_varnames  # TRL's add_fused_lm_head
+    with pytest.raises(ValueError):
+        PlanSettings(shape="tiny").hf_baseline("float16")
+
+
+def test_plan_shows_per_layer_progress():
+    lines = []
+    cfg = resolve_config("tiny")
+    plan_step(PlanSettings(shape="tiny", seq_len=64, lora_r=8, accumulation=2), config=cfg, progress=lines.append)
+    assert "forward 1/2: layer 2/2" in " ".join(lines) and "backward 2/2: layer 2/2" in " ".join(lines)
