@@ -123,6 +123,11 @@ def _cli(args: argparse.Namespace) -> int:
         s, chosen = optimize(s, config, log=_say)
         _say("chosen: " + ", ".join(f"{k}={v}" for k, v in chosen["switches"].items()))
     result = plan_step(s, config=config, progress=_say)
+    if s.master_weights == "host":  # the optimizer step moves to the CPU: measure it here
+        from qtulu.plan.host import cpu_optimizer_time
+
+        result.cpu_optimizer = cpu_optimizer_time(s.optimizer, result.host["lora_params"],
+                                                  learning_rate=s.learning_rate)
     hf, diffs, setup = None, None, ""
     if args.compare_hf:
         import trl

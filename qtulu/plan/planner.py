@@ -51,6 +51,8 @@ class PlanResult:
     largest_transients: list[dict[str, Any]]
     dequantized_weight_copies: list[dict[str, Any]]
     phase_peaks: dict[str, int]
+    host: dict[str, int] = field(default_factory=dict)  # host side of an offloading plan (qtulu.plan.host)
+    cpu_optimizer: dict[str, Any] | None = None  # measured CPU optimizer step (qtulu.plan.host.cpu_optimizer_time)
     timeline: list[tuple[int, int]] = field(default_factory=list, repr=False)
     seconds: float = 0.0
     model: str = ""
@@ -359,7 +361,11 @@ def plan_step(settings: PlanSettings, *, stack: str = "qtulu", config=None,
     grad_bytes = sum(tracker.storages[sid].nbytes for sid in obs.grads if not tracker.storages[sid].host)
     last_forward = max(obs.forward_end.values()) if obs.forward_end else start
     floor = _floor(config, settings, state, tracker=tracker, grads=grad_bytes, after=last_forward, stack=stack)
+    from qtulu.plan.host import host_side
+
+    host = host_side(master, optimizer, activation_host_bytes=a.host_bytes)
     return PlanResult(
+        host=host,
         stack=stack,
         settings=settings.to_dict(),
         peak_bytes=a.peak_bytes,

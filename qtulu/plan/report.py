@@ -57,6 +57,7 @@ def table(result, hf=None, *, differences: list[str] | None = None, setup: str =
             lines.append(f"HF+TRL: {setup}")
         lines.append("differences (qtulu vs HF+TRL):")
         lines += [f"  - {d}" for d in differences or []]
+    lines += offload_lines(result, unit, div)
     lines.append("")
     lines.append("largest transient buffers:")
     for t in result.largest_transients[:4]:
@@ -69,6 +70,27 @@ def table(result, hf=None, *, differences: list[str] | None = None, setup: str =
         c = hfs[0][1].dequantized_weight_copies[0]
         lines.append(f"  ({hfs[0][0]}: {c['bytes'] / 1e6:.1f} MB by {c['op']} in {c['module']})")
     return "\n".join(lines)
+
+
+def offload_lines(result, unit: str = "GB", div: float = GB) -> list[str]:
+    """GPU bytes, pinned and pageable host bytes and the CPU optimizer step, side by side, for a plan
+    that offloads (an all-on-GPU plan prints nothing)."""
+    h = result.host or {}
+    if not h.get("pinned_bytes") and not h.get("pageable_bytes"):
+        return []
+    cpu = result.cpu_optimizer
+    step = (f"{cpu['seconds_per_step']:.1f} s per optimizer step ({cpu['class']}, {cpu['ns_per_param']:.1f} ns/param "
+            f"x {cpu['params'] / 1e6:.0f}M LoRA parameters, {cpu['threads']} threads, measured on this machine)"
+            if cpu else "none (no optimizer on the host)")
+    def v(n: int) -> str:
+        return f"{n / div:.2f}"
+
+    return ["", "offload (ZeRO-Offload when the optimizer runs on the host):",
+            f"  GPU peak {v(result.peak_bytes)} {unit} | pinned host {v(h['pinned_bytes'])} {unit} (activations "
+            f"{v(h['pinned_activations'])}, fp32 masters {v(h['pinned_masters'])}, gradient staging "
+            f"{v(h['pinned_staging'])}) | pageable host {v(h['pageable_bytes'])} {unit} (fp32 gradient sums "
+            f"{v(h['grad_sums'])}, optimizer states {v(h['optimizer_states'])})",
+            f"  CPU optimizer: {step}"]
 
 
 def summary(result, hf=None, *, optimized: dict[str, Any] | None = None, differences: list[str] | None = None,
@@ -90,6 +112,8 @@ def summary(result, hf=None, *, optimized: dict[str, Any] | None = None, differe
         "largest_transient_bytes": result.largest_transients[0]["bytes"] if result.largest_transients else 0,
         "dequantized_weight_copies": len(result.dequantized_weight_copies),
         "seconds": round(result.seconds, 1),
+        "host": result.host,
+        "cpu_optimizer": result.cpu_optimizer,
     }
     if optimized is not None:
         out["optimize"] = optimized

@@ -208,3 +208,32 @@ def test_plan_shows_per_layer_progress():
     cfg = resolve_config("tiny")
     plan_step(PlanSettings(shape="tiny", seq_len=64, lora_r=8, accumulation=2), config=cfg, progress=lines.append)
     assert "forward 1/2: layer 2/2" in " ".join(lines) and "backward 2/2: layer 2/2" in " ".join(lines)
+
+
+def test_offloading_plan_reports_host_bytes_and_cpu_optimizer(capsys):
+    """train.master_weights=host: the GPU peak is printed beside the pinned and pageable host bytes and
+    the measured CPU optimizer step (ZeRO-Offload); the host bytes follow HostMaster's buffers."""
+    from qtulu.cli import main
+    from qtulu.plan.host import cpu_optimizer_time
+
+    rc = main(["plan", "--shape", "tiny", "--seq-len", "64", "--rank", "8", "--accumulation", "1",
+               "--set", "train.master_weights=host"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0
+    s = json.loads(out[-1])
+    h = s["host"]
+    n = h["lora_params"]
+    assert n > 0 and h["pinned_masters"] == 4 * n and h["pinned_staging"] == 2 * n and h["grad_sums"] == 4 * n
+    assert h["optimizer_states"] > 0 and h["pinned_bytes"] == h["pinned_masters"] + h["pinned_staging"]
+    assert s["cpu_optimizer"]["optimizer"] == "adamw_8bit" and s["cpu_optimizer"]["params"] == n  # unpaged on the host
+    assert any("ZeRO-Offload" in line for line in out) and any("CPU optimizer:" in line for line in out)
+    t = cpu_optimizer_time("adamw_torch", 10 ** 9, sample=1 << 12, steps=1)
+    assert t["ns_per_param"] > 0 and t["seconds_per_step"] == pytest.approx(t["ns_per_param"], rel=0.02, abs=0.01)
+
+
+def test_all_on_gpu_plan_prints_no_offload_block(capsys):
+    from qtulu.cli import main
+
+    assert main(["plan", "--shape", "tiny", "--seq-len", "64", "--rank", "8", "--accumulation", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ZeRO-Offload" not in out and json.loads(out.strip().splitlines()[-1])["cpu_optimizer"] is None
