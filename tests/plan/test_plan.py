@@ -71,7 +71,7 @@ def test_depth_extrapolation_is_per_window(monkeypatch):
     windows = {2: {"backward#0": 100, "loss#0": 90}, 3: {"backward#0": 105, "loss#0": 100}}
     fake = lambda settings, stack, config: types.SimpleNamespace(  # noqa: E731
         peak_bytes=max(windows[config.num_hidden_layers].values()), paged_bytes=0,
-        phase_peaks=windows[config.num_hidden_layers])
+        phase_peaks=windows[config.num_hidden_layers], floor={"weights": 0}, host={})
     monkeypatch.setattr("qtulu.plan.planner.plan_step", fake)
     cfg = resolve_config("tiny")
     cfg.num_hidden_layers = 10
