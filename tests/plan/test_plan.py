@@ -29,6 +29,14 @@ def test_planned_peak_matches_the_cpu_allocator():
     assert planned.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.10), (planned.breakdown, measured)
 
 
+def test_planned_hf_trl_peak_matches_the_cpu_allocator():
+    # the baseline as TRL's SFTTrainer builds it (bf16 adapters, fused LM head, bitsandbytes' CPU backend)
+    s = PlanSettings(**CPU, seq_len=192).hf_baseline()
+    measured = measure_step(s, stack="hf")
+    planned = plan_step(s, stack="hf")
+    assert planned.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.10), (planned.breakdown, measured)
+
+
 def test_nf4_skeleton_matches_quantize_model():
     """The meta-device NF4 layers have the tensors quantize_model_ gives a real model."""
     from transformers import AutoModelForCausalLM
