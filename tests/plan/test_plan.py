@@ -245,3 +245,19 @@ def test_all_on_gpu_plan_prints_no_offload_block(capsys):
     assert main(["plan", "--shape", "tiny", "--seq-len", "64", "--rank", "8", "--accumulation", "1"]) == 0
     out = capsys.readouterr().out
     assert "ZeRO-Offload" not in out and json.loads(out.strip().splitlines()[-1])["cpu_optimizer"] is None
+
+
+def test_depth_extrapolation_of_floor_and_host_bytes():
+    """`estimate` extrapolates the floor's terms and the host bytes as the peak (the docs' 65B and 7B
+    figures): equal to the full plan of a 4-layer model, offloading included."""
+    from qtulu.plan.search import estimate
+
+    cfg = resolve_config("tiny")
+    cfg.num_hidden_layers = 4
+    s = PlanSettings(shape="tiny", seq_len=128, lora_r=8, accumulation=2, lora_dropout_impl="recompute",
+                     activation_offload=True, master_weights="host")
+    full = plan_step(s, config=cfg)
+    est = estimate(s, cfg)
+    assert est["peak_bytes"] == full.peak_bytes
+    assert est["floor"] == full.floor and est["floor_bytes"] == full.floor_bytes
+    assert est["host"] == full.host and est["host"]["pinned_masters"] > 0
