@@ -1,8 +1,11 @@
 """`qtulu plan RECIPE|--shape NAME`: the peak memory of one training step, before renting the GPU.
 
 Runs the real step (see `qtulu.plan`) on fake tensors and prints the breakdown at the peak, the
-floor, the largest transient buffers, and, last, one JSON line (``peak_bytes``, ``settings``, ... and
-``hf_peak_bytes`` with ``--compare-hf``). ``--optimize`` tries the memory switches that keep the
+floor (the physical minimum), the host side of a plan that offloads (pinned and pageable bytes, the
+CPU optimizer step measured here: ZeRO-Offload), the largest transient buffers, and, last, one JSON
+line (``peak_bytes``, ``settings``, ... and, with ``--compare-hf``, ``hf_peak_bytes`` for HF as TRL's
+SFTTrainer sets it up with bf16 adapters, ``hf_float32_adapters_peak_bytes``, and each difference).
+Per-layer progress goes to stderr. ``--optimize`` tries the memory switches that keep the
 maths (`qtulu.plan.settings.REDUCTIONS`), keeps each one that lowers the peak, prints the chosen
 settings as recipe overrides and plans them in full. ``--plot PNG`` draws the breakdown.
 """

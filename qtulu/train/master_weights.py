@@ -15,7 +15,8 @@ at once. The optimizer the recipe asks for (HF's mapping: bitsandbytes 8-bit Ada
 runs on CPU tensors) is built on the masters; before its step the host gradients are clipped to the
 recipe's ``max_grad_norm`` (global norm), after it the masters are copied back to the device, in bf16.
 
-Same maths as fp32 master weights on the GPU: the forward sees the same bf16 weights, each
+Same maths as fp32 master weights on the GPU: the forward sees the same bf16 weights (and peft's
+dropout the same fp32 input: `HostMaster.match_input_casts`), each
 micro-batch's gradient has the same (bf16) values and they are summed in fp32 in the same order;
 the update is the same optimizer in fp32 (on the CPU). Costs: one device-to-host copy of the LoRA
 gradients per micro-batch (overlapped with the backward), one host-to-device copy of the LoRA
