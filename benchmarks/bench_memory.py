@@ -5,7 +5,7 @@ optimizer update; `qtulu.plan.step`) runs on real tensors under ``torch.profiler
 ``profile_memory=True``, and the peak of the CPU allocator's own events (plus the model, optimizer
 states and batches resident before the step) is the measured peak (`qtulu.plan.measure`). The same
 step is planned on fake tensors (``qtulu plan --device cpu``); both are printed with their ratio.
-The transformers + peft + bitsandbytes step (bitsandbytes' CPU backend) runs in the same table.
+The transformers + peft + bitsandbytes step as TRL's SFTTrainer sets it up (bitsandbytes' CPU backend) runs in the same table.
 
 What a CPU step can and cannot show: the CPU trainer computes in fp32 without autocast and keeps
 everything in one memory, so ``train.master_weights: host`` (host == device) and
@@ -33,7 +33,7 @@ SETTINGS = {
     "dropout": ("+ lora.dropout_impl=recompute", "qtulu", {"loss_chunk_size": 8192, "lora_dropout_impl": "recompute"}),
     "8bit": ("+ 8-bit AdamW (bitsandbytes)", "qtulu", {"loss_chunk_size": 8192, "lora_dropout_impl": "recompute",
                                                       "optimizer": "adamw_8bit"}),
-    "hf": ("transformers+peft+bnb", "hf", {}),
+    "hf": ("HF+TRL 1.16 SFTTrainer (bf16 adapters)", "hf", {}),
 }
 # on a GPU the recipe default optimizer is paged 8-bit AdamW already; these two act on CUDA tensors only
 CUDA_SETTINGS = {

@@ -1,8 +1,11 @@
 """`qtulu plan RECIPE|--shape NAME`: the peak memory of one training step, before renting the GPU.
 
 Runs the real step (see `qtulu.plan`) on fake tensors and prints the breakdown at the peak, the
-floor, the largest transient buffers, and, last, one JSON line (``peak_bytes``, ``settings``, ... and
-``hf_peak_bytes`` with ``--compare-hf``). ``--optimize`` tries the memory switches that keep the
+floor (the physical minimum), the host side of a plan that offloads (pinned and pageable bytes, the
+CPU optimizer step measured here: ZeRO-Offload), the largest transient buffers, and, last, one JSON
+line (``peak_bytes``, ``settings``, ... and, with ``--compare-hf``, ``hf_peak_bytes`` for HF as TRL's
+SFTTrainer sets it up with bf16 adapters, ``hf_float32_adapters_peak_bytes``, and each difference).
+Per-layer progress goes to stderr. ``--optimize`` tries the memory switches that keep the
 maths (`qtulu.plan.settings.REDUCTIONS`), keeps each one that lowers the peak, prints the chosen
 settings as recipe overrides and plans them in full. ``--plot PNG`` draws the breakdown.
 """
@@ -48,7 +51,9 @@ def register(subparsers) -> None:
     p.add_argument("--activation-offload", action=argparse.BooleanOptionalAction, default=None,
                    help="recipe train.activation_offload")
     p.add_argument("--optimize", action="store_true", help="pick the memory switches that keep the maths")
-    p.add_argument("--compare-hf", action="store_true", help="also plan the transformers+peft+bitsandbytes step")
+    p.add_argument("--compare-hf", action="store_true",
+                   help="also plan transformers+peft+bitsandbytes as TRL's SFTTrainer sets them up (bf16 and fp32 "
+                        "adapters) and name each difference")
     p.add_argument("--plot", metavar="PNG", help="write the breakdown as a PNG")
     p.set_defaults(func=_cli)
 
@@ -120,14 +125,26 @@ def _cli(args: argparse.Namespace) -> int:
     if args.optimize:
         s, chosen = optimize(s, config, log=_say)
         _say("chosen: " + ", ".join(f"{k}={v}" for k, v in chosen["switches"].items()))
-    result = plan_step(s, config=config)
-    hf = plan_step(s.hf_baseline(), stack="hf", config=config) if args.compare_hf else None
-    print(table(result, hf))
+    result = plan_step(s, config=config, progress=_say)
+    if s.master_weights == "host":  # the optimizer step moves to the CPU: measure it here
+        from qtulu.plan.host import cpu_optimizer_time
+
+        result.cpu_optimizer = cpu_optimizer_time(s.optimizer, result.host["lora_params"],
+                                                  learning_rate=s.learning_rate)
+    hf, diffs, setup = None, None, ""
+    if args.compare_hf:
+        import trl
+
+        from qtulu.plan.models import HF_SETUP, hf_differences
+
+        hf = [plan_step(s.hf_baseline(dt), stack="hf", config=config, progress=_say) for dt in ("bfloat16", "float32")]
+        diffs, setup = hf_differences(s), HF_SETUP.format(trl=trl.__version__)
+    print(table(result, hf, differences=diffs, setup=setup))
     if chosen is not None:
         print("recipe overrides: " + " ".join(f"--set {o}" for o in s.recipe_overrides()))
     if args.plot:
         print(f"plot: {plot(args.plot, result, hf)}")
-    print(json_line(summary(result, hf, optimized=chosen)))
+    print(json_line(summary(result, hf, optimized=chosen, differences=diffs, setup=setup)))
     return 0
 
 

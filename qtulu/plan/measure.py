@@ -21,7 +21,7 @@ import torch
 
 from qtulu.plan.models import build_hf, build_qtulu, quant_state_tensors, resolve_config
 from qtulu.plan.settings import PlanSettings
-from qtulu.plan.step import create_optimizer_states, hf_loss, make_batches, make_optimizer, qtulu_loss, run_step
+from qtulu.plan.step import create_optimizer_states, make_batches, make_optimizer, qtulu_loss, run_step
 
 
 @dataclass
@@ -79,6 +79,7 @@ def build_real_step(settings: PlanSettings, *, stack: str, config, device: str):
         from qtulu.train.master_weights import HostMaster, host_optimizer_name
 
         master = HostMaster(model.named_parameters(), compute_dtype=settings.torch_dtype)
+        master.match_input_casts(model)
         opt_settings = settings.replace(optimizer=host_optimizer_name(settings.optimizer))
     cuda = device == "cuda"
     optimizer = make_optimizer(model, opt_settings, cuda=cuda, params=master.masters if master else None)
@@ -89,7 +90,7 @@ def build_real_step(settings: PlanSettings, *, stack: str, config, device: str):
                                      packed=stack == "qtulu")]
     from qtulu.train.loss import loss_chunking
 
-    kw: dict[str, Any] = dict(loss_fn=qtulu_loss if stack == "qtulu" else hf_loss,
+    kw: dict[str, Any] = dict(loss_fn=qtulu_loss,
                               max_grad_norm=settings.max_grad_norm,
                               context=(lambda: loss_chunking(settings.loss_chunk_size)) if stack == "qtulu" else None)
     if cuda:

@@ -4,10 +4,13 @@
   LM head replaced by qtulu's NF4 ``Linear4bit``, the ``qtulu_varlen`` attention, TRL's fused LM
   head (as ``SFTTrainer`` adds it), peft LoRA through `qtulu.model.load.attach_lora`, then the recipe's
   memory switches (`apply_reductions`).
-* `build_hf`: the transformers + peft + bitsandbytes recipe (QLoRA's): bitsandbytes ``Linear4bit``
-  NF4 layers, ``prepare_model_for_kbit_training`` (which upcasts the non-quantized weights to fp32
-  and turns on reentrant checkpointing), peft ``get_peft_model``, SDPA attention, the model's own
-  loss (full logits).
+* `build_hf`: transformers + peft + bitsandbytes as TRL's ``SFTTrainer`` (trl 1.16) sets them up for
+  a 4-bit model: bitsandbytes ``Linear4bit`` NF4 layers, peft ``get_peft_model`` (no
+  ``prepare_model_for_kbit_training``: TRL never calls it, so embedding, head and norms stay bf16),
+  the adapters cast to bf16 (TRL's default for a quantized model; ``adapter_dtype="float32"`` keeps
+  peft's fp32), ``enable_input_require_grads`` + transformers' non-reentrant checkpointing, TRL's
+  fused LM head (``add_fused_lm_head`` on the base model, 32768-column tiles), SDPA attention on an
+  unpacked row (``packing=False``, TRL's default).
 
 On ``meta`` the NF4 layers are built with their constructors (all-zero codes of the real layout:
 ``quantize_nf4`` needs the weight's values); for real tensors the weights are quantized
@@ -25,8 +28,8 @@ from torch import nn
 
 from qtulu.plan.errors import PlanError
 
-__all__ = ["PlanError", "resolve_config", "build_qtulu", "build_hf", "nf4_layers_", "quant_state_tensors",
-           "to_fake_device", "apply_reductions"]
+__all__ = ["PlanError", "resolve_config", "build_qtulu", "build_hf", "hf_differences", "HF_SETUP", "nf4_layers_",
+           "quant_state_tensors", "to_fake_device", "apply_reductions"]
 
 _SHAPE_ALIASES = {"7b": "llama-7b", "13b": "llama-13b", "30b": "llama-30b", "33b": "llama-30b", "65b": "llama-65b"}
 
@@ -146,9 +149,12 @@ def apply_reductions(peft_model, settings) -> None:
 
 
 def build_hf(config, settings, *, device: str = "meta"):
-    """The transformers + peft + bitsandbytes QLoRA model (QLoRA's / open-instruct's recipe)."""
+    """transformers + peft + bitsandbytes QLoRA as TRL 1.16's ``SFTTrainer.__init__`` prepares it
+    (trl/trainer/sft_trainer.py): ``settings.extra["adapter_dtype"]`` "bfloat16" (TRL's cast of the
+    trainable parameters of a quantized model, its default) or "float32" (peft's own default)."""
     import bitsandbytes as bnb
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
 
     dtype = settings.torch_dtype
     config = type(config).from_dict(config.to_dict())
@@ -173,14 +179,51 @@ def build_hf(config, settings, *, device: str = "meta"):
     _replace_linears(model, make)
     model.is_loaded_in_4bit = True
     model.is_quantized = True
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
     t = settings.lora_spec()
     cfg = LoraConfig(r=t.r, lora_alpha=t.alpha, lora_dropout=t.dropout,
                      target_modules=t.target_modules if isinstance(t.target_modules, str) else list(t.target_modules),
                      task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, cfg)
+    if settings.gradient_checkpointing:  # Trainer's (non-reentrant in transformers 5) + TRL's input grads
+        _enable_checkpointing(peft_model)
+        peft_model.enable_input_require_grads()
+    adapter_dtype = settings.extra.get("adapter_dtype", "bfloat16")
+    if adapter_dtype != "float32":  # TRL: "the PEFT adapter weights are converted to bf16" for QLoRA
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad and "lora_magnitude_vector" not in name:
+                p.data = p.data.to(torch.bfloat16)
+    add_fused_lm_head(peft_model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
     peft_model.train()
     return peft_model
+
+
+# what --compare-hf names as the difference between the two stacks, whatever the switches
+HF_SETUP = ("transformers + peft + bitsandbytes as TRL {trl}'s SFTTrainer sets them up: no "
+            "prepare_model_for_kbit_training, bf16 adapters (TRL's cast for quantized models; also planned with "
+            "peft's fp32), TRL's fused LM head (32768-column tiles), non-reentrant checkpointing, SDPA, an unpacked row")
+
+
+def hf_differences(settings) -> list[str]:
+    """Each difference between qtulu's planned step (``settings``) and HF as TRL sets it up."""
+    out = [
+        "4-bit matmul: qtulu's NF4 kernels (no dequantized weight) vs bitsandbytes' Linear4bit (dequantizes "
+        "the whole weight to bf16 past 1536 rows, forward and backward)",
+        "LoRA weights: fp32 (peft's default, kept by qtulu train) vs bf16 (TRL's cast for a quantized model)",
+    ]
+    if settings.attn_implementation != "sdpa":
+        out.append(f"attention: {settings.attn_implementation} on one packed row (padding-free) vs SDPA on an "
+                   "unpacked row (TRL's packing=False default)")
+    if settings.lora_dropout_impl == "recompute":
+        out.append("LoRA dropout: mask regenerated in backward, lora_B cast per use (lora.dropout_impl=recompute) "
+                   "vs peft's nn.Dropout (keeps the dropped fp32/bf16 input) and autocast's cached lora_B copies")
+    if settings.loss_chunk_size is not None:
+        out.append(f"loss tile: {settings.loss_chunk_size} vocabulary columns (train.loss_chunk_size) vs TRL's 32768")
+    if settings.activation_offload:
+        out.append("checkpointed layer inputs in pinned host memory (train.activation_offload) vs on the GPU")
+    if settings.master_weights == "host":
+        out.append("fp32 master LoRA weights, gradient sums and the optimizer on the host, the optimizer step on "
+                   "the CPU (train.master_weights=host: ZeRO-Offload) vs all on the GPU")
+    return out
 
 
 def _meta_params4bit(out_features: int, in_features: int, blocksize: int, double_quant: bool, dtype: torch.dtype):

@@ -10,10 +10,12 @@ that step and what was alive at the peak, by category.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -23,7 +25,6 @@ from qtulu.plan.settings import PlanSettings
 from qtulu.plan.step import (
     Observer,
     create_optimizer_states,
-    hf_loss,
     make_batches,
     make_optimizer,
     qtulu_loss,
@@ -50,6 +51,8 @@ class PlanResult:
     largest_transients: list[dict[str, Any]]
     dequantized_weight_copies: list[dict[str, Any]]
     phase_peaks: dict[str, int]
+    host: dict[str, int] = field(default_factory=dict)  # host side of an offloading plan (qtulu.plan.host)
+    cpu_optimizer: dict[str, Any] | None = None  # measured CPU optimizer step (qtulu.plan.host.cpu_optimizer_time)
     timeline: list[tuple[int, int]] = field(default_factory=list, repr=False)
     seconds: float = 0.0
     model: str = ""
@@ -89,8 +92,36 @@ class _TrackingObserver(Observer):
                         self.opt_states.add(s.sid)
 
 
+class _Progress:
+    """Per-layer progress lines ("forward 1/2: layer 40/80"), at most one every ``every`` seconds
+    (and the last layer of each pass): a 65B plan runs for minutes."""
+
+    def __init__(self, say: Callable[[str], None] | None, layers: int, micro_batches: int, every: float = 10.0):
+        self.say, self.layers, self.micro_batches, self.every = say, layers, micro_batches, every
+        self.t0 = self.last = time.time()
+        self.seen: tuple[str, str] | None = None
+        self.passes: dict[str, int] = {}
+
+    def layer(self, phase: str, module_name: str) -> None:
+        if self.say is None:
+            return
+        idx = _layer_of(module_name)
+        if idx is None or (phase, idx) == self.seen:
+            return
+        kind = "forward" if phase == "forward" else "backward"
+        if self.seen is None or self.seen[0] != kind:
+            self.passes[kind] = self.passes.get(kind, 0) + 1
+        self.seen = (kind, idx)
+        now = time.time()
+        done = int(idx) + 1 if kind == "forward" else self.layers - int(idx)
+        if now - self.last >= self.every or done == self.layers:
+            self.last = now
+            self.say(f"{kind} {min(self.passes[kind], self.micro_batches)}/{self.micro_batches}: "
+                     f"layer {done}/{self.layers} ({now - self.t0:.0f} s)")
+
+
 @contextlib.contextmanager
-def _module_hooks(model, tracker: StorageTracker, backbone):
+def _module_hooks(model, tracker: StorageTracker, backbone, progress: _Progress | None = None):
     """Module names on the tracker's stack; checkpoint recomputation (a forward during backward);
     the loss region (whatever runs after the backbone in forward, and before its output's grad)."""
     from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
@@ -101,8 +132,11 @@ def _module_hooks(model, tracker: StorageTracker, backbone):
     def pre(module, args):
         recompute = tracker.phase in ("loss_backward", "backward")
         if recompute:
-            tracker.enter_recompute()
-        tracker.module_stack.append(names.get(id(module), type(module).__name__))
+            tracker.enter_recompute(names.get(id(module), ""))
+        name = names.get(id(module), type(module).__name__)
+        if progress is not None:
+            progress.layer(tracker.phase, name)
+        tracker.module_stack.append(name)
         stack.append((id(module), recompute))
 
     def post(module, args, output):
@@ -145,19 +179,95 @@ def _register_state(tracker: StorageTracker, model, batches) -> None:
                 tracker.track(v, role="activations")
 
 
-def _floor(config, settings: PlanSettings, breakdown_state: dict[str, int]) -> dict[str, int]:
-    """Weights + quant state + LoRA + optimizer states + the checkpointed layer inputs."""
+# TRL's chunked LM head projects at most this many tokens per tile (trl/kernels/chunked_logprob.py)
+_TRL_TOKEN_TILE = 4096
+
+
+def _live_at(tracker: StorageTracker, indices: list[int]) -> dict[int, int]:
+    """Live device bytes just after each event index in ``indices``."""
+    want = sorted(set(indices))
+    out: dict[int, int] = {}
+    live, k = 0, 0
+    for i, (sid, kind) in enumerate(tracker.events):
+        s = tracker.storages[sid]
+        if not s.host:
+            live += s.nbytes if kind > 0 else -s.nbytes
+        while k < len(want) and want[k] == i:
+            out[want[k]] = live
+            k += 1
+    for j in want[k:]:
+        out[j] = live
+    return out
+
+
+def _recompute_set(tracker: StorageTracker, after: int) -> int:
+    """Device bytes one checkpointed layer's recomputation leaves alive for its backward (its saved
+    tensors, the reloaded input when offloaded): the first recomputation after event ``after``."""
+    ids = sorted(r for r, start in tracker.recompute_starts.items() if start >= after and r in tracker.recompute_ends)
+    if not ids:
+        return 0
+    # a checkpoint replays the layer's function, not the layer module: its submodules' forwards are
+    # separate recomputations, grouped here by the decoder layer they belong to
+    layer = _layer_of(tracker.recompute_modules.get(ids[0], ""))
+    group = [ids[0]] + list(itertools.takewhile(
+        lambda r: layer is not None and _layer_of(tracker.recompute_modules.get(r, "")) == layer, ids[1:]))
+    start, end = tracker.recompute_starts[group[0]], tracker.recompute_ends[group[-1]] - 1
+    live = _live_at(tracker, [start - 1, end])
+    return max(0, live[end] - live[start - 1])
+
+
+def _layer_of(module_name: str) -> str | None:
+    m = re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", module_name)
+    return m.group(1) if m else None
+
+
+def _loss_tile(config, settings: PlanSettings, stack: str) -> int:
+    """The loss path's one unavoidable buffer: TRL's fused head projects one (<= 4096 tokens) x
+    (chunk columns) tile in the compute dtype; the model's own loss needs the whole logits."""
+    vocab = int(getattr(config, "vocab_size", 0))
+    elsize = torch.empty((), dtype=settings.torch_dtype).element_size()
+    rows = max(1, settings.tokens - 1)  # the shifted labels: one fewer position than tokens
+    if stack == "hf" and not settings.extra.get("fused_lm_head", False):
+        return settings.tokens * vocab * elsize
+    from qtulu.train.loss import TRL_DEFAULT_CHUNK
+
+    # TRL allocates the tile chunk_size wide even when the vocabulary is narrower (mm_buf)
+    cols = settings.loss_chunk_size or TRL_DEFAULT_CHUNK
+    return min(rows, _TRL_TOKEN_TILE) * cols * elsize
+
+
+def _floor(config, settings: PlanSettings, state: dict[str, int], *, tracker: StorageTracker,
+           grads: int, after: int, stack: str) -> dict[str, int]:
+    """The physical minimum of this step: what must be alive at once at the start of the last
+    micro-batch's backward (or at its loss), whatever the implementation.
+
+    resident state (weights, quant state, LoRA, device optimizer states) + the gradients summed
+    from earlier micro-batches (device masters, accumulation >= 2) + every checkpointed layer input
+    (kept on the device unless offloaded) + the larger of one layer's recompute set (measured: the
+    first recomputation of the last micro-batch) and the loss tile. Each of those is alive at the
+    end of that recomputation (or during the loss), so a plan's peak can never be below it.
+    """
     layers = int(getattr(config, "num_hidden_layers", 0))
     hidden = int(getattr(config, "hidden_size", 0))
     elsize = torch.empty((), dtype=settings.torch_dtype).element_size()
-    acts = layers * settings.tokens * hidden * elsize if settings.gradient_checkpointing else 0
+    offloaded = settings.activation_offload and settings.device == "cuda"
+    acts = layers * settings.tokens * hidden * elsize if settings.gradient_checkpointing and not offloaded else 0
     return {
-        "weights": breakdown_state["weights"],
-        "quant_state": breakdown_state["quant_state"],
-        "lora": breakdown_state["lora"],
-        "optimizer": breakdown_state["optimizer"],
+        "weights": state["weights"],
+        "quant_state": state["quant_state"],
+        "lora": state["lora"],
+        "optimizer": state["optimizer"],
+        "grads": grads if settings.accumulation >= 2 else 0,
         "activations": acts,
+        "recompute_set": _recompute_set(tracker, after) if settings.gradient_checkpointing else 0,
+        "loss_tile": _loss_tile(config, settings, stack),
     }
+
+
+def floor_total(floor: dict[str, int]) -> int:
+    """The floor's bytes: the layer's recompute set and the loss tile are never alive together."""
+    parts = [v for k, v in floor.items() if k not in ("recompute_set", "loss_tile")]
+    return sum(parts) + max(floor.get("recompute_set", 0), floor.get("loss_tile", 0))
 
 
 def _dequant_copies(tracker: StorageTracker, model) -> list[dict[str, Any]]:
@@ -181,8 +291,10 @@ def _dequant_copies(tracker: StorageTracker, model) -> list[dict[str, Any]]:
     return out[:5]
 
 
-def plan_step(settings: PlanSettings, *, stack: str = "qtulu", config=None) -> PlanResult:
-    """Run the step of ``stack`` ("qtulu" or "hf") on fake tensors and return its memory."""
+def plan_step(settings: PlanSettings, *, stack: str = "qtulu", config=None,
+              progress: Callable[[str], None] | None = None) -> PlanResult:
+    """Run the step of ``stack`` ("qtulu" or "hf") on fake tensors and return its memory.
+    ``progress``: called with per-layer progress lines (the CLI prints them on stderr)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     if stack not in ("qtulu", "hf"):
@@ -215,6 +327,7 @@ def plan_step(settings: PlanSettings, *, stack: str = "qtulu", config=None) -> P
 
                 # the host is the meta device here: never counted
                 master = HostMaster(model.named_parameters(), compute_dtype=settings.torch_dtype, host_device="meta")
+                master.match_input_casts(model)  # as qtulu train: dropout on the fp32 input
                 opt_settings = settings.replace(optimizer=host_optimizer_name(settings.optimizer))
         # outside the fake mode: bitsandbytes builds its quantization maps from real values
         optimizer = make_optimizer(model, opt_settings, cuda=cuda, params=master.masters if master else None)
@@ -226,10 +339,12 @@ def plan_step(settings: PlanSettings, *, stack: str = "qtulu", config=None) -> P
             tracker.set_phase("warmup")
             create_optimizer_states(optimizer)
             start = len(tracker.events)
-            with _module_hooks(model, tracker, backbone):
+            layers = int(getattr(config, "num_hidden_layers", 0))
+            ticker = _Progress(progress, layers, len(batches)) if progress is not None else None
+            with _module_hooks(model, tracker, backbone, ticker):
                 run_step(
                     model, optimizer, batches,
-                    loss_fn=qtulu_loss if stack == "qtulu" else hf_loss,
+                    loss_fn=qtulu_loss,
                     autocast_dtype=settings.torch_dtype if cuda and settings.torch_dtype != torch.float32 else None,
                     autocast_device="cpu",
                     max_grad_norm=settings.max_grad_norm,
@@ -243,13 +358,19 @@ def plan_step(settings: PlanSettings, *, stack: str = "qtulu", config=None) -> P
     for s in tracker.storages.values():
         if s.died is None and not s.host:
             state[categories.get(s.sid, "transient")] += s.nbytes
-    floor = _floor(config, settings, state)
+    grad_bytes = sum(tracker.storages[sid].nbytes for sid in obs.grads if not tracker.storages[sid].host)
+    last_forward = max(obs.forward_end.values()) if obs.forward_end else start
+    floor = _floor(config, settings, state, tracker=tracker, grads=grad_bytes, after=last_forward, stack=stack)
+    from qtulu.plan.host import host_side
+
+    host = host_side(master, optimizer, activation_host_bytes=a.host_bytes)
     return PlanResult(
+        host=host,
         stack=stack,
         settings=settings.to_dict(),
         peak_bytes=a.peak_bytes,
         breakdown=a.breakdown,
-        floor_bytes=sum(floor.values()),
+        floor_bytes=floor_total(floor),
         floor=floor,
         peak_phase=a.peak_phase,
         peak_module=a.peak_module,

@@ -13,9 +13,21 @@ from qtulu.plan.tracker import CATEGORIES
 GB = 1e9  # decimal gigabytes, as the memory goals are stated
 
 
-def table(result, hf=None) -> str:
+HF_LABELS = {"bfloat16": "HF+TRL bf16 adapters", "float32": "HF+TRL fp32 adapters"}
+
+
+def _hf_cols(hf) -> list[tuple[str, Any]]:
+    """``hf``: None, one HF plan, or a list of them (labelled by their adapter dtype)."""
+    if hf is None:
+        return []
+    items = hf if isinstance(hf, (list, tuple)) else [hf]
+    return [(HF_LABELS.get(r.settings.get("adapter_dtype", ""), "transformers+peft+bnb"), r) for r in items]
+
+
+def table(result, hf=None, *, differences: list[str] | None = None, setup: str = "") -> str:
     """The breakdown at the peak (GB, or MB for small models), the floor, and the notable buffers."""
-    cols = [("qtulu", result)] + ([("transformers+peft+bnb", hf)] if hf is not None else [])
+    hfs = _hf_cols(hf)
+    cols = [("qtulu", result)] + hfs
     unit, div = ("GB", GB) if max(r.peak_bytes for _, r in cols) >= GB else ("MB", 1e6)
 
     def gb(n: int | float) -> str:
@@ -31,13 +43,21 @@ def table(result, hf=None) -> str:
     lines.append(f"{'paged optimizer states':<{w}}" + "".join(f"{gb(r.paged_bytes):>24}" for _, r in cols))
     f = result.floor
     lines.append("")
+    rs, tile = f.get("recompute_set", 0), f.get("loss_tile", 0)
     lines.append(
-        f"floor {gb(result.floor_bytes)} {unit} = weights {gb(f['weights'])} + quant state {gb(f['quant_state'])} + "
-        f"LoRA {gb(f['lora'])} + optimizer {gb(f['optimizer'])} + checkpointed layer inputs {gb(f['activations'])}; "
-        f"peak / floor = {result.peak_bytes / max(1, result.floor_bytes):.3f}"
+        f"floor {gb(result.floor_bytes)} {unit} (the physical minimum) = weights {gb(f['weights'])} + quant state "
+        f"{gb(f['quant_state'])} + LoRA {gb(f['lora'])} + optimizer {gb(f['optimizer'])} + gradients "
+        f"{gb(f.get('grads', 0))} + checkpointed layer inputs {gb(f['activations'])} + max(one layer's recompute set "
+        f"{gb(rs)}, loss tile {gb(tile)}); peak / floor = {result.peak_bytes / max(1, result.floor_bytes):.3f}"
     )
-    if hf is not None:
-        lines.append(f"qtulu / transformers+peft+bnb = {result.peak_bytes / max(1, hf.peak_bytes):.3f}")
+    for name, r in hfs:
+        lines.append(f"qtulu / {name} = {result.peak_bytes / max(1, r.peak_bytes):.3f}")
+    if hfs:
+        if setup:
+            lines.append(f"HF+TRL: {setup}")
+        lines.append("differences (qtulu vs HF+TRL):")
+        lines += [f"  - {d}" for d in differences or []]
+    lines += offload_lines(result, unit, div)
     lines.append("")
     lines.append("largest transient buffers:")
     for t in result.largest_transients[:4]:
@@ -46,13 +66,35 @@ def table(result, hf=None) -> str:
     lines.append("dequantized copies of a 4-bit weight: " + (
         "none" if not copies else "; ".join(f"{c['bytes'] / 1e6:.1f} MB by {c['op']} in {c['module']}" for c in copies[:3])
     ))
-    if hf is not None and hf.dequantized_weight_copies:
-        c = hf.dequantized_weight_copies[0]
-        lines.append(f"  (transformers+peft+bnb: {c['bytes'] / 1e6:.1f} MB by {c['op']} in {c['module']})")
+    if hfs and hfs[0][1].dequantized_weight_copies:
+        c = hfs[0][1].dequantized_weight_copies[0]
+        lines.append(f"  ({hfs[0][0]}: {c['bytes'] / 1e6:.1f} MB by {c['op']} in {c['module']})")
     return "\n".join(lines)
 
 
-def summary(result, hf=None, *, optimized: dict[str, Any] | None = None) -> dict[str, Any]:
+def offload_lines(result, unit: str = "GB", div: float = GB) -> list[str]:
+    """GPU bytes, pinned and pageable host bytes and the CPU optimizer step, side by side, for a plan
+    that offloads (an all-on-GPU plan prints nothing)."""
+    h = result.host or {}
+    if not h.get("pinned_bytes") and not h.get("pageable_bytes"):
+        return []
+    cpu = result.cpu_optimizer
+    step = (f"{cpu['seconds_per_step']:.1f} s per optimizer step ({cpu['class']}, {cpu['ns_per_param']:.1f} ns/param "
+            f"x {cpu['params'] / 1e6:.0f}M LoRA parameters, {cpu['threads']} threads, measured on this machine)"
+            if cpu else "none (no optimizer on the host)")
+    def v(n: int) -> str:
+        return f"{n / div:.2f}"
+
+    return ["", "offload (ZeRO-Offload when the optimizer runs on the host):",
+            f"  GPU peak {v(result.peak_bytes)} {unit} | pinned host {v(h['pinned_bytes'])} {unit} (activations "
+            f"{v(h['pinned_activations'])}, fp32 masters {v(h['pinned_masters'])}, gradient staging "
+            f"{v(h['pinned_staging'])}) | pageable host {v(h['pageable_bytes'])} {unit} (fp32 gradient sums "
+            f"{v(h['grad_sums'])}, optimizer states {v(h['optimizer_states'])})",
+            f"  CPU optimizer: {step}"]
+
+
+def summary(result, hf=None, *, optimized: dict[str, Any] | None = None, differences: list[str] | None = None,
+            setup: str = "") -> dict[str, Any]:
     """The JSON object printed last: peak_bytes, settings, breakdown, floor (+ hf_*)."""
     out: dict[str, Any] = {
         "model": result.model,
@@ -70,17 +112,23 @@ def summary(result, hf=None, *, optimized: dict[str, Any] | None = None) -> dict
         "largest_transient_bytes": result.largest_transients[0]["bytes"] if result.largest_transients else 0,
         "dequantized_weight_copies": len(result.dequantized_weight_copies),
         "seconds": round(result.seconds, 1),
+        "host": result.host,
+        "cpu_optimizer": result.cpu_optimizer,
     }
     if optimized is not None:
         out["optimize"] = optimized
-    if hf is not None:
-        out.update(
-            hf_peak_bytes=hf.peak_bytes,
-            hf_peak_gb=round(hf.peak_bytes / GB, 3),
-            hf_breakdown=hf.breakdown,
-            peak_over_hf=round(result.peak_bytes / max(1, hf.peak_bytes), 4),
-            hf_dequantized_weight_copies=len(hf.dequantized_weight_copies),
-        )
+    for i, (name, r) in enumerate(_hf_cols(hf)):
+        # the first HF plan is TRL's default (bf16 adapters): hf_*; the others hf_<adapter dtype>_*
+        p = "hf_" if i == 0 else f"hf_{r.settings.get('adapter_dtype') or i}_adapters_"
+        out.update({
+            f"{p}peak_bytes": r.peak_bytes,
+            f"{p}peak_gb": round(r.peak_bytes / GB, 3),
+            f"{p}breakdown": r.breakdown,
+            f"peak_over_{p.removesuffix('_')}": round(result.peak_bytes / max(1, r.peak_bytes), 4),
+            f"{p}dequantized_weight_copies": len(r.dequantized_weight_copies),
+        })
+        if i == 0:
+            out.update(hf_label=name, hf_setup=setup, hf_differences=list(differences or []))
     return out
 
 
@@ -93,10 +141,12 @@ def plot(path: str | os.PathLike, result, hf=None) -> Path:
 
     path = Path(path)
     bars = [("qtulu", result.breakdown)]
-    if hf is not None:
-        bars.append(("transformers\n+peft+bnb", hf.breakdown))
+    for name, r in _hf_cols(hf):
+        bars.append((name.replace(" ", "\n", 1), r.breakdown))
     floor = dict.fromkeys(CATEGORIES, 0)
-    floor.update(result.floor)
+    floor.update({k: v for k, v in result.floor.items() if k in CATEGORIES})
+    rs, tile = result.floor.get("recompute_set", 0), result.floor.get("loss_tile", 0)
+    floor["activations" if rs >= tile else "loss"] += max(rs, tile)
     bars.append(("floor", floor))
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1, 1.6]})
     colors = plt.get_cmap("tab10").colors
@@ -114,7 +164,7 @@ def plot(path: str | os.PathLike, result, hf=None) -> Path:
     ax.legend(fontsize=7, loc="upper center", ncol=3)
     title = f"{result.model or 'model'}: {result.settings.get('seq_len')} tokens, r {result.settings.get('lora_r')}"
     ax.set_title(title, fontsize=10)
-    for name, r in [("qtulu", result)] + ([("transformers+peft+bnb", hf)] if hf is not None else []):
+    for name, r in [("qtulu", result)] + _hf_cols(hf):
         if r.timeline:
             xs = [i for i, _ in r.timeline]
             x0, x1 = xs[0], max(xs[-1], xs[0] + 1)

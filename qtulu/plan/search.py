@@ -37,7 +37,8 @@ def estimate(settings: PlanSettings, config, *, stack: str = "qtulu") -> dict[st
     depth = int(getattr(config, "num_hidden_layers", 0))
     if depth <= 3:
         r = plan_step(settings, stack=stack, config=config)
-        return {"peak_bytes": r.peak_bytes, "paged_bytes": r.paged_bytes}
+        return {"peak_bytes": r.peak_bytes, "paged_bytes": r.paged_bytes, "floor_bytes": r.floor_bytes,
+                "floor": dict(r.floor), "host": dict(r.host)}
     r2 = plan_step(settings, stack=stack, config=with_layers(config, 2))
     r3 = plan_step(settings, stack=stack, config=with_layers(config, 3))
     # the peak of each window of the step (a phase of a micro-batch) is affine in the depth; windows
@@ -46,7 +47,13 @@ def estimate(settings: PlanSettings, config, *, stack: str = "qtulu") -> dict[st
     windows = [k for k in r2.phase_peaks if k in r3.phase_peaks and not k.startswith(("external", "warmup"))]
     peak = max(r2.phase_peaks[k] + (depth - 2) * (r3.phase_peaks[k] - r2.phase_peaks[k]) for k in windows)
     paged = r2.paged_bytes + (depth - 2) * (r3.paged_bytes - r2.paged_bytes)
-    return {"peak_bytes": peak, "paged_bytes": paged}
+    # the floor's terms and the host bytes are sums over identical layers too (the recompute set and the
+    # loss tile do not grow with depth, so their extrapolation returns them unchanged)
+    floor = {k: r2.floor[k] + (depth - 2) * (r3.floor[k] - r2.floor[k]) for k in r2.floor}
+    host = {k: r2.host[k] + (depth - 2) * (r3.host[k] - r2.host[k]) for k in r2.host}
+    from qtulu.plan.planner import floor_total
+
+    return {"peak_bytes": peak, "paged_bytes": paged, "floor_bytes": floor_total(floor), "floor": floor, "host": host}
 
 
 def estimate_peak(settings: PlanSettings, config, *, stack: str = "qtulu") -> int:

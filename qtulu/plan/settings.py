@@ -73,17 +73,23 @@ class PlanSettings:
         return LoraSpec(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
                         target_modules=self.target_modules)
 
-    def hf_baseline(self) -> "PlanSettings":
-        """The same run on transformers + peft + bitsandbytes: none of qtulu's switches."""
+    def hf_baseline(self, adapter_dtype: str = "bfloat16") -> "PlanSettings":
+        """The same run on transformers + peft + bitsandbytes as TRL's SFTTrainer sets them up (none of
+        qtulu's switches); ``adapter_dtype``: "bfloat16" (TRL's default for a quantized model) or "float32"."""
+        if adapter_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"adapter_dtype must be bfloat16 or float32, got {adapter_dtype!r}")
         return self.replace(lora_dropout_impl="peft", loss_chunk_size=None, activation_offload=False,
-                            master_weights="device", attn_implementation="sdpa")
+                            master_weights="device", attn_implementation="sdpa",
+                            extra={**self.extra, "adapter_dtype": adapter_dtype, "fused_lm_head": True})
 
     def replace(self, **changes) -> "PlanSettings":
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.pop("extra")
+        extra = d.pop("extra")
+        if extra.get("adapter_dtype"):  # an HF baseline's adapters (TRL's bf16 or peft's fp32)
+            d["adapter_dtype"] = extra["adapter_dtype"]
         if isinstance(d["target_modules"], tuple):
             d["target_modules"] = list(d["target_modules"])
         return d

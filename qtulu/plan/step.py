@@ -46,18 +46,14 @@ def supervised_tokens(batches: list[dict[str, Any]]) -> int:
 
 
 def qtulu_loss(model, batch: dict[str, Any], num_items: int) -> torch.Tensor:
-    """``SFTTrainer.compute_loss``: TRL's fused LM head, summed log-probs / supervised tokens of the step."""
+    """``SFTTrainer.compute_loss``: TRL's fused LM head, summed log-probs / supervised tokens of the step
+    (both stacks: ``qtulu train`` and HF as TRL sets it up)."""
     outputs = model(**batch, fused_lm_head=True, use_cache=False)
     loss = -outputs.log_probs.sum() / torch.as_tensor(num_items).clamp(min=1)
     # the trainer's metrics (entropy, token accuracy) read these before the outputs go
     outputs.entropy.detach().sum()
     outputs.is_top1.sum()
     return loss
-
-
-def hf_loss(model, batch: dict[str, Any], num_items: int) -> torch.Tensor:
-    """``Trainer.compute_loss``: the model's own loss (full logits, upcast to fp32)."""
-    return model(**batch, num_items_in_batch=num_items, use_cache=False).loss
 
 
 def make_optimizer(model, settings, *, cuda: bool, params=None):

@@ -106,6 +106,8 @@ class StorageTracker(TorchDispatchMode):
         self.phases: list[Phase] = []
         self.host_depth = 0
         self.recompute_ends: dict[int, int] = {}
+        self.recompute_starts: dict[int, int] = {}
+        self.recompute_modules: dict[int, str] = {}  # the module whose forward began each recomputation
         self._refs: dict[int, Any] = {}
         self._names: dict[Any, str] = {}
         # storages computed from frozen weights and quant state alone, and those of them that read the
@@ -188,9 +190,11 @@ class StorageTracker(TorchDispatchMode):
         self.phase = name
         self.phases.append(Phase(name, len(self.events)))
 
-    def enter_recompute(self) -> None:
+    def enter_recompute(self, module: str = "") -> None:
         if self.recompute_depth == 0:
             self._recompute_id = next(self._recompute_counter)
+            self.recompute_starts[self._recompute_id] = len(self.events)
+            self.recompute_modules[self._recompute_id] = module
         self.recompute_depth += 1
 
     def exit_recompute(self) -> None:

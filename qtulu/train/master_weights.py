@@ -15,7 +15,8 @@ at once. The optimizer the recipe asks for (HF's mapping: bitsandbytes 8-bit Ada
 runs on CPU tensors) is built on the masters; before its step the host gradients are clipped to the
 recipe's ``max_grad_norm`` (global norm), after it the masters are copied back to the device, in bf16.
 
-Same maths as fp32 master weights on the GPU: the forward sees the same bf16 weights, each
+Same maths as fp32 master weights on the GPU: the forward sees the same bf16 weights (and peft's
+dropout the same fp32 input: `HostMaster.match_input_casts`), each
 micro-batch's gradient has the same (bf16) values and they are summed in fp32 in the same order;
 the update is the same optimizer in fp32 (on the CPU). Costs: one device-to-host copy of the LoRA
 gradients per micro-batch (overlapped with the backward), one host-to-device copy of the LoRA
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import types
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +63,8 @@ def host_optimizer_name(name: str) -> str:
 class HostMaster:
     """fp32 masters + gradient sums on the host for ``params``; the device params become ``compute_dtype``.
 
-    ``host_device``: where masters live ("cpu"; the planner passes "meta"). Use `attach` on the
-    optimizer built over `masters`.
+    ``host_device``: where masters live ("cpu"; the planner passes "meta"). Call `match_input_casts`
+    on the model (exact dropout) and `attach` on the optimizer built over `masters`.
     """
 
     def __init__(self, named_params, *, compute_dtype: torch.dtype, host_device: str = "cpu") -> None:
@@ -199,10 +201,42 @@ class HostMaster:
         return {k: v.detach().float() for k, v in
                 get_peft_model_state_dict(peft_model, state_dict=full, adapter_name=adapter_name).items()}
 
+    def match_input_casts(self, model: torch.nn.Module) -> int:
+        """Make peft's LoRA layers of ``model`` cast their input as they would for the fp32 masters.
+
+        peft casts a LoRA layer's input to ``lora_A.weight.dtype`` before the dropout (when it casts
+        at all: bitsandbytes' 4-bit layers skip it under CUDA autocast). With fp32 weights the dropout
+        runs on fp32 ``x``; with the bf16 device copies it would run on bf16 ``x``: another mask
+        draw on CUDA's fused kernel, another rounding of ``x / (1 - p)`` everywhere (gradients 0.7-0.9%
+        off). Patched layers cast to the masters' dtype where peft would cast to the copies' dtype,
+        so the dropout sees the same tensor as with device masters; autocast then casts the dropped
+        fp32 ``x`` to bf16 for the matmul, as it does there. Returns how many layers were patched.
+        """
+        if self.compute_dtype == torch.float32:
+            return 0
+        mine = {id(p) for p in self.params}
+        n = 0
+        for module in model.modules():
+            lora_a = getattr(module, "lora_A", None)
+            if not isinstance(lora_a, torch.nn.ModuleDict) or not hasattr(module, "_cast_input_dtype"):
+                continue
+            if not any(id(getattr(a, "weight", None)) in mine for a in lora_a.values()):
+                continue
+            module._qtulu_cast_dtypes = (self.compute_dtype, torch.float32)
+            module._cast_input_dtype = types.MethodType(_cast_as_master, module)
+            n += 1
+        return n
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def _cast_as_master(layer, x, dtype):
+    """peft's ``_cast_input_dtype`` with the device copies' dtype read as the masters' (fp32)."""
+    copy_dtype, master_dtype = layer._qtulu_cast_dtypes
+    return type(layer)._cast_input_dtype(layer, x, master_dtype if dtype == copy_dtype else dtype)
 
 
 class TrainerSetup:
@@ -244,6 +278,7 @@ def trainer_setup(peft_model, args, train_cfg, *, compute_dtype: torch.dtype, cu
                                  "device gradients it frees); use train.master_weights=device")
     copy_dtype = compute_dtype if cuda and compute_dtype != torch.float32 else torch.float32
     master = HostMaster(peft_model.named_parameters(), compute_dtype=copy_dtype)
+    master.match_input_casts(peft_model)
     host_args = copy.copy(args)
     host_args.optim = OptimizerNames(host_optimizer_name(train_cfg.optimizer))
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(host_args, peft_model)

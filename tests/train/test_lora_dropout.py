@@ -126,3 +126,56 @@ def test_module_is_an_nn_linear_sharing_the_weight():
     mod.eval()
     x = torch.randn(3, 16)
     assert torch.equal(mod(x), lin(x))
+
+
+def _live_bf16_copies_of_lora_b(model) -> int:
+    """bf16 casts of an fp32 ``lora_B`` weight still alive when the forward has returned (still inside
+    autocast: autocast's weight cache lives until the autocast region ends)."""
+    import gc
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    b_weights = {id(p) for n, p in model.named_parameters() if "lora_B" in n}
+    refs = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and id(args[0]) in b_weights and out.dtype == torch.bfloat16:
+                refs.append(weakref.ref(out))
+            return out
+
+    ids = torch.randint(4, 96, (1, 24))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with Watch():
+            out = model(input_ids=ids, labels=ids)
+        gc.collect()
+        alive = sum(r() is not None for r in refs)
+    out.loss.backward()
+    return alive
+
+
+def test_lora_b_autocast_copies_avoided_same_gradients():
+    """peft's ``lora_B`` under autocast keeps a cached bf16 copy of each fp32 weight to the end of the
+    forward; `CastPerUseLoraB` keeps none, and the step's loss and gradients stay bit for bit."""
+    ref = _peft_model(0.0)
+    ours = copy.deepcopy(ref)
+    use_recompute_dropout(ours)
+    assert sum(isinstance(m, nn.Linear) and type(m).__name__ == "CastPerUseLoraB" for m in ours.modules()) == 14
+    assert _live_bf16_copies_of_lora_b(ref) == 14  # one per lora_B: 7 linears x 2 layers
+    assert _live_bf16_copies_of_lora_b(ours) == 0
+    for m in (ref, ours):
+        m.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
+    ids = torch.randint(4, 96, (2, 24))
+    losses, grads = [], []
+    for m in (ref, ours):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
+    assert torch.equal(*losses)
+    for n in grads[0]:
+        assert torch.equal(grads[0][n], grads[1][n]), n
