@@ -541,7 +541,7 @@ def _check_names(recipe: Recipe, err) -> None:
             err(key, f"unknown value {value!r} (known: {', '.join(known)})")
     for r in str(t.report_to).split(","):
         if r.strip() not in REPORT_TO:
-            err("train.report_to", f"unknown value {r.strip()!r} (known: {', '.join(REPORT_TO)}, comma-separated)")
+            err("train.report_to", f"unknown logger {r.strip()!r} (known: {', '.join(REPORT_TO)}, comma-separated)")
     targets = [lora.target_modules] if isinstance(lora.target_modules, str) else list(lora.target_modules)
     if not targets:
         err("lora.target_modules", "empty: give all-linear or a list of module names")
