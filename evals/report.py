@@ -48,7 +48,19 @@ def settings_table(results: dict) -> str:
     if not rows:
         return ""
     head = ["", "| task | profile | subset | metric | comparable to the paper's table |", "|---|---|---|---|---|"]
-    return "\n".join(head + rows) + "\n"
+    return "\n".join(head + rows) + "\n" + _subset_order_note(results)
+
+
+SUBSET_ORDER_NOTE = (
+    "Subset order: qtulu draws the BBH and ToxiGen subsets (seeded) taking the task/group "
+    "files in sorted order; open-instruct took them in `glob` order (the file system's listing, which depends "
+    "on the machine), so its samples equal qtulu's only where that listing was sorted.")
+
+
+def _subset_order_note(results: dict) -> str:
+    """The subset order rule, where a task whose sample depends on the file order was run."""
+    tasks = results.get("versions") or {}
+    return f"\n{SUBSET_ORDER_NOTE}\n" if any(t.startswith(("bbh", "toxigen")) for t in tasks) else ""
 
 
 def _isolation_note(results: dict) -> str:
