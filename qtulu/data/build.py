@@ -14,7 +14,11 @@ converter) -> truncate/drop over-long examples -> pack (BFD). Malformed rows are
 any training step: ``on_bad_row: error`` stops at the first one with its location and reason,
 ``skip`` counts them by reason in ``manifest["dropped"]``. Rows the reference converter leaves out on
 purpose are counted in ``manifest["filtered_by_source"]``; ``manifest["profile"]`` and ``["seed"]``
-say how the rows were converted.
+say how the rows were converted. Under ``profile: open_instruct`` an empty reply is kept and encoded
+as open-instruct encodes it (nothing of that turn supervised; an example left with no label dropped
+as ``empty_reply``, as its finetune.py drops it), counted in ``manifest["empty_replies_by_source"]``.
+`build_notes` (printed by the CLI and ``qtulu train``) says what was dropped and why, and when a
+``count`` above a source's rows repeated them (``manifest["sampling"]``).
 """
 
 from __future__ import annotations

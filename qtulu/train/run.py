@@ -298,7 +298,7 @@ def train(
         from qtulu.data.build import build_dataset, resolve_tokenizer
 
         tokenizer = resolve_tokenizer(recipe, tokenizer)  # data.tokenizer, else the base's own files
-        data = build_dataset(recipe, tokenizer, progress=progress)
+        data = build_dataset(recipe, tokenizer, progress=progress, say=say)  # drops, repeats: on the console
 
     # ---- model, LoRA
     set_seed(t.seed)
