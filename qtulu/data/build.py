@@ -463,8 +463,9 @@ def build_notes(manifest: dict) -> list[str]:
             notes.append(f"data: source {name!r}: dropped {sum(reasons.values())} example(s): {what}")
     for name, n in (manifest.get("empty_replies_by_source") or {}).items():
         if n:
-            notes.append(f"data: source {name!r}: {n} empty repl{'y' if n == 1 else 'ies'} kept as open-instruct "
-                         "keeps them (nothing of such a turn is trained on; see docs/open_instruct_differences.md)")
+            notes.append(f"data: source {name!r}: {n} empty repl{'y' if n == 1 else 'ies'}, encoded as open-instruct "
+                         "encodes them: the turn trains nothing, an example with no other reply is dropped as "
+                         "empty_reply (docs/open_instruct_differences.md)")
     if manifest.get("truncated"):
         notes.append(f"data: {manifest['truncated']} example(s) truncated to {manifest['packing']['max_seq_len']} tokens")
     notes.append(f"data: {manifest['examples']} examples, {manifest['tokens']} tokens "
