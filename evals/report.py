@@ -48,7 +48,20 @@ def settings_table(results: dict) -> str:
     if not rows:
         return ""
     head = ["", "| task | profile | subset | metric | comparable to the paper's table |", "|---|---|---|---|---|"]
-    return "\n".join(head + rows) + "\n"
+    return "\n".join(head + rows) + "\n" + _subset_order_note(results)
+
+
+SUBSET_ORDER_NOTE = (
+    "Subset order: qtulu draws the BBH and ToxiGen subsets (seeded) taking the task/group files in sorted "
+    "order, and TyDi QA's languages in sorted order; open-instruct took the files in `glob` order (the file "
+    "system's listing, which depends on the machine) and the languages in `set` order (which depends on "
+    "PYTHONHASHSEED), so its samples equal qtulu's only where those orders were sorted.")
+
+
+def _subset_order_note(results: dict) -> str:
+    """The subset order rule, where a task whose sample depends on the file order was run."""
+    tasks = results.get("versions") or {}
+    return f"\n{SUBSET_ORDER_NOTE}\n" if any(t.startswith(("bbh", "toxigen", "tydiqa")) for t in tasks) else ""
 
 
 def _isolation_note(results: dict) -> str:

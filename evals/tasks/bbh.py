@@ -12,9 +12,11 @@ tasks. Headline: the unweighted mean of the 27 per-task exact matches on 40 exam
 - the prompt file minus its first two lines (canary, "-----"), stripped, then "\\n\\nQ: " + input;
   plain prompts end "\\nA:", chat prompts "<|assistant|>\\nA:"; direct answers rebuild each
   exemplar as its question + "\\nA: " + what follows "So the answer is" (trailing period kept);
-- greedy, 512 new tokens, stop at "\\n\\n" (what the vLLM path does; the HF path means the same
-  stop but passes it nested one list too deep, so it never fires, and the answer regex below then
-  reads the first answer of the longer output);
+- greedy, 512 new tokens, no stop but the model's EOS: the paper's numbers came from the HF path
+  (eval/utils.py generate_completions), whose stop ``tokenizer.encode("\\n\\n")[-2:]`` is passed as
+  ``[[stop]]``, one list too deep (``[[[13, 13]]]``), so neither KeyWordsCriteria nor the post-hoc
+  cut ever matches; the answer regex below then reads the WHOLE generation ("I think it is X\\n\\nQ:
+  next\\nA: So the answer is X." reads "X"). (The same file's vLLM path stops at "\\n\\n".)
 - answer = the text between the first "So the answer is " and the next period on that line
   ("False.5." reads "False"; no period: no match), else the output's first paragraph; scored with
   HF evaluate's exact_match ignoring case and punctuation. Punctuation is deleted, not stripped: a
@@ -23,7 +25,8 @@ tasks. Headline: the unweighted mean of the 27 per-task exact matches on 40 exam
 
 ``corrected``: answer after "the answer is" up to a sentence-ending period, a newline or the end
 (dyck answers have no period), compared ignoring case, runs of whitespace and one trailing period
-but keeping punctuation; chat prompts stop at the model's EOS (open-instruct 2023-12).
+but keeping punctuation; plain prompts stop at "\\n\\n" (the stop the HF path meant), chat
+prompts at the model's EOS (open-instruct 2023-12).
 
 Data: ``bbh/bbh/TASK.json`` (``{"examples": [{"input", "target"}]}``), ``bbh/cot-prompts/TASK.txt``.
 """
@@ -38,7 +41,7 @@ from ..metrics import bbh_answer, bbh_norm, hf_exact_match, oi_bbh_answer
 from ._common import PROFILE_OPTION, TaskDataError, check_profile, comparability, head, require
 
 NAME = "bbh"
-VERSION = "2.0"
+VERSION = "2.1"  # 2.1: open_instruct generates with no stop string, as its HF path did
 DATA_SUBDIR = "bbh"
 # every option load/predict/score accept: name -> (default, meaning); `qtulu eval --list-tasks` shows them
 OPTIONS = {
@@ -115,7 +118,9 @@ def build_prompt(lm, example) -> str:
 
 
 def stops(lm, profile: str) -> list[str]:
-    return ["\n\n"] if profile == "open_instruct" or lm.chat_format is None else []
+    if profile == "open_instruct":
+        return []  # the paper-era HF path: its "\n\n" stop never fired (module docstring)
+    return ["\n\n"] if lm.chat_format is None else []
 
 
 def extract(output: str, profile: str = "open_instruct") -> str:

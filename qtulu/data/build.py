@@ -14,7 +14,11 @@ converter) -> truncate/drop over-long examples -> pack (BFD). Malformed rows are
 any training step: ``on_bad_row: error`` stops at the first one with its location and reason,
 ``skip`` counts them by reason in ``manifest["dropped"]``. Rows the reference converter leaves out on
 purpose are counted in ``manifest["filtered_by_source"]``; ``manifest["profile"]`` and ``["seed"]``
-say how the rows were converted.
+say how the rows were converted. Under ``profile: open_instruct`` an empty reply is kept and encoded
+as open-instruct encodes it (nothing of that turn supervised; an example left with no label dropped
+as ``empty_reply``, as its finetune.py drops it), counted in ``manifest["empty_replies_by_source"]``.
+`build_notes` (printed by the CLI and ``qtulu train``) says what was dropped and why, and when a
+``count`` above a source's rows repeated them (``manifest["sampling"]``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import zlib
@@ -121,6 +126,8 @@ class _Tally:
         self.dropped: Counter = Counter()
         self.dropped_by_source: dict[str, Counter] = defaultdict(Counter)
         self.filtered_by_source: dict[str, Counter] = defaultdict(Counter)
+        self.empty_replies: Counter = Counter()  # empty assistant turns kept (profile open_instruct)
+        self.sampling: dict[str, dict] = {}  # source -> {rows, count, drawn} where `count` is set
 
     def bad(self, source: str, err: BadRow, where: str) -> None:
         if self.on_bad_row == "error":
@@ -200,14 +207,20 @@ def collect_source(spec: SourceSpec, recipe: Recipe, tally: _Tally, special_re, 
             tally.filter(spec.name, item.reason)
             continue
         try:
-            good.append((where, validate_messages(item, special_re)))
+            msgs = validate_messages(item, special_re, allow_empty_reply=recipe.data.profile == "open_instruct")
         except BadRow as e:
             tally.bad(spec.name, e, where)
+        else:
+            good.append((where, msgs))
         if limit is not None and len(good) >= limit:
             break
     if sample:
         rng = np.random.default_rng([recipe.data.seed, zlib.crc32(spec.name.encode())])
-        good = [good[i] for i in _sample(len(good), spec.count, rng)]
+        picked = _sample(len(good), spec.count, rng)
+        if spec.count is not None:
+            tally.sampling[spec.name] = {"rows": len(good), "count": spec.count, "drawn": len(picked)}
+        good = [good[i] for i in picked]
+    tally.empty_replies[spec.name] += sum(1 for _, msgs in good for m in msgs if m["role"] == "assistant" and not m["content"])
     return good, loaded.inputs
 
 
@@ -219,11 +232,14 @@ def _tokenizer_sha256(tokenizer) -> str:
     return h.hexdigest()
 
 
-def build_dataset(recipe: Recipe, tokenizer=None, *, max_seq_len: int | None = None, progress: bool = True) -> BuiltData:
+def build_dataset(recipe: Recipe, tokenizer=None, *, max_seq_len: int | None = None, progress: bool = True,
+                  say=None) -> BuiltData:
     """Build the packed training data of ``recipe`` (see the module docstring).
 
     ``tokenizer``: a fast tokenizer, a path/id for `load_tokenizer`, or None for the recipe's
     ``data.tokenizer`` (else ``model.base``). ``max_seq_len`` overrides ``data.max_seq_len``.
+    ``say``: where `build_notes` go (rows repeated by sampling, rows dropped and why, ...); by
+    default stderr when ``progress``, else nowhere.
     """
     # The build allocates millions of small acyclic objects (rows, messages, words) that the cyclic
     # garbage collector would rescan again and again (a quarter of the build's time on the shared
@@ -231,44 +247,91 @@ def build_dataset(recipe: Recipe, tokenizer=None, *, max_seq_len: int | None = N
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _build_dataset(recipe, tokenizer, max_seq_len=max_seq_len, progress=progress)
+        return _build_dataset(recipe, tokenizer, max_seq_len=max_seq_len, progress=progress, say=say)
     finally:
         if was_enabled:
             gc.enable()
 
 
-def _build_dataset(recipe: Recipe, tokenizer, *, max_seq_len: int | None, progress: bool) -> BuiltData:
-    import datasets
-    import pyarrow as pa
-    import pyarrow.compute  # noqa: F401  (pa.compute)
-    from tqdm.auto import tqdm
-
-    from qtulu.data.packing import pack_examples
-
+def _build_dataset(recipe: Recipe, tokenizer, *, max_seq_len: int | None, progress: bool, say=None) -> BuiltData:
     tok = resolve_tokenizer(recipe, tokenizer)
     L = int(max_seq_len or recipe.data.max_seq_len)
-    cfg = recipe.data
-    tally = _Tally(cfg.on_bad_row)
-    special_re = special_tokens_regex(tok)
-
+    tally = _Tally(recipe.data.on_bad_row)
     t0 = time.perf_counter()
-    examples: list[tuple[int, str, list[dict[str, str]]]] = []  # (source index, where, messages)
+    examples, inputs = _collect(recipe, tok, tally, L)
+    t1 = time.perf_counter()
+    kept = _tokenize(recipe, tok, examples, tally, L, progress)
+    t2 = time.perf_counter()
+    if not kept.ids:
+        raise DataError(f"recipe {recipe.name!r}: no example left to train on (dropped: {dict(tally.dropped)})")
+    packed, lens, flat_labels = _pack(kept, L)
+    t3 = time.perf_counter()
+    manifest = _manifest(recipe, tok, tally, kept, packed, lens, flat_labels, inputs, L)
+    packed_tokens = _packed_tokens(packed)
+    assert packed_tokens == manifest["tokens"], f"packing lost tokens: {packed_tokens} != {manifest['tokens']}"
+    if say is None and progress:
+        say = _say_stderr
+    if say is not None:
+        for line in build_notes(manifest):
+            say(line)
+    return BuiltData(packed, manifest, recipe.to_dict(), {"load": t1 - t0, "tokenize": t2 - t1, "pack": t3 - t2}, lens)
+
+
+def _say_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _collect(recipe: Recipe, tok, tally: _Tally, L: int):
+    """Stage 1: every source loaded, converted, validated and sampled: ``([(source index, where, messages)], inputs)``."""
+    special_re = special_tokens_regex(tok)
+    examples: list[tuple[int, str, list[dict[str, str]]]] = []
     inputs: dict[str, Any] = {}
     for si, spec in enumerate(recipe.sources):
         good, inputs[spec.name] = collect_source(spec, recipe, tally, special_re, tokenizer=tok, max_seq_len=L)
         examples.extend((si, w, m) for w, m in good)
+    return examples, inputs
 
-    t1 = time.perf_counter()
+
+@dataclass
+class _Kept:
+    """What tokenization kept: ids and labels (int32 arrays) and the source index of each example."""
+
+    ids: list
+    labels: list
+    src: list
+    truncated: int = 0
+    split_extra: int = 0
+
+
+def _encode_or_name(batch, tok, chat_format: str, tally: _Tally, names: list[str], word_cache: dict) -> list:
+    """``[(ids, labels) or None]`` for ``batch``; a template mismatch in the batch is redone one
+    example at a time so that the bad row is named (None for it)."""
+    try:
+        return encode_batch([m for _, _, m in batch], tok, chat_format, word_cache=word_cache)
+    except BadRow:
+        pass
+    encoded = []
+    for si, where, m in batch:
+        try:
+            encoded.append(encode_batch([m], tok, chat_format)[0])
+        except BadRow as e:
+            tally.bad(names[si], e, where)
+            encoded.append(None)
+    return encoded
+
+
+def _tokenize(recipe: Recipe, tok, examples: list, tally: _Tally, L: int, progress: bool) -> _Kept:
+    """Stage 2: tokenize in batches, split long ``messages`` conversations, truncate or drop over-long
+    examples, drop the ones with nothing supervised."""
+    from tqdm.auto import tqdm
+
+    cfg = recipe.data
     names = [s.name for s in recipe.sources]
     # qtulu's own splitting of long conversations, for `messages` sources (ShareGPT splits as
     # open-instruct did, in its converter, before any of this)
     split_long = [bool(s.options.get("split_long")) and resolved_source(s).format == "messages" and not s.release
                   for s in recipe.sources]
-    kept_ids: list[np.ndarray] = []  # int32 (T,) each
-    kept_labels: list[np.ndarray] = []
-    kept_src: list[int] = []
-    truncated = 0
-    split_extra = 0
+    kept = _Kept([], [], [])
     bar = tqdm(total=len(examples), desc=f"tokenize {recipe.name}", unit="ex", disable=not progress)
     word_cache: dict = {}  # distinct words already tokenized, across batches (see chat.encode_batch)
     queue = examples
@@ -276,18 +339,7 @@ def _build_dataset(recipe: Recipe, tokenizer, *, max_seq_len: int | None, progre
         again: list[tuple[int, str, list[dict[str, str]]]] = []  # chunks of split conversations
         for b in range(0, len(queue), TOKENIZE_BATCH):
             batch = queue[b : b + TOKENIZE_BATCH]
-            try:
-                encoded = encode_batch([m for _, _, m in batch], tok, cfg.chat_format, word_cache=word_cache)
-            except BadRow:
-                encoded = None  # a template mismatch in the batch: redo one by one to name the row
-            if encoded is None:
-                encoded = []
-                for si, where, m in batch:
-                    try:
-                        encoded.append(encode_batch([m], tok, cfg.chat_format)[0])
-                    except BadRow as e:
-                        tally.bad(names[si], e, where)
-                        encoded.append(None)
+            encoded = _encode_or_name(batch, tok, cfg.chat_format, tally, names, word_cache)
             for (si, where, msgs), enc in zip(batch, encoded):
                 if enc is None:
                     continue
@@ -295,34 +347,46 @@ def _build_dataset(recipe: Recipe, tokenizer, *, max_seq_len: int | None, progre
                 if len(ids) > L and split_long[si] and queue is examples:
                     chunks = split_conversation(msgs, message_token_counts(msgs, tok, cfg.chat_format), L - 1)
                     if len(chunks) > 1:
-                        split_extra += len(chunks) - 1
+                        kept.split_extra += len(chunks) - 1
                         again.extend((si, where, c) for c in chunks)
                         continue
-                if len(ids) > L:
-                    if cfg.on_overlong == "drop":
-                        tally.drop(names[si], "overlong")
-                        continue
-                    cut = True
-                    ids, labels = ids[:L], labels[:L]
-                else:
-                    cut = False
-                if not (labels != IGNORE_INDEX).any():
-                    tally.drop(names[si], "no_supervised_tokens")
-                    continue
-                truncated += cut
-                kept_ids.append(ids)
-                kept_labels.append(labels)
-                kept_src.append(si)
+                _keep(kept, tally, names[si], si, msgs, ids, labels, L, cfg.on_overlong)
             bar.update(len(batch) if queue is examples else 0)
         queue = again
     bar.close()
-    t2 = time.perf_counter()
+    return kept
 
-    if not kept_ids:
-        raise DataError(f"recipe {recipe.name!r}: no example left to train on (dropped: {dict(tally.dropped)})")
-    lens = np.asarray([len(x) for x in kept_ids], dtype=np.int64)  # (N,)
-    flat_ids = np.concatenate(kept_ids)  # (total,)
-    flat_labels = np.concatenate(kept_labels)  # (total,)
+
+def _keep(kept: _Kept, tally: _Tally, name: str, si: int, msgs, ids, labels, L: int, on_overlong: str) -> None:
+    """Keep one encoded example (truncated to ``L`` if asked), or count why it is dropped."""
+    cut = len(ids) > L
+    if cut:
+        if on_overlong == "drop":
+            tally.drop(name, "overlong")
+            return
+        ids, labels = ids[:L], labels[:L]
+    if not (labels != IGNORE_INDEX).any():
+        # open-instruct's finetune.py drops such examples too (`labels != -100` filter); an example
+        # whose replies are all empty is one of them (see chat.render_tulu_with_spans)
+        empty = all(not m["content"] for m in msgs if m["role"] == "assistant")
+        tally.drop(name, "empty_reply" if empty else "no_supervised_tokens")
+        return
+    kept.truncated += cut
+    kept.ids.append(ids)
+    kept.labels.append(labels)
+    kept.src.append(si)
+
+
+def _pack(kept: _Kept, L: int):
+    """Stage 3: one Arrow table of the examples, packed (BFD): ``(packed, lens (N,), flat labels)``."""
+    import datasets
+    import pyarrow as pa
+
+    from qtulu.data.packing import pack_examples
+
+    lens = np.asarray([len(x) for x in kept.ids], dtype=np.int64)  # (N,)
+    flat_ids = np.concatenate(kept.ids)  # (total,)
+    flat_labels = np.concatenate(kept.labels)  # (total,)
     # 32-bit list offsets up to 2^31 tokens, 64-bit beyond (TRL packs both)
     big = lens.sum() >= 2**31
     list_cls, off_type = (pa.LargeListArray, pa.int64()) if big else (pa.ListArray, pa.int32())
@@ -331,23 +395,36 @@ def _build_dataset(recipe: Recipe, tokenizer, *, max_seq_len: int | None, progre
         "input_ids": list_cls.from_arrays(offsets, pa.array(flat_ids)),
         "labels": list_cls.from_arrays(offsets, pa.array(flat_labels)),
     })
-    packed = pack_examples(datasets.Dataset(table), L)
-    t3 = time.perf_counter()
+    return pack_examples(datasets.Dataset(table), L), lens, flat_labels
+
+
+def _packed_tokens(packed) -> int:
+    import pyarrow as pa
+    import pyarrow.compute  # noqa: F401  (pa.compute)
+
+    return pa.compute.sum(pa.compute.list_flatten(packed.with_format("arrow")["seq_lens"])).as_py()
+
+
+def _manifest(recipe: Recipe, tok, tally: _Tally, kept: _Kept, packed, lens, flat_labels, inputs, L: int) -> dict:
+    """Stage 4: the manifest (what was built, from what, and what was left out and why)."""
+    cfg = recipe.data
+    names = [s.name for s in recipe.sources]
     n_tokens = int(lens.sum())
-    supervised = int((flat_labels != IGNORE_INDEX).sum())
-    per_source = Counter(names[s] for s in kept_src)
-    manifest = {
+    per_source = Counter(names[s] for s in kept.src)
+    return {
         "format_version": MANIFEST_VERSION,
         "recipe": recipe.name,
         "recipe_sha256": hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest(),
-        "examples": len(kept_ids),
+        "examples": len(kept.ids),
         "tokens": n_tokens,
-        "supervised_tokens": supervised,
+        "supervised_tokens": int((flat_labels != IGNORE_INDEX).sum()),
         "dropped": dict(sorted(tally.dropped.items())),
         "dropped_by_source": {k: dict(sorted(v.items())) for k, v in tally.dropped_by_source.items()},
         "filtered_by_source": {k: dict(sorted(v.items())) for k, v in tally.filtered_by_source.items()},
-        "truncated": truncated,
-        "split_conversations_extra_chunks": split_extra,
+        "empty_replies_by_source": dict(tally.empty_replies),
+        "sampling": tally.sampling,
+        "truncated": kept.truncated,
+        "split_conversations_extra_chunks": kept.split_extra,
         "sources": {n: per_source.get(n, 0) for n in names},
         "packing": {
             "strategy": "bfd",
@@ -368,9 +445,32 @@ def _build_dataset(recipe: Recipe, tokenizer, *, max_seq_len: int | None, progre
         },
         "inputs": inputs,
     }
-    packed_tokens = pa.compute.sum(pa.compute.list_flatten(packed.with_format("arrow")["seq_lens"])).as_py()
-    assert packed_tokens == n_tokens, f"packing lost tokens: {packed_tokens} != {n_tokens}"
-    return BuiltData(packed, manifest, recipe.to_dict(), {"load": t1 - t0, "tokenize": t2 - t1, "pack": t3 - t2}, lens)
+
+
+def build_notes(manifest: dict) -> list[str]:
+    """Console lines for what a build did that its row count does not say: sources sampled with
+    repetition (``count`` above the rows there are), rows dropped (by reason, per source), empty
+    replies kept, examples truncated."""
+    notes = []
+    for name, s in (manifest.get("sampling") or {}).items():
+        if s["drawn"] > s["rows"]:
+            reps, rest = divmod(s["drawn"], s["rows"])
+            notes.append(f"data: source {name!r}: count {s['count']} > its {s['rows']} rows: every row repeated "
+                         f"{reps}x" + (f" plus {rest} drawn again" if rest else "") + f" ({s['drawn']} examples)")
+    for name, reasons in (manifest.get("dropped_by_source") or {}).items():
+        if reasons:
+            what = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
+            notes.append(f"data: source {name!r}: dropped {sum(reasons.values())} example(s): {what}")
+    for name, n in (manifest.get("empty_replies_by_source") or {}).items():
+        if n:
+            notes.append(f"data: source {name!r}: {n} empty repl{'y' if n == 1 else 'ies'}, encoded as open-instruct "
+                         "encodes them: the turn trains nothing, an example with no other reply is dropped as "
+                         "empty_reply (docs/open_instruct_differences.md)")
+    if manifest.get("truncated"):
+        notes.append(f"data: {manifest['truncated']} example(s) truncated to {manifest['packing']['max_seq_len']} tokens")
+    notes.append(f"data: {manifest['examples']} examples, {manifest['tokens']} tokens "
+                 f"({manifest['supervised_tokens']} supervised) in {manifest['packing']['sequences']} packed rows")
+    return notes
 
 
 def preview_examples(recipe: Recipe, tokenizer=None, *, n: int = 3) -> list[dict[str, Any]]:

@@ -50,11 +50,13 @@ IGNORE_INDEX = -100
 # validation
 
 
-def validate_messages(messages: Any, special_re: re.Pattern | None = None) -> list[dict[str, str]]:
+def validate_messages(messages: Any, special_re: re.Pattern | None = None, *,
+                      allow_empty_reply: bool = False) -> list[dict[str, str]]:
     """Check a conversation and return it as a clean list of ``{"role", "content"}`` (contents stripped).
 
     Raises `BadRow` with reason ``no_messages``, ``bad_message``, ``unknown_role``, ``null_content``,
     ``bad_content_type``, ``invalid_utf8``, ``special_token_in_content``, ``empty_assistant_turn``
+    (unless ``allow_empty_reply``: open-instruct keeps such rows, see `render_tulu_with_spans`)
     or ``no_assistant_turn``.
     """
     if not isinstance(messages, list) or not messages:
@@ -74,7 +76,7 @@ def validate_messages(messages: Any, special_re: re.Pattern | None = None) -> li
         check_text(content, f"message {i} ({role})", special_re)
         content = content.strip()
         if role == "assistant":
-            if not content:
+            if not content and not allow_empty_reply:
                 raise BadRow("empty_assistant_turn", f"message {i} is an empty assistant turn")
             has_assistant = True
         out.append({"role": role, "content": content})
@@ -125,7 +127,13 @@ def _separator(role: str) -> str:
 
 
 def render_tulu_with_spans(messages: Sequence[dict[str, str]], eos_token: str = "</s>") -> tuple[str, list[tuple[int, int]]]:
-    """(text, [(start, end)]) where each range covers one assistant reply and its EOS."""
+    """(text, [(start, end)]) where each range covers one assistant reply and its EOS.
+
+    An empty reply is rendered ``<|assistant|></s>`` with no range: open-instruct writes
+    ``<|assistant|>\\n</s>``, its slow tokenizer strips the newline before ``</s>``, and its mask of
+    the prompt (counted with the newline, one token more) covers that EOS, so nothing of the turn
+    is trained on (finetune.py @ e44fcf588 and 7c5ee77a1; tests/data/test_empty_replies.py).
+    """
     parts: list[str] = []
     spans: list[tuple[int, int]] = []
     pos = 0
@@ -136,8 +144,12 @@ def render_tulu_with_spans(messages: Sequence[dict[str, str]], eos_token: str = 
             parts.append(sep)
             pos += len(sep)
         tag = TULU_TAGS[role]
+        if role == "assistant" and not content:
+            tag = tag.rstrip("\n") + eos_token
         parts.append(tag)
         pos += len(tag)
+        if role == "assistant" and not content:
+            continue
         if role == "assistant":
             parts.append(content + eos_token)
             spans.append((pos, pos + len(content) + len(eos_token)))

@@ -50,7 +50,12 @@ def _build(args) -> int:
     from qtulu.data.build import build_dataset
 
     recipe = _load(args)  # RecipeError / DataError: one line, exit 2 (qtulu.cli)
-    built = build_dataset(recipe, args.tokenizer, progress=not args.no_progress)
+    import sys
+
+    # what the row count does not say (rows repeated by sampling, rows dropped and why) goes to the
+    # console whether or not the progress bar is shown
+    built = build_dataset(recipe, args.tokenizer, progress=not args.no_progress,
+                          say=lambda line: print(line, file=sys.stderr, flush=True))
     out = built.save(args.out)
     m = built.manifest
     summary = {k: m[k] for k in ("examples", "tokens", "supervised_tokens", "dropped", "truncated", "sources", "packing")}

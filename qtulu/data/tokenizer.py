@@ -28,10 +28,19 @@ def load_tokenizer(path_or_id: str | os.PathLike, *, revision: str | None = None
     - anything else: a hub id for ``AutoTokenizer.from_pretrained`` (``trust_remote_code`` off by default).
 
     A missing pad token is set to ``<unk>`` (or EOS) so that batched generation works; packing never pads.
+    A LLaMA SentencePiece tokenizer adds a BOS as it did in 2023 (see `_LLAMA_2023`).
     Loads are cached per (path, revision).
     """
     tok = _load_cached(str(path_or_id), revision, trust_remote_code)
     return tok
+
+
+# LLaMA's tokenizer as open-instruct used it (transformers 4.3x, 2023): ``LlamaTokenizer(add_bos_token=
+# True)``, so ``tok("Hello world")`` gave [1, 15043, 3186] and ``decode`` of a clipped passage began
+# "<s> ". transformers 5.x converts a bare tokenizer.model with no BOS ([15043, 3186]), which changes
+# TyDi QA's clipped passages and TruthfulQA's scored sequences; the tokenizer is loaded with the
+# 2023 default instead, whatever the installed transformers does (tests/data/test_tokenizer.py).
+_LLAMA_2023 = {"add_bos_token": True, "add_eos_token": False}
 
 
 @functools.lru_cache(maxsize=8)
@@ -46,7 +55,7 @@ def _load_cached(spec: str, revision: str | None, trust_remote_code: bool):
         # give it a directory that holds just this file (symlinked, nothing copied).
         with tempfile.TemporaryDirectory(prefix="qtulu-tok-") as d:
             os.symlink(p.resolve(), Path(d) / "tokenizer.model")
-            tok = LlamaTokenizer.from_pretrained(d)
+            tok = LlamaTokenizer.from_pretrained(d, **_LLAMA_2023)
         tok.name_or_path = str(p.resolve())  # not the temporary folder
         _order_merges_by_sentencepiece_score(tok, p)
         tok._qtulu_sentencepiece_model = (str(p.resolve()), tok.backend_tokenizer)  # for `word_encoder`
@@ -55,7 +64,7 @@ def _load_cached(spec: str, revision: str | None, trust_remote_code: bool):
         if files & {"tokenizer.json", "tokenizer_config.json"}:
             tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
         elif "tokenizer.model" in files:
-            tok = LlamaTokenizer.from_pretrained(str(p))
+            tok = LlamaTokenizer.from_pretrained(str(p), **_LLAMA_2023)
             _order_merges_by_sentencepiece_score(tok, p / "tokenizer.model")
             tok._qtulu_sentencepiece_model = (str((p / "tokenizer.model").resolve()), tok.backend_tokenizer)
         else:

@@ -382,7 +382,7 @@ def _build_data(run: _Run, data, tokenizer, *, progress: bool):
 
     if data is None:
         tokenizer = resolve_tokenizer(run.recipe, tokenizer)  # data.tokenizer, else the base's own files
-        data = build_dataset(run.recipe, tokenizer, progress=progress)
+        data = build_dataset(run.recipe, tokenizer, progress=progress, say=say)  # drops, repeats: on the console
     if run.recipe.data.validation is not None:
         from qtulu.train.validation import hold_out
 

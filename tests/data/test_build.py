@@ -72,8 +72,14 @@ def test_bad_rows_error_names_file_line_and_reason(tmp_path, char_tokenizer):
 def test_bad_rows_skip_counts_by_reason(tmp_path, char_tokenizer):
     recipe = load_recipe(_write_sources(tmp_path, bad=True), ["data.on_bad_row=skip"])
     m = build_dataset(recipe, char_tokenizer, progress=False).manifest
-    assert m["dropped"] == {"broken_json": 1, "missing_field": 1, "null_content": 1, "empty_assistant_turn": 1}
+    # the empty reply is kept as open-instruct keeps it, and dropped as its finetune.py drops an
+    # example with no label (tests/data/test_empty_replies.py); `plain` refuses it as a bad row
+    assert m["dropped"] == {"broken_json": 1, "missing_field": 1, "null_content": 1, "empty_reply": 1}
     assert m["dropped_by_source"] == {"a": m["dropped"]} and m["sources"]["a"] == 40
+    assert m["empty_replies_by_source"] == {"a": 1, "b": 0}
+    plain = load_recipe(_write_sources(tmp_path, bad=True), ["data.on_bad_row=skip", "data.profile=plain"])
+    m = build_dataset(plain, char_tokenizer, progress=False).manifest
+    assert m["dropped"] == {"broken_json": 1, "missing_field": 1, "null_content": 1, "empty_assistant_turn": 1}
 
 
 def test_overlong_truncate_drop_and_split(tmp_path, char_tokenizer):
@@ -147,7 +153,7 @@ def test_shared_sources_build_utilization(shared_data, llama_tokenizer_path):
     m = built.manifest
     assert m["packing"]["utilization"] >= 0.98, m["packing"]
     assert m["sources"]["lima"] == 1029 and m["sources"]["sharegpt_sample"] == 500
-    assert m["dropped"] == {"empty_assistant_turn": 2}  # the two code-alpaca rows with an empty output
+    assert m["dropped"] == {"empty_reply": 2}  # the two code-alpaca rows with an empty output (as open-instruct)
     assert max(len(r) for r in built.dataset["input_ids"]) <= 2048
     row = built.dataset[0]
     assert row["input_ids"][0] == 1 and row["position_ids"][0] == 0  # starts with BOS at position 0
@@ -200,12 +206,41 @@ def test_bad_inputs_of_the_paper_sources_are_counted_or_located(tmp_path, capsys
         "data:\n  max_seq_len: 256\n  on_bad_row: skip\n")
     m = build_dataset(load_recipe(recipe), str(llama_tokenizer_path), progress=False).manifest
     assert m["sources"] == {"sharegpt": 1, "baize": 1, "oasst1": 1, "superni": 1}
-    assert m["dropped_by_source"] == {"sharegpt": {"unknown_speaker": 1}, "baize": {"empty_assistant_turn": 1},
+    assert m["dropped_by_source"] == {"sharegpt": {"unknown_speaker": 1}, "baize": {"empty_reply": 1},
                                       "oasst1": {"no_assistant_reply": 1}, "superni": {"missing_field": 1}}
     for name, fmt, path, where in [("sharegpt", "sharegpt", "sg.json", "sg.json[1]"), ("baize", "baize", "baize.json", "baize.json[1]"),
                                    ("oasst1", "oasst1", "trees.jsonl", "trees.jsonl:2"), ("superni", "superni", "tasks", "task2_nodef.json")]:
         one = tmp_path / f"{name}.yaml"
-        one.write_text(f"# Run: qtulu data build {name}.yaml --out out\nsources:\n  - {{name: {name}, format: {fmt}, path: {path}}}\n")
+        one.write_text(f"# Run: qtulu data build {name}.yaml --out out\nsources:\n  - {{name: {name}, format: {fmt}, path: {path}}}\n"
+                       + ("data:\n  profile: plain\n" if name == "baize" else ""))  # open_instruct keeps empty replies
         rc = main(["data", "build", str(one), "--out", str(tmp_path / "out"), "--no-progress", "--tokenizer", str(llama_tokenizer_path)])
         err = capsys.readouterr().err
         assert rc == 2 and err.count("\n") == 1 and where in err and "Traceback" not in err, (name, err)
+
+
+def test_console_says_when_a_count_repeats_rows_and_what_was_dropped(tmp_path, capsys, llama_tokenizer_path):
+    """Issue 27: the smoke preset's `count: 64` on an 11-row file repeats rows and drops the ones whose
+    prompt eats the 512-token budget; both are said on the console, with reasons and counts."""
+    from qtulu.cli import main
+
+    rows = [{"instruction": f"Echo {i}", "input": "", "output": f"x{i}"} for i in range(9)]
+    rows += [{"instruction": "word " * 600, "input": "", "output": "late"}, {"instruction": "q", "input": "", "output": ""}]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("# Run: qtulu data build r.yaml --out out\nname: tiny\nsources:\n  - {name: a, format: alpaca, path: a.json}\n")
+    assert main(["data", "build", str(recipe), "--preset", "smoke", "--out", str(tmp_path / "out"), "--no-progress",
+                 "--tokenizer", str(llama_tokenizer_path)]) == 0
+    err = capsys.readouterr().err
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["sampling"] == {"a": {"rows": 11, "count": 64, "drawn": 64}}
+    reps, rest = divmod(64, 11)
+    assert f"source 'a': count 64 > its 11 rows: every row repeated {reps}x plus {rest} drawn again (64 examples)" in err
+    dropped = m["dropped_by_source"]["a"]
+    assert set(dropped) == {"empty_reply", "no_supervised_tokens"} and sum(dropped.values()) == 64 - m["examples"]
+    assert (f"source 'a': dropped {64 - m['examples']} example(s): {dropped['empty_reply']} empty_reply, "
+            f"{dropped['no_supervised_tokens']} no_supervised_tokens") in err
+    assert f"{m['examples']} examples" in err and f"{m['packing']['sequences']} packed rows" in err
+    # within its rows, a count draws without repetition and says nothing about it
+    notes = []
+    build_dataset(load_recipe(recipe, ["sources.a.count=5"]), str(llama_tokenizer_path), progress=False, say=notes.append)
+    assert not any("repeated" in n for n in notes) and notes[-1].startswith("data: ")

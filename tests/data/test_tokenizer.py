@@ -57,3 +57,21 @@ def test_agrees_with_sentencepiece_on_real_text(llama_tokenizer_path, shared_dat
     bad = [t for t, a, b in zip(texts, ours, theirs) if a != b]
     assert not bad, f"{len(bad)} of {len(texts)} texts differ from SentencePiece, e.g. {bad[0][:80]!r}"
     assert sum("    " in t for t in texts) > 100  # the sample has plenty of indentation to get wrong
+
+
+def test_llama_adds_bos_as_in_2023_whatever_transformers_does(llama_tokenizer_path, tmp_path):
+    """Issue 27: transformers 5.x converts a bare LLaMA tokenizer.model without a BOS ("Hello world" ->
+    [15043, 3186]); LLaMA's tokenizer of 2023 (open-instruct's) gave [1, 15043, 3186], and decoding a
+    clipped passage gave "<s> ..." (TyDi QA's prompts carry it). Pinned on the real tokenizer.model,
+    as a file, a folder holding only it, and that tokenizer saved and loaded again."""
+    only_model = tmp_path / "spdir"
+    only_model.mkdir()
+    os.symlink(llama_tokenizer_path, only_model / "tokenizer.model")
+    saved = tmp_path / "saved"
+    load_tokenizer(llama_tokenizer_path).save_pretrained(saved)
+    for where in (llama_tokenizer_path, only_model, saved):
+        tok = load_tokenizer(where)
+        assert tok("Hello world")["input_ids"] == [1, 15043, 3186], where
+        assert tok.encode("Hello world") == [1, 15043, 3186] and tok(["Hello", "world"])["input_ids"] == [[1, 15043], [1, 3186]]
+        assert tok("Hello world", add_special_tokens=False)["input_ids"] == [15043, 3186]
+        assert tok.decode(tok.encode("Hello world")[:2]) == "<s> Hello"

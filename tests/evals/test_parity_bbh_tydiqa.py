@@ -107,7 +107,8 @@ def test_bbh_subset_prompts_stops_and_scores_equal_open_instruct(eval_data, char
     assert rows[int(ex["id"].split("/")[1])]["input"] == ex["input"]  # ids = the row in the task file
     golds = [ex["gold"] for ex in examples]
     adversarial = ["", ")", "So the answer is False.5.", "So the answer is {g}", "{g}", "the answer is {g}.",
-                   "So the answer is {g}.\n\nQ: x\nA: So the answer is (Z).", "Let's think.\n\nSo the answer is {g}."]
+                   "So the answer is {g}.\n\nQ: x\nA: So the answer is (Z).", "Let's think.\n\nSo the answer is {g}.",
+                   "I think it is (Z)\n\nQ: next\nA: So the answer is {g}."]
     cases = {
         "gold": ["Let's think step by step. So the answer is {g}."] * len(golds),
         "wrong": ["So the answer is (Q)."] * len(golds),
@@ -121,12 +122,43 @@ def test_bbh_subset_prompts_stops_and_scores_equal_open_instruct(eval_data, char
         lm.reply = lambda p, r=reply: r[p].pop(0)
         preds = task.module.predict(lm, examples, **task.opts)
         _, _, kwargs = lm.calls[-1]
-        assert kwargs["stop"] == ["\n\n"] and kwargs["max_new_tokens"] == 512 and kwargs.get("temperature", 0) == 0
+        # the HF path of 171c3f163: its "\n\n" stop never fires, so nothing but EOS/512 tokens ends it
+        assert list(kwargs["stop"]) == [] and kwargs["max_new_tokens"] == 512 and kwargs.get("temperature", 0) == 0
         per_task_outs, i = {}, 0
         for t in all_tasks:
             per_task_outs[t] = outs[i:i + len(all_tasks[t])]
             i += len(all_tasks[t])
         assert task.module.score(preds)["exact_match"] == pytest.approx(oi_bbh_score(all_tasks, per_task_outs)), kind
+
+
+def test_bbh_reads_the_whole_generation_under_open_instruct_and_stops_under_corrected(eval_data, char_tokenizer, stub_lm):
+    """Issue 27: "I think it is X\n\nQ: next\nA: So the answer is X." scores 1 in open-instruct's HF
+    path (no effective stop, regex on the whole text); `corrected` stops at "\n\n" on plain prompts and
+    reads "I think it is X", which is not the answer."""
+    task = get_task("bbh")
+    examples = task.module.load(eval_data, subtasks=["web_of_lies"], **task.opts)
+    all_tasks, _ = oi_bbh(eval_data)
+    golds = [ex["gold"] for ex in examples]
+    text = "I think it is {g}\n\nQ: next\nA: So the answer is {g}."
+    scores = {}
+    for profile in ("open_instruct", "corrected"):
+        lm = stub_lm(char_tokenizer, chat_format=None)
+        answers = iter(text.format(g=g) for g in golds)
+
+        def generate(prompts, stop=(), **kwargs):  # the stub honours stop strings, as LM.generate does
+            outs = []
+            for _ in prompts:
+                o = next(answers)
+                for s_ in stop:
+                    o = o.split(s_)[0]
+                outs.append([o])
+            return outs
+
+        lm.generate = generate
+        scores[profile] = task.module.score(task.module.predict(lm, examples, profile=profile), profile=profile)["exact_match"]
+    full = [text.format(g=ex["target"]) for ex in all_tasks["web_of_lies"]]
+    assert scores["open_instruct"] == oi_bbh_score({"web_of_lies": all_tasks["web_of_lies"]}, {"web_of_lies": full}) == 1.0
+    assert scores["corrected"] == 0.0
 
 
 def test_bbh_subtasks_keep_the_ids_of_the_full_run(eval_data):
@@ -299,3 +331,13 @@ def test_tydiqa_corrected_cuts_without_bos(tmp_path, llama_tok_bos, stub_lm):
     cut = clip(lm, text, 512, profile="corrected")
     assert not cut.startswith("<s>") and len(lm.tokens(cut)) == 512
     assert clip(lm, text, 512).startswith("<s> ") and len(lm.tokens(clip(lm, text, 512))) == 512  # "<s>" + 511
+
+
+def test_results_md_states_the_subset_order_rule():
+    from qtulu.evals.report import SUBSET_ORDER_NOTE, markdown_table
+
+    row = {"score": 0.5, "profile": "open_instruct", "subset": "40 per task", "n": 1080, "metric": "em", "comparable": True}
+    with_bbh = markdown_table({"results": {"base": {"bbh": row}}, "versions": {"bbh": "2.1"}, "config": {}})
+    assert SUBSET_ORDER_NOTE in with_bbh and "`glob` order" in SUBSET_ORDER_NOTE and "sorted order" in SUBSET_ORDER_NOTE
+    without = markdown_table({"results": {"base": {"mmlu": row}}, "versions": {"mmlu": "1"}, "config": {}})
+    assert SUBSET_ORDER_NOTE not in without
