@@ -128,11 +128,13 @@ def _convert(p: Path, stage: Path, *, add_bos: bool | None, trust_remote_code: b
     where qtulu.data.chat.bos_token_id reads it: SmolLM2 names ``<|im_start|>`` its BOS token but
     never starts a prompt with it, and transformers' GGUF tokenizer does not keep that fact."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from qtulu.data.tokenizer import load_gguf_tokenizer
 
     kw = {"gguf_file": p.name, "trust_remote_code": trust_remote_code}
+    tok = load_gguf_tokenizer(p, trust_remote_code=trust_remote_code)  # with the header's add_bos_token
     try:
-        tok = AutoTokenizer.from_pretrained(str(p.parent), **kw)
         model = AutoModelForCausalLM.from_pretrained(str(p.parent), dtype=torch.float32, **kw)
     except (ValueError, KeyError, NotImplementedError) as e:
         raise GGUFError(f"{p}: transformers cannot read it ({type(e).__name__}: {str(e).splitlines()[0]})") from None
