@@ -7,8 +7,9 @@ One step = forward + backward + AdamW on one packed 256-token row of real Code-A
 (the cpu preset: micro batch 1, accumulation 1, fp32 compute, NF4 base, LoRA r=64 on every
 linear, no gradient checkpointing), as the trainer runs it, without the trainer's bookkeeping.
 ``--busy`` starts one busy process (a plain-Python spin loop) beside the measurement. Prints one
-line per thread count with the median of ``--steps`` steps (after one warm-up step), the 40-step
-estimate and the load average (``os.getloadavg``) before and after: a figure taken on a shared
+line per thread count with the median of ``--steps`` steps (after one warm-up step), the CPU
+seconds per step (all threads: on a loaded machine, a floor for the idle wall time of one thread),
+the 40-step estimate and the load average (``os.getloadavg``) before and after: a figure taken on a shared
 machine says so.
 """
 
@@ -65,18 +66,20 @@ def main() -> None:
         for n in [int(x) for x in args.threads.split(",")]:
             torch.set_num_threads(n)
             load0 = os.getloadavg()[0]
-            times = []
+            times, cpu = [], []
             for k in range(args.steps + 1):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 loss = model(input_ids=ids, labels=labels).loss
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if k:  # the first step warms the allocator and caches
                     times.append(time.perf_counter() - t)
+                    cpu.append(time.process_time() - c)  # CPU seconds of all threads: what an idle core would take
             med = statistics.median(times)
             print(f"threads={n} busy={'1' if args.busy else '0'} seq={args.seq_len} median_step_s={med:.2f} "
-                  f"min={min(times):.2f} max={max(times):.2f} est_40_steps_s={40 * med:.0f} "
+                  f"min={min(times):.2f} max={max(times):.2f} median_cpu_s={statistics.median(cpu):.2f} "
+                  f"est_40_steps_s={40 * med:.0f} "
                   f"loadavg_before={load0:.2f} loadavg_after={os.getloadavg()[0]:.2f}", flush=True)
     finally:
         if busy is not None:
