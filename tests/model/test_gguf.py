@@ -67,6 +67,39 @@ def test_not_a_gguf_file(tmp_path):
         inspect(f)
 
 
+def test_materialize_is_keyed_by_the_files_sha256(tmp_path, monkeypatch):
+    from qtulu.model.base_hash import file_sha256
+    from qtulu.model.gguf import META, materialize
+
+    monkeypatch.setenv("QTULU_CACHE_DIR", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"some bytes")
+    sha = hashlib.sha256(b"some bytes").hexdigest()
+    assert file_sha256(f) == sha
+    folder = tmp_path / "cache" / "gguf" / sha
+    folder.mkdir(parents=True)
+    (folder / META).write_text(json.dumps({"sha256": sha}))
+    assert materialize(f) == (folder, sha)  # converted before: reused, the file is not read again
+    f.write_bytes(b"other bytes")  # another file at the same path: another folder, converted anew
+    with pytest.raises(GGUFError, match="not a readable GGUF file"):
+        pytest.importorskip("gguf", reason="the gguf package (pip install 'qtulu[gguf]') is not installed")
+        materialize(f)
+    with pytest.raises(GGUFError, match="GGUF file not found"):
+        materialize(tmp_path / "missing.gguf")
+
+
+def test_load_base_refuses_an_unsupported_gguf_before_converting(tmp_path, monkeypatch):
+    gguf = pytest.importorskip("gguf", reason="the gguf package (pip install 'qtulu[gguf]') is not installed")
+    from qtulu.model.load import load_base
+
+    monkeypatch.setenv("QTULU_CACHE_DIR", str(tmp_path / "cache"))
+    f = _write_gguf(tmp_path / "m.gguf", "rwkv6", {"w": (np.zeros((4, 4), np.float32), gguf.GGMLQuantizationType.F32)})
+    with pytest.raises(GGUFError, match="'rwkv6' is not supported"):
+        load_base(f)
+    cache = tmp_path / "cache" / "gguf"
+    assert not cache.exists() or not list(cache.iterdir())  # refused before anything was written
+
+
 def test_bos_follows_the_tokenizer_config(shared_data):
     from qtulu.data.chat import bos_token_id, encode_batch
     from qtulu.data.tokenizer import load_tokenizer
