@@ -219,3 +219,22 @@ def test_smollm2_gguf_trains_and_merges(smollm2_gguf, shared_data, tmp_path):
         got = merged(input_ids=ids).logits.float()
     rel = float((got - want).abs().max()) / float(want.abs().max())
     assert rel < 1e-4, rel
+
+
+def test_smollm2_study_validates(shared_data, tmp_path):
+    from qtulu.study.load import load_study
+
+    shared_data("sources")  # its paths point at ../shared/data
+    root = Path(__file__).resolve().parents[2]
+    study = load_study(root / "recipes" / "studies" / "smollm2_cpu.yaml", tmp_path / "out")
+    sources = ["dolly", "oasst1", "superni", "baize", "sharegpt", "code_alpaca", "self_instruct"]
+    assert study.labels == ["base", *sources, "mix", "merge"]
+    assert [c.name for c in study.columns] == ["mmlu", "gsm8k", "bbh", "codex_humaneval_t01", "truthfulqa_mc"]
+    mix = study.rows[-1].recipe
+    assert [s.name for s in mix.sources] == sources
+    for row in study.rows:
+        r = row.recipe
+        assert is_gguf(r.model.base) and (r.data.max_seq_len, r.train.max_steps, r.data.on_bad_row) == (256, 40, "skip")
+        for s in r.sources:  # every path resolved against the study file, and there
+            assert Path(s.path).is_absolute() and Path(s.path).exists() and s.count == 256, (row.name, s)
+    assert not (tmp_path / "out").exists()
