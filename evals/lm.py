@@ -29,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from qtulu.data.chat import bos_token_id
+
 
 def tulu_prompt(user_text: str) -> str:
     """One user turn in the Tulu chat format, ready for the assistant's answer.
@@ -119,14 +121,14 @@ class LM:
     def encode(self, text: str) -> list[int]:
         """BOS + tokens (no EOS: the prompt is to be continued), as open-instruct's
         ``tokenizer(prompt)`` gives for LLaMA."""
-        bos = self.tokenizer.bos_token_id
+        bos = bos_token_id(self.tokenizer)  # none where the tokenizer's config says so (SmolLM2)
         return ([bos] if bos is not None else []) + self.tokens(text)
 
     def _truncate_left(self, ids: list[int]) -> list[int]:
         """At most ``max_length`` tokens: the BOS (if first) is kept, the oldest others dropped."""
         if not self.max_length or len(ids) <= self.max_length:
             return ids
-        bos = self.tokenizer.bos_token_id
+        bos = bos_token_id(self.tokenizer)
         if bos is not None and ids and ids[0] == bos and self.max_length > 1:
             return [bos] + ids[len(ids) - self.max_length + 1:]
         return ids[-self.max_length:]

@@ -25,12 +25,12 @@ def _prompt_ids(tokenizer, messages, chat_format: str):
     import torch
 
     if chat_format == "tulu":
-        from qtulu.data.chat import render_tulu
+        from qtulu.data.chat import bos_token_id, render_tulu
 
         text = render_tulu(messages, eos_token=tokenizer.eos_token or "</s>", add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if tokenizer.bos_token_id is not None:
-            ids = [tokenizer.bos_token_id] + ids
+        if bos_token_id(tokenizer) is not None:  # as training saw it (none for SmolLM2)
+            ids = [bos_token_id(tokenizer)] + ids
     else:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):

@@ -51,6 +51,29 @@ PRESETS: dict[str, Preset] = {
         },
         per_source={"count": 64},
     ),
+    # A real small model (SmolLM2-135M from its GGUF) on a CPU: 40 optimizer steps in at most
+    # 5 minutes on 2 idle cores (docs/benchmarks.md, "SmolLM2-135M on the CPU"). Unlike smoke it
+    # uses 256-token rows (a step's cost grows with the row: 512 took minutes beside a busy
+    # process, issue 26), skips the malformed rows real files hold (Code-Alpaca has empty outputs) instead
+    # of stopping. The recipe's learning rate, LoRA shape and chat format are kept.
+    "cpu": Preset(
+        meaning="train a real small model (e.g. SmolLM2-135M from its GGUF) on a CPU: 256-token rows, 256 "
+                "examples per source, accumulation 1, fp32, no gradient checkpointing, 40 steps, malformed "
+                "rows skipped, a checkpoint every 20 steps",
+        settings={
+            "data.max_seq_len": 256,
+            "data.on_bad_row": "skip",  # real files hold empty replies; count them and go on
+            "train.micro_batch_size": 1,
+            "train.gradient_accumulation_steps": 1,
+            "model.compute_dtype": "float32",  # CPUs have no fast bf16 matmul
+            "train.gradient_checkpointing": False,
+            "train.optimizer": "adamw_torch",  # paged 8-bit AdamW needs CUDA
+            "train.max_steps": 40,
+            "train.save_steps": 20,
+            "train.logging_steps": 5,
+        },
+        per_source={"count": 256},
+    ),
 }
 
 

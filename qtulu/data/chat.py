@@ -218,6 +218,16 @@ def _soft_start(text: str, a: int) -> int:
     return lo
 
 
+def bos_token_id(tokenizer) -> int | None:
+    """The id every row starts with: the tokenizer's BOS, unless its config says prompts take none
+    (``add_bos_token: false`` in tokenizer_config.json, as a GGUF base's header says for SmolLM2,
+    whose ``<|im_start|>`` is named BOS but opens chat turns instead). LLaMA's tokenizers leave the
+    key out or set it true, and keep their ``<s>``."""
+    if (getattr(tokenizer, "init_kwargs", None) or {}).get("add_bos_token") is False:
+        return None
+    return tokenizer.bos_token_id
+
+
 def encode_batch(
     conversations: Sequence[Sequence[dict[str, str]]],
     tokenizer,
@@ -248,7 +258,7 @@ def encode_batch(
         all_spans.append(spans)
     if not texts:
         return []
-    bos = tokenizer.bos_token_id if add_bos else None
+    bos = bos_token_id(tokenizer) if add_bos else None
     out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(texts)
     words = word_encoder(tokenizer) if chat_format == "tulu" else None
     if words is not None:

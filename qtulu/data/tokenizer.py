@@ -35,6 +35,27 @@ def load_tokenizer(path_or_id: str | os.PathLike, *, revision: str | None = None
     return tok
 
 
+def load_gguf_tokenizer(path: Path, *, trust_remote_code: bool = False):
+    """The tokenizer inside a GGUF file (transformers' GGUF reader, the ``gguf`` package), with the
+    header's ``tokenizer.ggml.add_bos_token`` kept as ``add_bos_token`` (transformers drops it):
+    SmolLM2 names ``<|im_start|>`` its BOS but never starts a prompt with it
+    (qtulu.data.chat.bos_token_id reads it)."""
+    from transformers import AutoTokenizer
+
+    try:
+        import gguf
+    except ImportError:
+        raise TokenizerError(f"{path}: reading a .gguf tokenizer needs the gguf package: pip install 'qtulu[gguf]'") from None
+    try:
+        field = gguf.GGUFReader(str(path)).fields.get("tokenizer.ggml.add_bos_token")
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError) as e:
+        raise TokenizerError(f"{path}: cannot read its tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if field is not None:
+        tok.init_kwargs["add_bos_token"] = bool(field.parts[field.data[0]][0])
+    return tok
+
+
 # LLaMA's tokenizer as open-instruct used it (transformers 4.3x, 2023): ``LlamaTokenizer(add_bos_token=
 # True)``, so ``tok("Hello world")`` gave [1, 15043, 3186] and ``decode`` of a clipped passage began
 # "<s> ". transformers 5.x converts a bare tokenizer.model with no BOS ([15043, 3186]), which changes
@@ -48,7 +69,9 @@ def _load_cached(spec: str, revision: str | None, trust_remote_code: bool):
     from transformers import AutoTokenizer, LlamaTokenizer
 
     p = Path(os.path.expanduser(spec))
-    if p.is_file():
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        tok = load_gguf_tokenizer(p, trust_remote_code=trust_remote_code)
+    elif p.is_file():
         if p.suffix != ".model":
             raise TokenizerError(f"{p}: expected a SentencePiece .model file or a tokenizer directory")
         # LlamaTokenizer.from_pretrained converts a directory's tokenizer.model to a fast tokenizer;

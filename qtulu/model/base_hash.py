@@ -175,8 +175,33 @@ def files_sha256(files: list[Path]) -> str:
             changed = True
         total.update(f"{f.name}:{digest}\n".encode())
     if changed:
-        try:
-            atomic_write_text(cache_path, json.dumps(cache, indent=0, sort_keys=True))
-        except OSError as e:  # a read-only home must not stop training; the hash is recomputed next time
-            log.warning("could not write the weights-hash cache %s: %s", cache_path, e)
+        _save_cache(cache_path, cache)
     return total.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The plain SHA-256 of one file (``sha256sum``), cached like `files_sha256`: the identity of a
+    GGUF base (qtulu.model.gguf), whose folder is named by it."""
+    cache_path = _cache_dir() / "weights_sha256.json"
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        cache = {}
+    real = Path(path).resolve()
+    st = real.stat()
+    key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
+    if key not in cache:
+        h = hashlib.sha256()
+        with open(real, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+        cache[key] = h.hexdigest()
+        _save_cache(cache_path, cache)
+    return cache[key]
+
+
+def _save_cache(cache_path: Path, cache: dict) -> None:
+    try:
+        atomic_write_text(cache_path, json.dumps(cache, indent=0, sort_keys=True))
+    except OSError as e:  # a read-only home must not stop training; the hash is recomputed next time
+        log.warning("could not write the weights-hash cache %s: %s", cache_path, e)

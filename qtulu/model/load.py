@@ -42,6 +42,7 @@ from qtulu.model.base_hash import (  # noqa: F401 - re-exported: the base identi
     tensor_digests,
 )
 from qtulu.errors import QtuluError
+from qtulu.model.gguf import is_gguf, materialize
 from qtulu.model.quant import Linear4bit, is_quantized
 from qtulu.model.reader import CheckpointReader
 
@@ -89,11 +90,16 @@ def quantization_info(quantize: str | None, *, blocksize: int = 64, double_quant
 def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = None) -> tuple[Path, str | None]:
     """A local directory holding config + safetensors for ``name_or_path``; returns (dir, revision).
 
+    A ``.gguf`` file gives its dequantized folder and ``"sha256:<the file's sha256>"`` (qtulu.model.gguf).
+
     Hub ids are downloaded (json, safetensors and tokenizer files only: never pickles).
     Raises `ModelLoadError` when only pickle weights exist, and "not found" (no hub lookup) for a
     name that looks like a local path (see `looks_local`) but does not exist.
     """
     p = Path(os.path.expanduser(str(name_or_path)))
+    if is_gguf(p):  # a llama.cpp file: dequantized once into a transformers folder named by its sha256
+        directory, sha = materialize(p)
+        return directory, f"sha256:{sha}"
     if p.is_dir():
         directory, rev = p, revision
     elif p.exists():
@@ -278,6 +284,8 @@ def load_base(
             qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
         weight_files = _safetensor_files(directory)
         info = {"id": str(name_or_path), "revision": rev, "weights_sha256": None, "quantization": None}
+        if is_gguf(name_or_path):
+            info["gguf_sha256"] = rev.split(":", 1)[1]  # the file's identity, beside what the adapter trains on
         if qcfg and qcfg.get("quant_method") == "bitsandbytes" and qcfg.get("load_in_4bit"):
             if qcfg.get("bnb_4bit_quant_type", "fp4") != "nf4":
                 raise ModelLoadError(f"{directory / 'config.json'}: quantization_config.bnb_4bit_quant_type "

@@ -270,6 +270,9 @@ def _overrides_dict(items: dict, where: str, here: Path, err) -> dict:
             value = _local(value, here)
         elif isinstance(value, str) and key == "data.tokenizer" and _path_like(value):
             value = _local(value, here)
+        elif key == "sources" and isinstance(value, list):  # a whole source list (a mixture): its paths too
+            value = [{**v, "path": _local(v["path"], here)} if isinstance(v, dict) and isinstance(v.get("path"), str)
+                     else v for v in value]
         out[key] = value
     return out
 

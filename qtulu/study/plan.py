@@ -110,6 +110,10 @@ class Plan:
         p = Path(s.base_path)
         if p.is_dir():
             return p
+        if p.is_file() and p.suffix.lower() == ".gguf":
+            from qtulu.model.gguf import materialize  # its dequantized folder, converted once
+
+            return materialize(p)[0]
         return None if p.is_absolute() else _hub_cached(s.base_path, s.base.revision)
 
     def base_complete(self) -> bool:

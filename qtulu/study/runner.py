@@ -130,7 +130,7 @@ class StudyRun:
                     raise StudyError(f"{s.file}: {c.where} ({c.name}): {e}") from None
             if s.base.demo is None:
                 p = Path(s.base_path)
-                if p.is_absolute() and not p.is_dir():
+                if p.is_absolute() and not p.is_dir() and not (p.is_file() and p.suffix.lower() == ".gguf"):
                     raise StudyError(f"{s.file}: base.path: {p}: not found (no such directory)")
                 if p.is_dir() and not ((p / "config.json").is_file() and list(p.glob("*.safetensors"))):
                     raise StudyError(f"{s.file}: base.path: {p}: not a model directory (config.json + *.safetensors)")
