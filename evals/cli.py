@@ -195,7 +195,8 @@ def _preflight(args, names: list[str], task_options: dict) -> None:
     """
     from pathlib import Path
 
-    from qtulu.preflight import check_before_load, check_output
+    from qtulu.files import check_output
+    from qtulu.preflight import check_before_load
 
     from .runner import check_requirements, resolve_task
     from .tasks import TASKS
@@ -371,7 +372,7 @@ def _score(args) -> int:
     from pathlib import Path
 
     from qtulu.files import write_json
-    from qtulu.preflight import check_output
+    from qtulu.files import check_output
     from .runner import read_jsonl
     from .tasks import get_task
 

@@ -244,3 +244,96 @@ def disk_full_is_one_line(path: str | os.PathLike, what: str):
             raise DiskFullError(f"{what}: the disk is full at {path} ({type(e).__name__}); nothing was "
                                 "written there. Free some space and run the command again") from e
         raise
+
+
+# --------------------------------------------------------------------------------------------
+# output paths: the one place that decides where a command may write
+
+# What each kind of output leaves behind, so that a later command recognises its own earlier output
+# (a glob relative to the output folder; any match is enough).
+OUTPUT_MARKERS = {
+    "adapter": ("qtulu.json",),
+    "model": ("qtulu_merge.json",),
+    # names only qtulu writes (a foreign "checkpoints/" folder is not enough: a run cleans stale files there)
+    "run": (".qtulu-run.lock", "steps.jsonl", "adapter/qtulu.json", "checkpoints/checkpoint-*/qtulu_checkpoint.json"),
+    "eval": ("results.json", "*/*/metrics.json", "*/*/predictions.jsonl", "merge_search.json", "candidates"),
+    "study": (".qtulu-study", "log.jsonl", ".qtulu-run.lock"),
+    "data": ("manifest.json", "recipe.json"),  # `qtulu data build --out`
+    "demo": ("report.json", "runs/*/adapter/qtulu.json"),  # `qtulu demo --out`
+    "bench": ("results.json",),  # `qtulu bench e2e --out-dir`
+}
+OUTPUT_WHAT = {"adapter": "adapter", "model": "merged model", "run": "training run", "eval": "eval output",
+               "study": "study", "file": "output file", "data": "data build", "demo": "demo output",
+               "bench": "benchmark output"}
+
+
+class OutputPathError(QtuluError, ValueError):
+    """An output path that would replace or delete something the command did not write."""
+
+
+def _resolved(p) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(p)))).resolve()
+
+
+def _local_inputs(inputs) -> list[tuple[str, Path]]:
+    out = []
+    for item in inputs:
+        if item is None:
+            continue
+        label, path = item if isinstance(item, tuple) else ("input", item)
+        if path is None:
+            continue
+        p = Path(os.path.expanduser(os.fspath(path)))
+        if p.exists() or p.is_symlink():  # a hub id names no local file: nothing to protect
+            out.append((label, _resolved(p)))
+    return out
+
+
+def is_output_of(path, kind: str) -> bool:
+    """True when folder ``path`` holds what an earlier qtulu output of ``kind`` leaves behind."""
+    p = Path(path)
+    return any(next(iter(p.glob(m)), None) is not None for m in OUTPUT_MARKERS[kind])
+
+
+def check_output(out, *, kind: str, inputs=(), overwrite: bool = False, flag: str = "--out") -> Path:
+    """Refuse (`OutputPathError`, one line) an output path ``out`` that would destroy an input or
+    something qtulu did not write; return it resolved (symlinks followed).
+
+    - ``inputs``: paths (or ``(label, path)``) the command reads: the base, adapters, data files,
+      recipe and predictions files. ``out`` equal to one, inside one, or holding one is refused:
+      writing there would replace or delete it.
+    - ``kind``: ``adapter``, ``model``, ``run``, ``eval``, ``study``, ``data``, ``demo``, ``bench`` (a
+      folder) or ``file``. A
+      non-empty folder that is not an earlier output of the same kind (`OUTPUT_MARKERS`) is refused
+      unless ``overwrite``; an existing non-folder where a folder goes (or the reverse) always is.
+    """
+    raw = Path(os.path.expanduser(os.fspath(out)))
+    o = _resolved(raw)
+    what = OUTPUT_WHAT[kind]
+    for label, p in _local_inputs(inputs):
+        if o == p:
+            rel = "is"
+        elif p in o.parents:
+            rel = "is inside"
+        elif o in p.parents:
+            rel = "holds"
+        else:
+            continue
+        where = f" ({raw} -> {o})" if raw.is_symlink() else ""
+        raise OutputPathError(f"{flag} {raw}{where}: {rel} the {label} {p}; writing the {what} there would "
+                              f"replace or delete it. Choose another {flag}")
+    if not (o.exists() or raw.is_symlink()):
+        return o
+    if kind == "file":
+        import stat
+
+        if not stat.S_ISREG(os.stat(o).st_mode):
+            raise OutputPathError(f"{flag} {raw}: exists and is not a regular file; refusing to write over it")
+        return o
+    if not o.is_dir():
+        raise OutputPathError(f"{flag} {raw}: is a file (a {what} directory is written there); choose another {flag}")
+    if not overwrite and next(iter(o.iterdir()), None) is not None and not is_output_of(o, kind):
+        raise OutputPathError(
+            f"{flag} {raw}: a non-empty folder that is not a qtulu {what}; refusing to write into it "
+            f"(choose an empty or new {flag}, or pass --overwrite to let qtulu replace its contents)")
+    return o

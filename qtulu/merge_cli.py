@@ -75,8 +75,8 @@ def check_arguments(args: argparse.Namespace, n_adapters: int) -> None:
 
 def check_merge_output(args: argparse.Namespace, specs) -> None:
     """--out is none of the inputs (base, adapters), not inside one, holds none, and is empty, new or an
-    earlier output of the same kind unless --overwrite (`qtulu.preflight.check_output`)."""
-    from qtulu.preflight import check_output
+    earlier output of the same kind unless --overwrite (`qtulu.files.check_output`)."""
+    from qtulu.files import check_output
 
     inputs = [("base model", args.model), *[("adapter", p) for _, p in specs]]
     check_output(args.out, kind="model" if args.full else "adapter", inputs=inputs,

@@ -224,12 +224,25 @@ class Recipe:
     # path to such a file (its data/model/lora/train blocks; the recipe's keys and overrides win).
     settings: str | None = None
     path: str | None = field(default=None, compare=False, metadata={"schema": False})
+    # the keys a `--set KEY=VALUE` gave (so that a later error about one names the command line)
+    overridden: tuple[str, ...] = field(default=(), compare=False, metadata={"schema": False})
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict of every schema field (``path`` left out, so it loads back via `recipe_from_dict`)."""
+        """JSON-able dict of every schema field (``path`` and ``overridden`` left out, so it loads back
+        via `recipe_from_dict`)."""
         out = dataclasses.asdict(self)
         out.pop("path", None)
+        out.pop("overridden", None)
         return out
+
+    def where(self, key: str) -> str:
+        """Where ``key``'s value came from, for an error message: the command line or the recipe file."""
+        if key in self.overridden:
+            value = self
+            for part in key.split("."):
+                value = getattr(value, part, None)
+            return f"command line: --set {key}={value}"
+        return f"{self.path or self.name}: {key}"
 
     def source(self, name: str) -> SourceSpec:
         """The source called ``name`` (KeyError listing the names otherwise)."""
@@ -596,6 +609,7 @@ def _load_raw(raw: dict[str, Any], file: Path, overrides, label: str | None = No
     except RecipeError as e:
         raise _blame_override(e, label, pairs) from None
     object.__setattr__(recipe, "path", str(file))
+    object.__setattr__(recipe, "overridden", tuple(k for k, _ in pairs))
     return recipe
 
 

@@ -286,3 +286,12 @@ def test_qtulus_own_log_records_print_as_before(capsys):
         root.handlers[:] = kept
     assert capsys.readouterr().err == "ours 1\n"
     assert [src for src, _ in captured.records] == ["bitsandbytes.x"]
+
+
+def test_a_missing_base_given_by_set_is_blamed_on_the_command_line(tmp_path, capsys):
+    from qtulu.cli import main
+
+    missing = tmp_path / "no_such_base"
+    assert main(["train", "demo", "--set", f"model.base={missing}", "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"command line: --set model.base={missing}" in err[0], err

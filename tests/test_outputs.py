@@ -451,7 +451,7 @@ def test_full_disk_at_adapter_save_and_merged_export_is_one_line(world, tmp_path
 
 
 def test_what_counts_as_an_earlier_output_of_the_same_kind(tmp_path):
-    from qtulu.preflight import is_output_of
+    from qtulu.files import is_output_of
 
     plain = tmp_path / "peft_only"
     plain.mkdir()
@@ -484,3 +484,28 @@ def test_full_disk_in_atomic_writes_is_one_line_and_leaves_the_old_file(tmp_path
     assert target.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["results.json"]
     with pytest.raises(ValueError, match="unrelated"):  # other errors pass through unchanged
         atomic_write(target, lambda tmp: (_ for _ in ()).throw(ValueError("unrelated")))
+
+
+def test_demo_data_build_and_bench_outputs_never_write_over_foreign_folders(tmp_path, capsys):
+    """`qtulu demo --out`, `qtulu data build --out` and `qtulu bench e2e --out-dir` refuse a non-empty
+    folder that is not their own earlier output (and data build one that holds its own source), before
+    any work; the victims stay byte-identical."""
+    from qtulu.cli import main
+
+    foreign = tmp_path / "home"
+    (foreign / "base").mkdir(parents=True)
+    (foreign / "base" / "notes.txt").write_text("mine")
+    (foreign / "report.txt").write_text("mine too")
+    before = snapshot(foreign)
+    refused(capsys, main(["demo", "--out", str(foreign), "--no-progress"]), "not a qtulu demo output", "--overwrite")
+    refused(capsys, main(["bench", "e2e", "--shape", "tiny", "--out-dir", str(foreign)]), "not a qtulu benchmark output")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "rows.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                                     '{"role": "assistant", "content": "yo"}]}\n')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: t\nsources:\n  - {{name: rows, format: messages, path: {data / 'rows.jsonl'}}}\n")
+    rows = snapshot(data)
+    refused(capsys, main(["data", "build", str(recipe), "--out", str(data)]), "holds the data source rows")
+    refused(capsys, main(["data", "build", str(recipe), "--out", str(foreign)]), "not a qtulu data build")
+    assert snapshot(foreign) == before and snapshot(data) == rows

@@ -53,6 +53,7 @@ def register(subparsers) -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak for MFU (default: looked up by GPU name)")
     e.add_argument("--out-dir", default=None, help="results.json, chart and per-config files (default: a new temp dir)")
+    e.add_argument("--overwrite", action="store_true", help="write into a non-empty --out-dir that is not a benchmark output")
     e.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
     e.add_argument("--record", action="store_true", help="append a dated section to docs/benchmarks.md (and copy the chart to docs/img)")
     e.add_argument("--docs", default=None, help="file to --record into (default docs/benchmarks.md of the repo)")
@@ -92,7 +93,7 @@ def run_e2e_command(args) -> int:
         lora={"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout},
         seed=args.seed,
         peak_tflops=args.peak_tflops,
-        out_dir=args.out_dir,
+        out_dir=_checked_out_dir(args),
         chart=not args.no_chart,
         record=args.record,
         docs_path=args.docs,
@@ -123,3 +124,13 @@ def emit(summary: dict, out=None) -> int:
     print(json.dumps(summary), file=out)
     out.flush()
     return 0 if all(r["status"] in ("ok", "oom") for r in summary["results"]) else 1
+
+
+def _checked_out_dir(args):
+    """--out-dir, refused when it would write over the recipe, the lengths file or a foreign folder."""
+    if args.out_dir is None:
+        return None
+    from qtulu.files import check_output
+
+    return check_output(args.out_dir, kind="bench", overwrite=args.overwrite, flag="--out-dir",
+                        inputs=[("recipe", args.recipe), ("lengths file", args.lengths_file), ("tokenizer", args.tokenizer)])

@@ -25,6 +25,7 @@ def register(subparsers) -> None:
     b = sub.add_parser("build", help="build the dataset and write DIR/{dataset,manifest.json,recipe.json}")
     common(b)
     b.add_argument("--out", required=True, help="output folder (an earlier build there is replaced)")
+    b.add_argument("--overwrite", action="store_true", help="write into a non-empty --out that is not a data build")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=_build)
 
@@ -49,7 +50,12 @@ def _load(args):
 def _build(args) -> int:
     from qtulu.data.build import build_dataset
 
+    from qtulu.files import check_output
+
     recipe = _load(args)  # RecipeError / DataError: one line, exit 2 (qtulu.cli)
+    inputs = [("recipe", recipe.path), ("tokenizer", args.tokenizer or recipe.data.tokenizer)]
+    inputs += [(f"data source {s.name}", s.path) for s in recipe.sources]
+    check_output(args.out, kind="data", inputs=inputs, overwrite=args.overwrite)  # before the build, not after
     import sys
 
     # what the row count does not say (rows repeated by sampling, rows dropped and why) goes to the

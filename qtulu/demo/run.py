@@ -411,9 +411,13 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="demo_out", help="output directory (report.json, loss.png, adapters)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out that is not a demo output")
     p.set_defaults(func=_cli)
 
 
 def _cli(args: argparse.Namespace) -> int:
+    from qtulu.files import check_output
+
+    check_output(args.out, kind="demo", overwrite=args.overwrite)  # its base/, data/, runs/ replace what is there
     run_demo(args.out, seed=args.seed, progress=not args.no_progress)
     return 0

@@ -49,8 +49,8 @@ def run_study(path, out_dir=None, *, progress: bool = True, plan_only: bool = Fa
 
 def _check_out(study: LoadedStudy, overwrite: bool) -> None:
     """The study's folder is none of the files it reads (study file, recipes, a base or eval data
-    outside it), and is new, empty or an earlier study (`qtulu.preflight.check_output`)."""
-    from qtulu.preflight import check_output
+    outside it), and is new, empty or an earlier study (`qtulu.files.check_output`)."""
+    from qtulu.files import check_output
 
     inputs = [("study file", study.file), *[(f"recipe of row {r.name}", getattr(r.recipe, "path", None)) for r in study.rows]]
     if study.base.demo is None:
