@@ -204,10 +204,12 @@ class ThirdPartyWarnings:
         import shlex
         import time
 
+        from qtulu.files import WARNINGS_LOG
+
         if not self.records:
             return None
         if where and os.path.isdir(where):
-            log = os.path.join(where, "warnings.log")
+            log = os.path.join(where, WARNINGS_LOG)
         else:
             state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
             log = os.path.join(state, "qtulu", "warnings.log")

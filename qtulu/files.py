@@ -262,6 +262,7 @@ OUTPUT_MARKERS = {
     "demo": ("report.json", "runs/*/adapter/qtulu.json"),  # `qtulu demo --out`
     "bench": ("results.json",),  # `qtulu bench e2e --out-dir`
 }
+WARNINGS_LOG = "warnings.log"  # the libraries' warnings of a command (qtulu.cli), in its output folder
 OUTPUT_WHAT = {"adapter": "adapter", "model": "merged model", "run": "training run", "eval": "eval output",
                "study": "study", "file": "output file", "data": "data build", "demo": "demo output",
                "bench": "benchmark output"}
@@ -332,7 +333,11 @@ def check_output(out, *, kind: str, inputs=(), overwrite: bool = False, flag: st
         return o
     if not o.is_dir():
         raise OutputPathError(f"{flag} {raw}: is a file (a {what} directory is written there); choose another {flag}")
-    if not overwrite and next(iter(o.iterdir()), None) is not None and not is_output_of(o, kind):
+    # qtulu's own warnings.log and empty folders (an earlier attempt that failed early leaves them:
+    # `qtulu.cli`, an empty checkpoints/) hold nothing that writing there could lose
+    foreign = next((e for e in o.iterdir() if e.name != WARNINGS_LOG
+                    and not (e.is_dir() and not e.is_symlink() and next(e.iterdir(), None) is None)), None)
+    if not overwrite and foreign is not None and not is_output_of(o, kind):
         raise OutputPathError(
             f"{flag} {raw}: a non-empty folder that is not a qtulu {what}; refusing to write into it "
             f"(choose an empty or new {flag}, or pass --overwrite to let qtulu replace its contents)")

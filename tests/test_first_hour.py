@@ -207,10 +207,10 @@ def test_ctrl_c_one_line_with_what_was_left(monkeypatch, capsys):
 
     parser = cli.build_parser()
     monkeypatch.setattr(cli, "build_parser", lambda: parser)
-    parser._subparsers._group_actions[0].choices["recipe"].set_defaults(func=interrupted)
-    assert cli.main(["recipe"]) == 130
+    parser._subparsers._group_actions[0].choices["demo"].set_defaults(func=interrupted)
+    assert cli.main(["demo"]) == 130
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["qtulu recipe: interrupted: stopped after 3 optimizer step(s); last complete checkpoint X"]
+    assert err == ["qtulu demo: interrupted: stopped after 3 optimizer step(s); last complete checkpoint X"]
 
 
 # --- adapter names ----------------------------------------------------------------------------------
@@ -241,5 +241,5 @@ def test_smoke_preset_applies_to_every_shipped_recipe():
         assert r.model.compute_dtype == "float32" and r.data.max_seq_len == smoke.settings["data.max_seq_len"], name
         assert r.train.save_steps == 5 and r.train.max_steps == 7, name  # the user's -o wins over the preset
         assert all(s.count == smoke.per_source["count"] for s in r.sources), name
-    with pytest.raises(PresetError, match="unknown preset 'smok'; presets: smoke"):
+    with pytest.raises(PresetError, match="unknown preset 'smok'; presets: cpu, smoke"):
         preset_overrides("smok", "dolly")
