@@ -1,7 +1,8 @@
 """FSDP2 on CPU: a 2-process gloo run (torchrun, ``train.fsdp: full_shard``) gives the same per-step
 losses and adapter as 1 process with the same global batch (2 packed rows per step), for plain LoRA
 (fp32 base) and for QLoRA (NF4 base, whose packed uint8 codes are sharded like any other parameter
-while their quant state stays replicated); plus the refusals (FSDP with checkpoints) and the schema."""
+while their quant state stays replicated); FSDP2 checkpoints (torch.distributed.checkpoint) that
+resume exactly and reshard; plus the refusal (FSDP1) and the schema."""
 
 from __future__ import annotations
 
@@ -95,20 +96,17 @@ def test_two_process_gloo_fsdp_matches_one_process(runs, kind):
     assert meta["extra"]["train"]["world_size"] == 2
 
 
-def test_fsdp_with_checkpoints_is_refused_before_loading(tmp_path, monkeypatch):
+def test_fsdp1_is_refused_before_loading(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    recipe = toy_recipe(train={"fsdp": "full_shard", "save_steps": 5})
-    with pytest.raises(TrainError, match=r"save_steps=5.*save_steps=0.*DDP"):
-        train(recipe, output_dir=tmp_path / "run", model=object(), progress=False)
-    # `accelerate launch --use_fsdp` (no recipe key): FSDP1 (accelerate's default version) is refused,
-    # FSDP2 with checkpoints too
+    # `accelerate launch --use_fsdp` (no recipe key): FSDP1 (accelerate's default version) is refused
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.delenv("FSDP_VERSION", raising=False)
     with pytest.raises(TrainError, match=r"FSDP version 1.*--fsdp_version 2"):
-        train(toy_recipe(train={"save_steps": 0}), output_dir=tmp_path / "run", model=object(), progress=False)
-    monkeypatch.setenv("FSDP_VERSION", "2")
-    with pytest.raises(TrainError, match=r"accelerate launch --use_fsdp with train.save_steps=5"):
         train(toy_recipe(train={"save_steps": 5}), output_dir=tmp_path / "run", model=object(), progress=False)
+    # FSDP2, with checkpoints: accepted (they are written with torch.distributed.checkpoint)
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    check_fsdp(toy_recipe(train={"save_steps": 5}).train, 2)
+    check_fsdp(toy_recipe(train={"fsdp": "full_shard", "save_steps": 5}).train, 2)
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: nothing to shard, nothing refused
     check_fsdp(toy_recipe(train={"fsdp": "full_shard", "save_steps": 5}).train, 1)
 
@@ -121,3 +119,119 @@ def test_fsdp_settings_and_schema():
     assert fsdp_settings(toy_recipe().train, 2) == (False, None)  # default: DDP
     with pytest.raises(RecipeError, match="fsdp"):
         toy_recipe(train={"fsdp": "hybrid_shard"})
+
+
+# FSDP2 checkpoints: one process per mode, run under torchrun. "full" trains 4 steps uninterrupted;
+# "kill" stops every rank hard (os._exit, no clean-up) once checkpoint-2 is committed; "resume" picks it
+# up (optionally at another world size, forced). Every rank dumps the whole LoRA tensors and AdamW
+# states it holds at the stop (kill) and right after the load (resume: on_train_begin follows HF's load).
+_RESUME_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    torch.set_num_threads(1)
+    from safetensors.torch import save_file
+    from transformers import TrainerCallback
+    from torch.distributed.tensor import DTensor
+    from qtulu.demo.synthetic import packed_toy_dataset, toy_recipe
+    from qtulu.model.tiny import build_char_tokenizer, build_tiny_llama
+    from qtulu.train.run import train
+
+    out, mode, force = sys.argv[1], sys.argv[2], sys.argv[3] == "force"
+    rank = os.environ.get("RANK", "0")
+
+    def whole(t):
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+    def dump(model, optimizer, path):  # collective: every rank gathers, rank 0 writes
+        opt = getattr(optimizer, "optimizer", optimizer)
+        out = {{}}
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                out[n] = whole(p.detach()).clone()
+                for k, v in opt.state.get(p, {{}}).items():
+                    out[n + "/" + k] = whole(v).clone().reshape(-1)
+        if rank == "0":
+            save_file(out, path)
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
+            if mode == "resume":
+                dump(model, optimizer, os.path.join(out, "loaded.safetensors"))
+
+        def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
+            if mode == "kill" and state.global_step == 2:
+                dump(model, optimizer, os.path.join(out, "saved.safetensors"))
+                os._exit(0)  # as a kill: no clean-up, no adapter
+
+    recipe = toy_recipe(
+        train={{"max_steps": {steps}, "save_steps": 2, "micro_batch_size": 1, "gradient_accumulation_steps": 1,
+               "learning_rate": 5e-3, "fsdp": "{fsdp}"}},
+        model={{"quantize": "nf4"}},
+    )
+    res = train(recipe, output_dir=out, model=build_tiny_llama(0), tokenizer=build_char_tokenizer(),
+                data=packed_toy_dataset(12, 3, seed=5), resume="auto" if mode == "resume" else "never",
+                force=force, progress=False, callbacks=[Probe()])
+    with open(os.path.join(out, "record-" + rank + ".json"), "w") as f:
+        json.dump({{"losses": res.losses, "resumed_from": res.resumed_from}}, f)
+    """
+)
+
+
+def _resume_script(tmp, fsdp="full_shard", steps=4):
+    script = tmp / f"fsdp_resume_{fsdp}_{steps}.py"
+    script.write_text(_RESUME_SCRIPT.format(fsdp=fsdp, steps=steps))
+    return script
+
+
+@pytest.mark.slow
+def test_fsdp_run_killed_after_its_first_checkpoint_resumes_exactly(tmp_path, launch):
+    from qtulu.train import checkpoint as ck
+    from qtulu.train.distributed import FSDP_MODEL_DIR, FSDP_OPTIM_DIR
+
+    script = _resume_script(tmp_path)
+    launch.torchrun(script, tmp_path / "full", "full", "-")
+    launch.torchrun(script, tmp_path / "cut", "kill", "-")
+    ckpt = tmp_path / "cut" / "checkpoints" / "checkpoint-2"
+    manifest = ck.check_complete(ckpt)  # staged, renamed, every shard listed in the manifest
+    assert manifest["fsdp"] is True and manifest["world_size"] == 2
+    for sub in (FSDP_MODEL_DIR, FSDP_OPTIM_DIR):  # one shard file per rank, DCP's metadata
+        assert {f"{sub}/__0_0.distcp", f"{sub}/__1_0.distcp", f"{sub}/.metadata"} <= set(manifest["files"])
+    assert not [p for p in ckpt.parent.iterdir() if p.name.startswith(ck.STAGE_PREFIX)]
+    assert not (tmp_path / "cut" / "adapter").exists()
+    launch.torchrun(script, tmp_path / "cut", "resume", "-")
+
+    full = json.loads((tmp_path / "full" / "record-0.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "record-0.json").read_text())
+    assert cut["resumed_from"] == str(ckpt)
+    assert cut["losses"] == full["losses"] and len(full["losses"]) == 4
+    saved = load_file(str(tmp_path / "cut" / "saved.safetensors"))
+    loaded = load_file(str(tmp_path / "cut" / "loaded.safetensors"))
+    assert sorted(saved) == sorted(loaded) and any(k.endswith("/exp_avg_sq") for k in saved)
+    for k in saved:  # weights and AdamW states (step included) came back bit for bit
+        assert torch.equal(saved[k], loaded[k]), k
+    wa = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
+    assert sorted(wa) == sorted(wb) and wa
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_reshards_to_another_world_size_or_is_refused(tmp_path, launch):
+    """Written by 2 ranks: 4 ranks refuse it (world size is part of the run identity: the data order
+    changes) unless forced, and then load the same tensors (DCP reshards); a single process (no FSDP)
+    refuses it in one line even when forced."""
+    script = _resume_script(tmp_path, steps=3)
+    launch.torchrun(script, tmp_path / "run", "kill", "-")
+    with pytest.raises(AssertionError, match=r"written by an FSDP run.*resume it with FSDP"):
+        launch.python(script, tmp_path / "run", "resume", "force")
+    with pytest.raises(AssertionError, match=r"world_size: 2 -> 4"):
+        launch.torchrun(script, tmp_path / "run", "resume", "-", nproc=4)
+    launch.torchrun(script, tmp_path / "run", "resume", "force", nproc=4)
+    saved = load_file(str(tmp_path / "run" / "saved.safetensors"))
+    loaded = load_file(str(tmp_path / "run" / "loaded.safetensors"))
+    assert sorted(saved) == sorted(loaded)
+    for k in saved:
+        assert torch.equal(saved[k], loaded[k]), k
+    assert json.loads((tmp_path / "run" / "record-0.json").read_text())["resumed_from"].endswith("checkpoint-2")
