@@ -101,6 +101,13 @@ def make_trainer_class():
                 state.distributed_type = DistributedType.FSDP
                 state.fsdp_plugin = FullyShardedDataParallelPlugin(**(plugin_args or {}))
                 self.is_fsdp_enabled = True
+            if getattr(state, "fsdp_plugin", None) is not None:
+                # `accelerate launch --use_fsdp` turns on cpu_ram_efficient_loading (rank 0 loads, the others
+                # go through the meta device and receive a broadcast state dict): qtulu's NF4 layers keep
+                # their quant state beside the packed codes, which neither the meta device nor that
+                # broadcast carries (accelerate skips it for bitsandbytes' Params4bit only). Every rank has
+                # the whole base loaded already; fully_shard keeps only its shard.
+                state.fsdp_plugin.cpu_ram_efficient_loading = False
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)

@@ -235,3 +235,50 @@ def test_fsdp_checkpoint_reshards_to_another_world_size_or_is_refused(tmp_path, 
     for k in saved:
         assert torch.equal(saved[k], loaded[k]), k
     assert json.loads((tmp_path / "run" / "record-0.json").read_text())["resumed_from"].endswith("checkpoint-2")
+
+
+def _readme_fsdp_commands() -> list[str]:
+    """The FSDP2 launch lines of the README's multi-GPU section, as written there."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    lines = [ln.strip() for ln in readme.splitlines()]
+    return [ln for ln in lines if ln.startswith(("torchrun ", "accelerate launch ")) and "fsdp" in ln]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_readme_fsdp_commands_run_as_written(tmp_path, launcher):
+    """The README's command, in a subprocess, with its recipe (`dolly`) swapped for the demo recipe on a
+    tiny saved base: it trains under FSDP2, writes sharded checkpoints and the adapter."""
+    import os
+    import shlex
+    import socket
+    import subprocess
+
+    from qtulu.demo.synthetic import make_examples, write_jsonl
+    from qtulu.model.tiny import build_char_tokenizer, build_tiny_llama, save_base
+    from qtulu.recipes import REPO_RECIPES_DIR
+    from qtulu.train import checkpoint as ck
+    from qtulu.train.distributed import FSDP_MODEL_DIR
+
+    (cmd,) = [c for c in _readme_fsdp_commands() if c.startswith(launcher)]
+    save_base(build_tiny_llama(0), build_char_tokenizer(), tmp_path / "base")
+    write_jsonl(make_examples("upper", 24, split="train", seed=0), tmp_path / "upper.jsonl")
+    argv = shlex.split(cmd)
+    argv[argv.index("dolly")] = str(REPO_RECIPES_DIR / "demo.yaml")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    at = 1 if launcher == "torchrun" else 2  # after `torchrun` / `accelerate launch`: a free port
+    argv[at:at] = ["--master_port", port] if launcher == "torchrun" else ["--main_process_port", port]
+    argv += ["--set", f"model.base={tmp_path / 'base'}", "--set", f"sources.skill.path={tmp_path / 'upper.jsonl'}",
+             "--set", "train.max_steps=2", "--set", "train.save_steps=1", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = tmp_path / "runs" / "dolly"
+    for step in (1, 2):
+        manifest = ck.check_complete(out / "checkpoints" / f"checkpoint-{step}")
+        assert manifest["fsdp"] is True and manifest["world_size"] == 2, manifest
+        assert f"{FSDP_MODEL_DIR}/__1_0.distcp" in manifest["files"]
+    meta = json.loads((out / "adapter" / "qtulu.json").read_text())
+    assert meta["extra"]["train"]["world_size"] == 2 and meta["extra"]["train"]["global_step"] == 2
