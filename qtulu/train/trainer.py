@@ -67,6 +67,28 @@ class FSDPCheckpoints:
         self.lr_scheduler.load_state_dict(torch.load(str(Path(checkpoint) / SCHEDULER_NAME), weights_only=True))
 
 
+def _adapt_fsdp_plugin(trainer) -> None:
+    """FSDP2 on the CPU (gloo) and with qtulu's NF4 layers, after accelerate built its state."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    plugin_args = trainer.args.fsdp_plugin_args
+    if state.distributed_type == DistributedType.MULTI_CPU and (plugin_args or fsdp_from_env()):
+        # accelerate enables FSDP on accelerator devices only (its multi-CPU branch drops the plugin),
+        # but torch's fully_shard runs on CPU over gloo: switch the state to FSDP so that
+        # accelerate's own FSDP2 preparation (fsdp2_prepare_model) wraps the model, as on GPUs.
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(**(plugin_args or {}))
+        trainer.is_fsdp_enabled = True
+    if getattr(state, "fsdp_plugin", None) is not None:
+        # `accelerate launch --use_fsdp` turns on cpu_ram_efficient_loading (rank 0 loads, the others
+        # go through the meta device and receive a broadcast state dict): qtulu's NF4 layers keep
+        # their quant state beside the packed codes, which neither the meta device nor that
+        # broadcast carries (accelerate skips it for bitsandbytes' Params4bit only). Every rank has
+        # the whole base loaded already; fully_shard keeps only its shard.
+        state.fsdp_plugin.cpu_ram_efficient_loading = False
+
+
 def make_trainer_class():
     """Build the SFTTrainer subclass lazily (keeps `import qtulu.train.run` free of trl/transformers)."""
     import torch
@@ -90,24 +112,7 @@ def make_trainer_class():
 
         def create_accelerator_and_postprocess(self):
             super().create_accelerator_and_postprocess()
-            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-            state = self.accelerator.state
-            plugin_args = self.args.fsdp_plugin_args
-            if state.distributed_type == DistributedType.MULTI_CPU and (plugin_args or fsdp_from_env()):
-                # accelerate enables FSDP on accelerator devices only (its multi-CPU branch drops the plugin),
-                # but torch's fully_shard runs on CPU over gloo: switch the state to FSDP so that
-                # accelerate's own FSDP2 preparation (fsdp2_prepare_model) wraps the model, as on GPUs.
-                state.distributed_type = DistributedType.FSDP
-                state.fsdp_plugin = FullyShardedDataParallelPlugin(**(plugin_args or {}))
-                self.is_fsdp_enabled = True
-            if getattr(state, "fsdp_plugin", None) is not None:
-                # `accelerate launch --use_fsdp` turns on cpu_ram_efficient_loading (rank 0 loads, the others
-                # go through the meta device and receive a broadcast state dict): qtulu's NF4 layers keep
-                # their quant state beside the packed codes, which neither the meta device nor that
-                # broadcast carries (accelerate skips it for bitsandbytes' Params4bit only). Every rank has
-                # the whole base loaded already; fully_shard keeps only its shard.
-                state.fsdp_plugin.cpu_ram_efficient_loading = False
+            _adapt_fsdp_plugin(self)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
