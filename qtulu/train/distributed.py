@@ -85,6 +85,7 @@ def full_trainable_state(model) -> dict:
 FSDP_MODEL_DIR = "fsdp_model.dcp"
 FSDP_OPTIM_DIR = "fsdp_optimizer.dcp"
 FSDP_GROUPS_FILE = "fsdp_optimizer_groups.json"
+RANK_KEY = "@rank"  # optimizer states local to one rank (see _optimizer_tensors)
 
 
 def _trainable(model) -> dict:
@@ -110,11 +111,21 @@ def _optimizer_tensors(model, optimizer, *, init: bool) -> dict:
             g["lr"] = lr
         for p in params.values():
             p.grad = None
+    from torch.distributed.tensor import DTensor
+
+    rank = int(os.environ.get("RANK", "0"))
     out = {}
     for name, p in params.items():
         for key, value in opt.state.get(p, {}).items():
-            if torch.is_tensor(value):
-                out[f"{name}/{key}"] = value
+            if not torch.is_tensor(value):
+                continue
+            if isinstance(value, DTensor) or value.dim() == 0:
+                out[f"{name}/{key}"] = value  # sharded like the parameter, or a step count equal on every rank
+            else:
+                # a plain tensor beside a sharded parameter describes this rank's shard only (an 8-bit
+                # optimizer's block scales, say): DCP would keep rank 0's copy for all, so each rank
+                # keeps its own, and only the same world size can load it (`load_fsdp_optimizer`)
+                out[f"{name}/{key}{RANK_KEY}{rank}"] = value
     return out
 
 
@@ -158,11 +169,20 @@ def load_fsdp_optimizer(model, optimizer, ckpt_dir) -> None:
     import torch.distributed.checkpoint as dcp
 
     ckpt_dir = Path(ckpt_dir)
+    saved_ranks = {k.rsplit(RANK_KEY, 1)[1] for k in dcp.FileSystemReader(str(ckpt_dir / FSDP_OPTIM_DIR))
+                   .read_metadata().state_dict_metadata if RANK_KEY in k}
+    if saved_ranks and len(saved_ranks) != world_size():
+        from qtulu.train.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{ckpt_dir}: written by {len(saved_ranks)} ranks with an optimizer whose states are "
+                         f"local to each rank's shard: it resumes on {len(saved_ranks)} ranks only, not {world_size()}")
     dcp.load(_optimizer_tensors(model, optimizer, init=True), checkpoint_id=str(ckpt_dir / FSDP_OPTIM_DIR))
     opt = getattr(optimizer, "optimizer", optimizer)
     saved = json.loads((ckpt_dir / FSDP_GROUPS_FILE).read_text())
     if len(saved) != len(opt.param_groups):
-        raise ValueError(f"{ckpt_dir}: {len(saved)} optimizer parameter groups saved, the run has {len(opt.param_groups)}")
+        from qtulu.train.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{ckpt_dir}: {len(saved)} optimizer parameter groups saved, the run has {len(opt.param_groups)}")
     for g, s in zip(opt.param_groups, saved):
         g.update({k: (tuple(v) if isinstance(g.get(k), tuple) else v) for k, v in s.items()})
 

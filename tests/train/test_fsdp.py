@@ -282,3 +282,43 @@ def test_readme_fsdp_commands_run_as_written(tmp_path, launcher):
         assert f"{FSDP_MODEL_DIR}/__1_0.distcp" in manifest["files"]
     meta = json.loads((out / "adapter" / "qtulu.json").read_text())
     assert meta["extra"]["train"]["world_size"] == 2 and meta["extra"]["train"]["global_step"] == 2
+
+
+def test_rank_local_optimizer_states_are_kept_per_rank_and_pinned_to_the_world_size(tmp_path, monkeypatch):
+    """An optimizer state that is a plain tensor beside a sharded parameter (an 8-bit optimizer's block
+    scales) is saved under its rank's own key (DCP would keep rank 0's copy for every rank), and loading
+    it on another number of ranks is refused in one line; DTensor states and step counts are shared."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from qtulu.train.checkpoint import CheckpointError
+    from qtulu.train.distributed import FSDP_OPTIM_DIR, load_fsdp_optimizer, save_fsdp_optimizer
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = fully_shard(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        w = model[0].weight
+        opt.state[w]["scales"] = torch.arange(3.0)  # rank-local, as bitsandbytes' absmax of a shard
+        save_fsdp_optimizer(model, opt, tmp_path)
+        import torch.distributed.checkpoint as dcp
+
+        keys = set(dcp.FileSystemReader(str(tmp_path / FSDP_OPTIM_DIR)).read_metadata().state_dict_metadata)
+        assert {"0.weight/exp_avg", "0.weight/step", "0.weight/scales@rank0"} <= keys, keys
+        saved = {k: v.full_tensor().clone() if hasattr(v, "full_tensor") else v.clone()
+                 for k, v in opt.state[w].items()}
+        for v in opt.state[w].values():
+            v.zero_() if v.dim() else v.fill_(0)
+        load_fsdp_optimizer(model, opt, tmp_path)  # same world size: every state back
+        for k, v in opt.state[w].items():
+            assert torch.equal(v.full_tensor() if hasattr(v, "full_tensor") else v, saved[k]), k
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(CheckpointError, match=r"written by 1 ranks.*resumes on 1 ranks only, not 2"):
+            load_fsdp_optimizer(model, opt, tmp_path)
+    finally:
+        dist.destroy_process_group()
