@@ -185,21 +185,22 @@ def _resume_script(tmp, fsdp="full_shard", steps=4):
 
 
 @pytest.mark.slow
-def test_fsdp_run_killed_after_its_first_checkpoint_resumes_exactly(tmp_path, launch):
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_fsdp_run_killed_after_its_first_checkpoint_resumes_exactly(tmp_path, launch, nproc):
     from qtulu.train import checkpoint as ck
     from qtulu.train.distributed import FSDP_MODEL_DIR, FSDP_OPTIM_DIR
 
     script = _resume_script(tmp_path)
-    launch.torchrun(script, tmp_path / "full", "full", "-")
-    launch.torchrun(script, tmp_path / "cut", "kill", "-")
+    launch.torchrun(script, tmp_path / "full", "full", "-", nproc=nproc)
+    launch.torchrun(script, tmp_path / "cut", "kill", "-", nproc=nproc)
     ckpt = tmp_path / "cut" / "checkpoints" / "checkpoint-2"
     manifest = ck.check_complete(ckpt)  # staged, renamed, every shard listed in the manifest
-    assert manifest["fsdp"] is True and manifest["world_size"] == 2
+    assert manifest["fsdp"] is True and manifest["world_size"] == nproc
     for sub in (FSDP_MODEL_DIR, FSDP_OPTIM_DIR):  # one shard file per rank, DCP's metadata
-        assert {f"{sub}/__0_0.distcp", f"{sub}/__1_0.distcp", f"{sub}/.metadata"} <= set(manifest["files"])
+        assert {f"{sub}/__{r}_0.distcp" for r in range(nproc)} | {f"{sub}/.metadata"} <= set(manifest["files"])
     assert not [p for p in ckpt.parent.iterdir() if p.name.startswith(ck.STAGE_PREFIX)]
     assert not (tmp_path / "cut" / "adapter").exists()
-    launch.torchrun(script, tmp_path / "cut", "resume", "-")
+    launch.torchrun(script, tmp_path / "cut", "resume", "-", nproc=nproc)
 
     full = json.loads((tmp_path / "full" / "record-0.json").read_text())
     cut = json.loads((tmp_path / "cut" / "record-0.json").read_text())
