@@ -58,6 +58,11 @@ def fsdp_refusal(train_cfg, world_size: int) -> str | None:
             "flattens each unit into one buffer of one dtype, which the NF4 uint8 codes cannot join). Launch with "
             "`accelerate launch --use_fsdp --fsdp_version 2 ...`, or set train.fsdp=full_shard under torchrun."
         )
+    if getattr(train_cfg, "keep_best_checkpoint", False):
+        # the best checkpoint's weights would be loaded into the sharded model after training, which
+        # `qtulu.train.run._load_checkpoint_weights` does for whole tensors only
+        return (f"{how} with train.keep_best_checkpoint: not supported under FSDP yet; the best step and its "
+                "checkpoint are still recorded (OUT/adapter/qtulu.json best_eval): set keep_best_checkpoint=false")
     return None
 
 

@@ -107,8 +107,17 @@ def test_fsdp1_is_refused_before_loading(tmp_path, monkeypatch):
     monkeypatch.setenv("FSDP_VERSION", "2")
     check_fsdp(toy_recipe(train={"save_steps": 5}).train, 2)
     check_fsdp(toy_recipe(train={"fsdp": "full_shard", "save_steps": 5}).train, 2)
+    # keeping the best checkpoint's weights (loaded back after training) is refused under FSDP
+    import dataclasses
+
+    # (the recipe would also need data.validation: only the train section matters here)
+    keep_best = dataclasses.replace(toy_recipe(train={"fsdp": "full_shard", "save_steps": 2}).train,
+                                    keep_best_checkpoint=True)
+    with pytest.raises(TrainError, match=r"train.fsdp=full_shard with train.keep_best_checkpoint: not supported under FSDP"):
+        check_fsdp(keep_best, 2)
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: nothing to shard, nothing refused
     check_fsdp(toy_recipe(train={"fsdp": "full_shard", "save_steps": 5}).train, 1)
+    check_fsdp(keep_best, 1)
 
 
 def test_fsdp_settings_and_schema():
