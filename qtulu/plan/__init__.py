@@ -11,7 +11,8 @@ by category, is the plan; `qtulu.plan.measure` checks it against the CPU allocat
 
 Modules: `settings` (what is planned), `models` (the qtulu and transformers+peft+bitsandbytes
 stacks), `step` (the step, shared with the real measurement), `emulate` (CUDA behaviour on a
-CPU-only machine), `tracker`, `planner`, `search` (`--optimize`), `report`, `measure`, `cli`.
+CPU-only machine), `tracker`, `planner`, `search` (`--optimize`), `report`, `measure`, `units` and
+`fsdp` (the per-rank peak under FSDP2, ``--gpus N``), `cli`.
 """
 
 from __future__ import annotations

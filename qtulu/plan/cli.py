@@ -55,6 +55,9 @@ def register(subparsers) -> None:
                    help="also plan transformers+peft+bitsandbytes as TRL's SFTTrainer sets them up (bf16 and fp32 "
                         "adapters) and name each difference")
     p.add_argument("--plot", metavar="PNG", help="write the breakdown as a PNG")
+    p.add_argument("--gpus", type=int, metavar="N",
+                   help="also the per-rank peak of FSDP2 on N GPUs (train.fsdp full_shard and shard_grad_op; "
+                        "qtulu.plan.fsdp)")
     p.set_defaults(func=_cli)
 
 
@@ -117,6 +120,8 @@ def _cli(args: argparse.Namespace) -> int:
     from qtulu.plan.report import json_line, plot, summary, table
 
     s = settings_from_args(args)
+    if args.gpus is not None and args.gpus < 2:
+        raise PlanError(f"--gpus must be at least 2 (FSDP2 shards across ranks), got {args.gpus}")
     config = resolve_config(s.shape, s.config, seq_len=s.seq_len)
     layers = getattr(config, "num_hidden_layers", "?")
     _say(f"planning {getattr(config, '_name_or_path', '') or 'the model'} ({layers} layers), {s.tokens} tokens per "
@@ -144,7 +149,16 @@ def _cli(args: argparse.Namespace) -> int:
         print("recipe overrides: " + " ".join(f"--set {o}" for o in s.recipe_overrides()))
     if args.plot:
         print(f"plot: {plot(args.plot, result, hf)}")
-    print(json_line(summary(result, hf, optimized=chosen, differences=diffs, setup=setup)))
+    line = summary(result, hf, optimized=chosen, differences=diffs, setup=setup)
+    if args.gpus:
+        from qtulu.plan.fsdp import MODES, per_rank
+
+        ranks = {m: per_rank(result.breakdown, result.units, args.gpus, m) for m in MODES}
+        for m, r in ranks.items():
+            parts = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in r.breakdown.items() if v)
+            print(f"FSDP2 {m} on {args.gpus} GPUs: {r.peak_bytes / 1e9:.2f} GB per rank ({parts})")
+        line["fsdp"] = {"gpus": args.gpus, **{m: r.to_dict() for m, r in ranks.items()}}
+    print(json_line(line))
     return 0
 
 

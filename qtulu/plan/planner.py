@@ -53,6 +53,7 @@ class PlanResult:
     phase_peaks: dict[str, int]
     host: dict[str, int] = field(default_factory=dict)  # host side of an offloading plan (qtulu.plan.host)
     cpu_optimizer: dict[str, Any] | None = None  # measured CPU optimizer step (qtulu.plan.host.cpu_optimizer_time)
+    units: dict[str, Any] = field(default_factory=dict)  # FSDP2 unit bytes (qtulu.plan.fsdp.fsdp_units)
     timeline: list[tuple[int, int]] = field(default_factory=list, repr=False)
     seconds: float = 0.0
     model: str = ""
@@ -310,6 +311,9 @@ def plan_step(settings: PlanSettings, *, stack: str = "qtulu", config=None,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = build_qtulu(config, settings) if stack == "qtulu" else build_hf(config, settings)
+    from qtulu.plan.units import fsdp_units
+
+    units = fsdp_units(model)  # on the meta device: the bytes a rank gathers under FSDP2 (`qtulu.plan.fsdp`)
     batches = make_batches(config.vocab_size, settings, max(1, settings.accumulation), packed=stack == "qtulu")
     tracker = StorageTracker(workspace=workspace_table(cuda), round_to=512 if cuda else 1)
     obs = _TrackingObserver(tracker)
@@ -366,6 +370,7 @@ def plan_step(settings: PlanSettings, *, stack: str = "qtulu", config=None,
     host = host_side(master, optimizer, activation_host_bytes=a.host_bytes)
     return PlanResult(
         host=host,
+        units=units,
         stack=stack,
         settings=settings.to_dict(),
         peak_bytes=a.peak_bytes,

@@ -8,6 +8,7 @@ tensors for the final adapter save.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def say(msg: str) -> None:
@@ -44,8 +45,8 @@ def fsdp_settings(train_cfg, world_size: int) -> tuple[bool, dict | None]:
 def fsdp_refusal(train_cfg, world_size: int) -> str | None:
     """Why qtulu refuses this FSDP set-up (None when it is fine or FSDP is off); checked before anything loads.
 
-    Supported: FSDP2 (``train.fsdp``, or ``accelerate launch --use_fsdp --fsdp_version 2``), with
-    ``train.save_steps: 0``. FSDP1 flattens every parameter of a unit into one buffer of one
+    Supported: FSDP2 (``train.fsdp``, or ``accelerate launch --use_fsdp --fsdp_version 2``), checkpoints
+    included (`save_fsdp_model`). FSDP1 flattens every parameter of a unit into one buffer of one
     dtype, which NF4's uint8 codes cannot join (and it needs an accelerator device).
     """
     if world_size <= 1 or not (train_cfg.fsdp or fsdp_from_env()):
@@ -57,16 +58,11 @@ def fsdp_refusal(train_cfg, world_size: int) -> str | None:
             "flattens each unit into one buffer of one dtype, which the NF4 uint8 codes cannot join). Launch with "
             "`accelerate launch --use_fsdp --fsdp_version 2 ...`, or set train.fsdp=full_shard under torchrun."
         )
-    if train_cfg.save_steps > 0:
-        # HF Trainer saves FSDP checkpoints through torch.distributed.checkpoint, which walks every
-        # state-dict key as an attribute path: NF4's quant-state keys (``weight.absmax``) are not
-        # attributes (AttributeError: 'DTensor' object has no attribute 'absmax'); and in CPU/gloo
-        # runs the "full" model state dict it hands to peft still holds DTensor shards.
-        return (
-            f"{how} with train.save_steps={train_cfg.save_steps}: qtulu does not write checkpoints (so cannot "
-            "resume) under FSDP yet. Set train.save_steps=0 (the final adapter is still saved), or drop FSDP "
-            "and use DDP (plain torchrun), which checkpoints and resumes exactly."
-        )
+    if getattr(train_cfg, "keep_best_checkpoint", False):
+        # the best checkpoint's weights would be loaded into the sharded model after training, which
+        # `qtulu.train.run._load_checkpoint_weights` does for whole tensors only
+        return (f"{how} with train.keep_best_checkpoint: not supported under FSDP yet; the best step and its "
+                "checkpoint are still recorded (OUT/adapter/qtulu.json best_eval): set keep_best_checkpoint=false")
     return None
 
 
@@ -85,3 +81,116 @@ def full_trainable_state(model) -> dict:
             t = t.full_tensor().cpu()
         out[name] = t
     return out
+
+
+# FSDP2 checkpoints: torch.distributed.checkpoint (DCP) folders inside the staged checkpoint-N.
+# Only the trainable (LoRA) tensors and their optimizer states are saved: the frozen base is the
+# recipe's (its SHA-256 is in the run identity). Keys are parameter names, not rank-local layouts,
+# so DCP can reshard a checkpoint written by N ranks onto M.
+FSDP_MODEL_DIR = "fsdp_model.dcp"
+FSDP_OPTIM_DIR = "fsdp_optimizer.dcp"
+FSDP_GROUPS_FILE = "fsdp_optimizer_groups.json"
+RANK_KEY = "@rank"  # optimizer states local to one rank (see _optimizer_tensors)
+
+
+def _trainable(model) -> dict:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _optimizer_tensors(model, optimizer, *, init: bool) -> dict:
+    """``{"<param name>/<state key>": tensor}`` of the optimizer's per-parameter state (the live tensors,
+    so that a DCP load fills them in place). ``init``: create the state first (a step with zero
+    gradients at lr 0: the states exist, the weights do not move) so that a fresh optimizer can be loaded."""
+    import torch
+
+    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps torch's
+    params = _trainable(model)
+    if init and any(p not in opt.state for p in params.values()):
+        lrs = [g["lr"] for g in opt.param_groups]
+        for g in opt.param_groups:
+            g["lr"] = 0.0
+        for p in params.values():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        for g, lr in zip(opt.param_groups, lrs):
+            g["lr"] = lr
+        for p in params.values():
+            p.grad = None
+    from torch.distributed.tensor import DTensor
+
+    rank = int(os.environ.get("RANK", "0"))
+    out = {}
+    for name, p in params.items():
+        for key, value in opt.state.get(p, {}).items():
+            if not torch.is_tensor(value):
+                continue
+            if isinstance(value, DTensor) or value.dim() == 0:
+                out[f"{name}/{key}"] = value  # sharded like the parameter, or a step count equal on every rank
+            else:
+                # a plain tensor beside a sharded parameter describes this rank's shard only (an 8-bit
+                # optimizer's block scales, say): DCP would keep rank 0's copy for all, so each rank
+                # keeps its own, and only the same world size can load it (`load_fsdp_optimizer`)
+                out[f"{name}/{key}{RANK_KEY}{rank}"] = value
+    return out
+
+
+def _group_hyper(optimizer) -> list[dict]:
+    """The optimizer's per-group numbers (lr, betas, ...) as JSON (everything but the parameter list)."""
+    opt = getattr(optimizer, "optimizer", optimizer)
+    return [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+            for g in opt.param_groups]
+
+
+def save_fsdp_model(model, ckpt_dir) -> None:
+    """Write the sharded LoRA tensors of an FSDP2 model into ``ckpt_dir`` (collective: every rank writes
+    its shards; DCP's coordinator, rank 0, writes the metadata)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(dict(_trainable(model)), checkpoint_id=str(Path(ckpt_dir) / FSDP_MODEL_DIR))
+
+
+def save_fsdp_optimizer(model, optimizer, ckpt_dir) -> None:
+    """Write the sharded optimizer states (and, rank 0, the groups' numbers) into ``ckpt_dir`` (collective)."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_optimizer_tensors(model, optimizer, init=False), checkpoint_id=str(Path(ckpt_dir) / FSDP_OPTIM_DIR))
+    if int(os.environ.get("RANK", "0")) == 0:
+        (Path(ckpt_dir) / FSDP_GROUPS_FILE).write_text(json.dumps(_group_hyper(optimizer)))
+
+
+def load_fsdp_model(model, ckpt_dir) -> None:
+    """Load the LoRA tensors of an FSDP checkpoint into an FSDP2-wrapped model, in place (collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(_trainable(model), checkpoint_id=str(Path(ckpt_dir) / FSDP_MODEL_DIR))
+
+
+def load_fsdp_optimizer(model, optimizer, ckpt_dir) -> None:
+    """Load the optimizer states (and group numbers) of an FSDP checkpoint, in place (collective)."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+
+    ckpt_dir = Path(ckpt_dir)
+    saved_ranks = {k.rsplit(RANK_KEY, 1)[1] for k in dcp.FileSystemReader(str(ckpt_dir / FSDP_OPTIM_DIR))
+                   .read_metadata().state_dict_metadata if RANK_KEY in k}
+    if saved_ranks and len(saved_ranks) != world_size():
+        from qtulu.train.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{ckpt_dir}: written by {len(saved_ranks)} ranks with an optimizer whose states are "
+                         f"local to each rank's shard: it resumes on {len(saved_ranks)} ranks only, not {world_size()}")
+    dcp.load(_optimizer_tensors(model, optimizer, init=True), checkpoint_id=str(ckpt_dir / FSDP_OPTIM_DIR))
+    opt = getattr(optimizer, "optimizer", optimizer)
+    saved = json.loads((ckpt_dir / FSDP_GROUPS_FILE).read_text())
+    if len(saved) != len(opt.param_groups):
+        from qtulu.train.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{ckpt_dir}: {len(saved)} optimizer parameter groups saved, the run has {len(opt.param_groups)}")
+    for g, s in zip(opt.param_groups, saved):
+        g.update({k: (tuple(v) if isinstance(g.get(k), tuple) else v) for k, v in s.items()})
+
+
+def is_fsdp_checkpoint(ckpt_dir) -> bool:
+    return (Path(ckpt_dir) / FSDP_MODEL_DIR).is_dir()

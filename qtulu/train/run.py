@@ -29,7 +29,8 @@ complete one and refuses a changed recipe unless forced; non-finite steps are sk
 (`qtulu.train.callbacks`); nothing non-finite is saved.
 
 Scale-out: DDP under torchrun/accelerate; FSDP2 with ``train.fsdp`` (or ``accelerate launch
---use_fsdp --fsdp_version 2``) for LoRA and QLoRA, without checkpoints (`check_fsdp` says why).
+--use_fsdp --fsdp_version 2``) for LoRA and QLoRA, checkpointed with torch.distributed.checkpoint
+(`qtulu.train.distributed`); FSDP1 is refused (`check_fsdp` says why).
 """
 
 from __future__ import annotations

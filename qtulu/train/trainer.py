@@ -1,6 +1,7 @@
 """The SFTTrainer subclass `qtulu train` runs: staged checkpoints (a kill mid-write never leaves a
 checkpoint resume would pick), one clear error on a full disk, the non-finite step guard's per
-micro-batch hook, and FSDP2 on the CPU (gloo) through accelerate's own preparation.
+micro-batch hook, FSDP2 on the CPU (gloo) through accelerate's own preparation, and FSDP2
+checkpoints (`FSDPCheckpoints`: sharded with torch.distributed.checkpoint, staged like the others).
 
 Built lazily (`make_trainer_class`) so that importing `qtulu.train.run` needs neither trl nor
 transformers.
@@ -10,7 +11,82 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qtulu.train import distributed as dist_
 from qtulu.train.distributed import fsdp_from_env
+
+
+class FSDPCheckpoints:
+    """The FSDP2 checkpoint methods of `QTuluTrainer` (mixed in before SFTTrainer; outside FSDP they defer to HF).
+
+    FSDP2 checkpoints (qtulu.train.distributed): HF's FSDP save/load walks every state-dict key as an
+    attribute path, which NF4's quant-state keys (``weight.absmax`` on a DTensor) break; and its "full"
+    state dict for peft still holds shards on CPU/gloo. qtulu saves the LoRA tensors and their
+    optimizer states by parameter name with torch.distributed.checkpoint instead (the rest of the
+    checkpoint, trainer state, scheduler and RNG, is HF's), plus the gathered adapter for
+    train.keep_best_checkpoint and a resume at train.max_steps.
+    """
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        if not (self.is_fsdp_enabled and _internal_call):
+            return super().save_model(output_dir, _internal_call)
+        dist_.save_fsdp_model(self.model, output_dir)
+        gathered = dist_.full_trainable_state(self.model)  # collective
+        if self.args.should_save:
+            self.model.save_pretrained(output_dir, state_dict=gathered, safe_serialization=True)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        import torch
+
+        from transformers.trainer import SCHEDULER_NAME
+
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        dist_.save_fsdp_optimizer(self.model, self.optimizer, output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), str(Path(output_dir) / SCHEDULER_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        from qtulu.train import checkpoint as ck
+
+        if self.is_fsdp_enabled != dist_.is_fsdp_checkpoint(resume_from_checkpoint):
+            how = ("was written by an FSDP run (sharded, torch.distributed.checkpoint): resume it with FSDP"
+                   if not self.is_fsdp_enabled else
+                   "was not written by an FSDP run: resume it without FSDP (plain torchrun or one process)")
+            raise ck.CheckpointError(f"cannot resume from {resume_from_checkpoint}: it {how}")
+        if not self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        dist_.load_fsdp_model(self.model, resume_from_checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if not self.is_fsdp_enabled or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        import torch
+        from transformers.trainer import SCHEDULER_NAME
+
+        dist_.load_fsdp_optimizer(self.model, self.optimizer, checkpoint)
+        self.lr_scheduler.load_state_dict(torch.load(str(Path(checkpoint) / SCHEDULER_NAME), weights_only=True))
+
+
+def _adapt_fsdp_plugin(trainer) -> None:
+    """FSDP2 on the CPU (gloo) and with qtulu's NF4 layers, after accelerate built its state."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    plugin_args = trainer.args.fsdp_plugin_args
+    if state.distributed_type == DistributedType.MULTI_CPU and (plugin_args or fsdp_from_env()):
+        # accelerate enables FSDP on accelerator devices only (its multi-CPU branch drops the plugin),
+        # but torch's fully_shard runs on CPU over gloo: switch the state to FSDP so that
+        # accelerate's own FSDP2 preparation (fsdp2_prepare_model) wraps the model, as on GPUs.
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(**(plugin_args or {}))
+        trainer.is_fsdp_enabled = True
+    if getattr(state, "fsdp_plugin", None) is not None:
+        # `accelerate launch --use_fsdp` turns on cpu_ram_efficient_loading (rank 0 loads, the others
+        # go through the meta device and receive a broadcast state dict): qtulu's NF4 layers keep
+        # their quant state beside the packed codes, which neither the meta device nor that
+        # broadcast carries (accelerate skips it for bitsandbytes' Params4bit only). Every rank has
+        # the whole base loaded already; fully_shard keeps only its shard.
+        state.fsdp_plugin.cpu_ram_efficient_loading = False
 
 
 def make_trainer_class():
@@ -19,7 +95,7 @@ def make_trainer_class():
     from trl import SFTTrainer
 
     from qtulu.train import checkpoint as ck
-    class QTuluTrainer(SFTTrainer):
+    class QTuluTrainer(FSDPCheckpoints, SFTTrainer):
         """SFTTrainer with staged checkpoints, a non-finite step guard and per-step loss records."""
 
         def __init__(self, *args, qtulu_guard, qtulu_identity: dict, qtulu_keep: int | None,
@@ -36,17 +112,7 @@ def make_trainer_class():
 
         def create_accelerator_and_postprocess(self):
             super().create_accelerator_and_postprocess()
-            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-            state = self.accelerator.state
-            plugin_args = self.args.fsdp_plugin_args
-            if state.distributed_type == DistributedType.MULTI_CPU and (plugin_args or fsdp_from_env()):
-                # accelerate enables FSDP on accelerator devices only (its multi-CPU branch drops the plugin),
-                # but torch's fully_shard runs on CPU over gloo: switch the state to FSDP so that
-                # accelerate's own FSDP2 preparation (fsdp2_prepare_model) wraps the model, as on GPUs.
-                state.distributed_type = DistributedType.FSDP
-                state.fsdp_plugin = FullyShardedDataParallelPlugin(**(plugin_args or {}))
-                self.is_fsdp_enabled = True
+            _adapt_fsdp_plugin(self)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -80,7 +146,9 @@ def make_trainer_class():
             run_dir = Path(self._get_output_dir(trial=trial))
             step = self.state.global_step
             params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-            bad = [n for n, p in params if not bool(torch.isfinite(p.detach()).all())]
+            # under FSDP each rank holds a shard: judge the whole tensor on every rank (collective), so
+            # that all ranks refuse together
+            bad = [n for n, p in params if not bool(torch.isfinite(_whole(p.detach())).all())]
             if bad:
                 raise ck.CheckpointError(f"refusing to save checkpoint-{step}: non-finite values in {bad[:3]}")
             stage_root = ck.stage_dir(run_dir, step)
@@ -104,6 +172,7 @@ def make_trainer_class():
                 written = stage_root / f"{ck.CHECKPOINT_PREFIX}-{step}"
                 payload = dict(self.qtulu_identity)
                 payload["global_step"] = step
+                payload["fsdp"] = bool(self.is_fsdp_enabled)  # sharded (DCP) layout; world_size is in the identity
                 payload["guard"] = self.qtulu_guard.state()
                 best = best_checkpoint(self, run_dir, step)
                 if best is not None:
@@ -127,6 +196,13 @@ def make_trainer_class():
             self.accelerator.wait_for_everyone()
 
     return QTuluTrainer
+
+
+def _whole(t):
+    """A DTensor's full value (collective); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def validation_loss(trainer, dataloader, metric_key_prefix: str = "eval"):
