@@ -160,11 +160,56 @@ def save_fsdp_optimizer(model, optimizer, ckpt_dir) -> None:
         (Path(ckpt_dir) / FSDP_GROUPS_FILE).write_text(json.dumps(_group_hyper(optimizer)))
 
 
+def _safe_reader(path):
+    """A DCP reader whose ``.metadata`` is unpickled with an allow-list, not `pickle.load`: DCP stores
+    its metadata as a pickle, and qtulu never loads an arbitrary pickle from disk (a checkpoint folder
+    is a file like any other). Allowed: DCP's own metadata classes, torch's Size/dtype/layout/
+    memory_format values and a few builtins; anything else is refused, naming it."""
+    import io
+    import pickle
+
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from qtulu.train.checkpoint import CheckpointError
+
+    torch_values = (torch.dtype, torch.layout, torch.memory_format)
+
+    class _Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module.startswith("torch.distributed.checkpoint.") or (module, name) in (
+                    ("torch", "Size"), ("collections", "OrderedDict"), ("builtins", "set"),
+                    ("builtins", "frozenset"), ("builtins", "slice"), ("torch.serialization", "_get_layout"),
+                    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+                    ("pathlib", "PureWindowsPath")):
+                return super().find_class(module, name)
+            if module == "torch" and isinstance(getattr(torch, name, None), torch_values):
+                return getattr(torch, name)
+            raise CheckpointError(f"{path}/.metadata: refers to {module}.{name}, which is not on "
+                                  "qtulu's allow-list for DCP metadata; refusing to unpickle it")
+
+    class _Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):  # FileSystemReader.read_metadata, safe (torch 2.11-2.13)
+            where = (self._get_metadata_path(kwargs.get("rank")) if hasattr(self, "_get_metadata_path")
+                     else self.fs.concat_path(self.path, ".metadata"))
+            with self.fs.create_stream(where, "rb") as f:
+                metadata = _Unpickler(io.BytesIO(f.read())).load()
+            if hasattr(self, "load_id"):
+                from torch.distributed.checkpoint.metadata import StorageMeta
+
+                if getattr(metadata, "storage_meta", None) is None:
+                    metadata.storage_meta = StorageMeta()
+                metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return _Reader(str(path))
+
+
 def load_fsdp_model(model, ckpt_dir) -> None:
     """Load the LoRA tensors of an FSDP checkpoint into an FSDP2-wrapped model, in place (collective)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.load(_trainable(model), checkpoint_id=str(Path(ckpt_dir) / FSDP_MODEL_DIR))
+    dcp.load(_trainable(model), storage_reader=_safe_reader(Path(ckpt_dir) / FSDP_MODEL_DIR))
 
 
 def load_fsdp_optimizer(model, optimizer, ckpt_dir) -> None:
@@ -174,14 +219,14 @@ def load_fsdp_optimizer(model, optimizer, ckpt_dir) -> None:
     import torch.distributed.checkpoint as dcp
 
     ckpt_dir = Path(ckpt_dir)
-    saved_ranks = {k.rsplit(RANK_KEY, 1)[1] for k in dcp.FileSystemReader(str(ckpt_dir / FSDP_OPTIM_DIR))
+    saved_ranks = {k.rsplit(RANK_KEY, 1)[1] for k in _safe_reader(ckpt_dir / FSDP_OPTIM_DIR)
                    .read_metadata().state_dict_metadata if RANK_KEY in k}
     if saved_ranks and len(saved_ranks) != world_size():
         from qtulu.train.checkpoint import CheckpointError
 
         raise CheckpointError(f"{ckpt_dir}: written by {len(saved_ranks)} ranks with an optimizer whose states are "
                          f"local to each rank's shard: it resumes on {len(saved_ranks)} ranks only, not {world_size()}")
-    dcp.load(_optimizer_tensors(model, optimizer, init=True), checkpoint_id=str(ckpt_dir / FSDP_OPTIM_DIR))
+    dcp.load(_optimizer_tensors(model, optimizer, init=True), storage_reader=_safe_reader(ckpt_dir / FSDP_OPTIM_DIR))
     opt = getattr(optimizer, "optimizer", optimizer)
     saved = json.loads((ckpt_dir / FSDP_GROUPS_FILE).read_text())
     if len(saved) != len(opt.param_groups):

@@ -332,3 +332,35 @@ def test_rank_local_optimizer_states_are_kept_per_rank_and_pinned_to_the_world_s
             load_fsdp_optimizer(model, opt, tmp_path)
     finally:
         dist.destroy_process_group()
+
+
+def test_dcp_metadata_is_read_without_arbitrary_unpickling(tmp_path):
+    """DCP keeps its checkpoint metadata as a pickle; qtulu reads it with an allow-list: a real
+    checkpoint loads back exactly, a planted `.metadata` that would run code is refused, one line."""
+    import os
+    import pickle
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from qtulu.train.checkpoint import CheckpointError
+    from qtulu.train.distributed import _safe_reader
+
+    state = {"a.lora_A.weight": torch.randn(3, 5), "b": torch.arange(4, dtype=torch.int64)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no process group: DCP says so and saves as one rank
+        dcp.save(state, checkpoint_id=str(tmp_path / "ok"))
+        back = {k: torch.zeros_like(v) for k, v in state.items()}
+        dcp.load(back, storage_reader=_safe_reader(tmp_path / "ok"))
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / ".metadata").write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(CheckpointError, match=r"refers to (posix|os)\.system"):
+        _safe_reader(tmp_path / "bad").read_metadata()
+    assert not (tmp_path / "pwned").exists()
