@@ -193,3 +193,33 @@ def bnb_4bit_model(bnb_portable):
             pytest.skip(f"transformers cannot quantize with bitsandbytes on this machine: {type(e).__name__}: {e}")
 
     return load
+
+
+def _base_with_two_adapters(root: Path):
+    """A tiny fp32 base saved under ``root/base`` and two LoRA adapters for it (``root/first``,
+    ``root/second``); returns ``(base_dir, {name: adapter_dir})``."""
+    from peft import LoraConfig, get_peft_model
+
+    from qtulu.adapters.store import save_adapter
+    from qtulu.model.load import base_info, load_base
+    from qtulu.model.tiny import build_char_tokenizer, build_tiny_llama
+
+    base_dir = root / "base"
+    build_tiny_llama(seed=0, dtype=torch.float32).save_pretrained(base_dir)
+    build_char_tokenizer().save_pretrained(base_dir)
+    model, _ = load_base(str(base_dir), compute_dtype=torch.float32, device="cpu", attn_implementation="sdpa")
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", exclude_modules=["lm_head"],
+                     lora_dropout=0.0, init_lora_weights=False)
+    torch.manual_seed(5)
+    pm = get_peft_model(model, cfg, adapter_name="first")
+    pm.add_adapter("second", cfg)
+    info = base_info(pm)
+    recipe = {"name": "t", "model": {"compute_dtype": "float32"}}
+    dirs = {n: save_adapter(pm, root / n, adapter_name=n, base_info=info, recipe=recipe) for n in ("first", "second")}
+    return base_dir, dirs
+
+
+@pytest.fixture(scope="session")
+def base_with_two_adapters():
+    """Builds a tiny base and two adapters in a folder given by the caller (each module its own)."""
+    return _base_with_two_adapters

@@ -83,27 +83,8 @@ def test_bad_requests_are_named():
 
 
 @pytest.fixture(scope="module")
-def base_and_adapters(tmp_path_factory):
-    from peft import LoraConfig, get_peft_model
-
-    from qtulu.adapters.store import save_adapter
-    from qtulu.model.load import base_info, load_base
-    from qtulu.model.tiny import build_char_tokenizer, build_tiny_llama
-
-    root = tmp_path_factory.mktemp("mergecli")
-    base_dir = root / "base"
-    build_tiny_llama(seed=0, dtype=torch.float32).save_pretrained(base_dir)
-    build_char_tokenizer().save_pretrained(base_dir)
-    model, _ = load_base(str(base_dir), compute_dtype=torch.float32, device="cpu", attn_implementation="sdpa")
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", exclude_modules=["lm_head"],
-                     lora_dropout=0.0, init_lora_weights=False)
-    torch.manual_seed(5)
-    pm = get_peft_model(model, cfg, adapter_name="first")
-    pm.add_adapter("second", cfg)
-    info = base_info(pm)
-    recipe = {"name": "t", "model": {"compute_dtype": "float32"}}
-    dirs = {n: save_adapter(pm, root / n, adapter_name=n, base_info=info, recipe=recipe) for n in ("first", "second")}
-    return base_dir, dirs
+def base_and_adapters(tmp_path_factory, base_with_two_adapters):
+    return base_with_two_adapters(tmp_path_factory.mktemp("mergecli"))
 
 
 def test_merge_cli_adapter_then_full_model(base_and_adapters, tmp_path, capsys):
