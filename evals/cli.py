@@ -72,8 +72,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--limit", type=_positive_int, default=None,
                    help="examples per subject/task/language/group (per task where it has none)")
-    p.add_argument("--chat-format", choices=("tulu", "tokenizer", "none"), default="tulu",
-                   help="prompt format: tulu (tuned models), tokenizer (its chat template), none (base models)")
+    p.add_argument("--chat-format", choices=("tulu", "tokenizer", "none"), default=None,
+                   help="prompt format: tulu (tuned models), tokenizer (its chat template), none (base models); "
+                        "default: the one the adapters were trained with (their qtulu.json), else tulu")
     p.add_argument("--set", "-o", "--task-option", dest="task_option", action="append", default=[],
                    metavar="TASK.KEY=VALUE",
                    help="per-task option, value YAML-parsed, e.g. -o mmlu.subjects=[anatomy] (repeatable; "
@@ -228,6 +229,16 @@ def _preflight(args, names: list[str], task_options: dict) -> None:
     check_before_load(args.model, args.adapter, getattr(args, "trained_on", None))
 
 
+def _resolve_chat_format(args) -> None:
+    """``--chat-format`` left out: the format the adapters were trained with, else tulu."""
+    if args.chat_format is not None:
+        return
+    from qtulu.adapters.files import recorded_chat_format
+    from qtulu.adapters.store import parse_adapter_spec
+
+    args.chat_format = recorded_chat_format([parse_adapter_spec(a)[1] for a in args.adapter]) or "tulu"
+
+
 def _load(args):
     from qtulu.adapters.store import load_model, parse_adapter_spec
 
@@ -280,6 +291,7 @@ def _run(args) -> int:
     names = parse_task_list(args.tasks)
     if args.include_base and not args.adapter:
         raise EvalUsageError("--include-base needs at least one --adapter")
+    _resolve_chat_format(args)
     task_options = _task_options(args.task_option)
     try:
         key = _request_key(args, names, task_options)
@@ -405,6 +417,7 @@ def _merge_search(args) -> int:
     _require(args, "model", "tasks", "data_dir", "out")
     if len(args.adapter) < 2:
         raise EvalUsageError("give at least two --adapter")
+    _resolve_chat_format(args)
     from .merge_search import merge_search, search_table
     from .runner import check_requirements
     from .tasks import parse_task_list

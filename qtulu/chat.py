@@ -146,7 +146,8 @@ def register(subparsers) -> None:
                    help="default: the one the first adapter was trained with, else bfloat16")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--chat-format", choices=("tulu", "tokenizer"), default="tulu")
+    p.add_argument("--chat-format", choices=("tulu", "tokenizer"), default=None,
+                   help="prompt format (default: the one the adapters were trained with, else tulu)")
     p.add_argument("--device", default=None)
     p.add_argument("--force", action="store_true", help="load adapters recorded for another base/quantization")
     p.set_defaults(func=_main)
@@ -162,6 +163,12 @@ def _main(args: argparse.Namespace) -> int:
     from qtulu.preflight import check_before_load
 
     check_before_load(args.model, args.adapter, args.trained_on)  # a typo costs seconds, not a base load
+    if args.chat_format is None:  # prompt the adapters as their training rendered the rows
+        from qtulu.adapters.files import recorded_chat_format
+        from qtulu.adapters.store import parse_adapter_spec
+
+        args.chat_format = recorded_chat_format([parse_adapter_spec(a)[1] for a in args.adapter]) or "tulu"
+        print(f"prompt format: {args.chat_format} (--chat-format to choose)", file=sys.stderr)
     model, tok = load_model(
         args.model, args.adapter, quantize=None if args.no_quantize else AUTO, force=args.force,
         compute_dtype=args.compute_dtype, device=args.device, trained_on=args.trained_on,

@@ -94,6 +94,26 @@ def recorded_compute_dtype(meta: dict) -> str | None:
     return meta.get("compute_dtype") or ((meta.get("recipe") or {}).get("model") or {}).get("compute_dtype")
 
 
+
+def recorded_chat_format(adapter_dirs) -> str | None:
+    """The prompt format the adapters in ``adapter_dirs`` were trained with (``data.chat_format`` of
+    the recipe in their ``qtulu.json``: "tulu" or "tokenizer"), so that chat and eval prompt them as
+    training rendered their rows. None when no adapter records one (plain PEFT adapters); adapters
+    trained with different formats are refused (the caller must choose one: ``--chat-format``)."""
+    seen: dict[str, str] = {}
+    for d in adapter_dirs:
+        if not (Path(d) / META_NAME).is_file():
+            continue  # a plain PEFT adapter records nothing
+        recipe = read_meta(d).get("recipe") or {}
+        fmt = (recipe.get("data") or {}).get("chat_format", "tulu") if recipe else None
+        if fmt is not None:
+            seen.setdefault(str(fmt), str(d))
+    if len(seen) > 1:
+        named = ", ".join(f"{d} ({f})" for f, d in seen.items())
+        raise AdapterError(f"the adapters were trained with different prompt formats: {named}; "
+                           "choose one with --chat-format")
+    return next(iter(seen), None)
+
 # --------------------------------------------------------------------------------------------
 # adapter_config.json and qtulu.json values, checked before peft (or qtulu) acts on them
 

@@ -169,6 +169,7 @@ def load_study(path: str | os.PathLike, out_dir: str | os.PathLike) -> LoadedStu
     synthetic = _check_synthetic(spec.synthetic, err)
     ev = _check_eval(spec.eval, here, err)
     rows = _load_rows(spec, base, base_path, here, err)
+    _check_prompt_formats(rows, ev, err)
     columns, limit = _load_columns(spec, ev, here, err)
     study = LoadedStudy(file=file, out=out, spec=spec, base=base, base_path=base_path, rows=rows, columns=columns,
                         eval=ev, limit=limit, synthetic=synthetic, raw=raw)
@@ -190,6 +191,16 @@ def load_study(path: str | os.PathLike, out_dir: str | os.PathLike) -> LoadedStu
 
 # --------------------------------------------------------------------------------------------
 # sections
+
+
+def _check_prompt_formats(rows: list[Row], ev: EvalSpec, err) -> None:
+    """Every adapter row is evaluated with the prompt format its training rendered its rows in."""
+    if ev.chat_format is None:  # plain prompts for the adapters: the user's explicit choice
+        return
+    for r in rows:
+        if r.recipe.data.chat_format != ev.chat_format:
+            err(f"{r.where}", f"row {r.name!r} trains with data.chat_format={r.recipe.data.chat_format!r} but "
+                              f"eval.chat_format is {ev.chat_format!r}: set one of them so that both agree")
 
 
 def _check_base(b: BaseSpec, here: Path, err) -> BaseSpec:

@@ -152,6 +152,8 @@ BAD = [
     ("merge_search: {adapters: [up, zz]}", "merge_search.adapters.1: 'zz' is not a row"),
     ("average: [mmlu]", "average.0: 'mmlu' is not a task"),
     ("base: {demo: {}, path: /x}", "base: give exactly one of base.path"),
+    ("overrides: {data.chat_format: tokenizer}", "recipes.0: row 'up' trains with data.chat_format='tokenizer' but "
+                                                 "eval.chat_format is 'tulu'"),
 ]
 
 
