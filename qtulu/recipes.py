@@ -70,6 +70,7 @@ FORMATS = (
     "superni",
     "flan_v2",
     "cot",
+    "flan_cot_raw",
     "baize",
     "messages",
 )

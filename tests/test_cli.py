@@ -98,7 +98,7 @@ def test_argparse_errors_are_one_line_with_did_you_mean(capsys):
     err = _one_line_error(capsys, ["merge", "--model", "b", "--adapter", "a", "--out", "o", "--method", "tis"])
     assert "argument --method: unknown choice 'tis' (did you mean 'ties'?)" in err, err
     err = _one_line_error(capsys, ["data"])  # no sub-command: one line, not the usage block
-    assert err == "qtulu data: error: name a command: build, preview (see `qtulu data --help`)", err
+    assert err == "qtulu data: error: name a command: build, preview, formats (see `qtulu data --help`)", err
     err = _one_line_error(capsys, ["train", "--pre", "smoke"])  # an abbreviation argparse accepts is not "unknown"
     assert err == "qtulu train: error: the following arguments are required: recipe (see `qtulu train --help`)", err
     err = _one_line_error(capsys, ["train"])  # a missing argument: argparse's words, on one line

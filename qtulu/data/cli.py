@@ -1,4 +1,5 @@
-"""``qtulu data build`` and ``qtulu data preview``: thin wrappers over `qtulu.data.build`."""
+"""``qtulu data build`` and ``qtulu data preview``: thin wrappers over `qtulu.data.build`;
+``qtulu data formats``: the source formats a recipe may name and their options."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def register(subparsers) -> None:
     v.add_argument("--color", action="store_true", help="mark supervised spans in green instead of ⟦...⟧")
     v.set_defaults(func=_preview)
 
+    f = sub.add_parser("formats", help="list the source formats (sources[].format) and their options")
+    f.set_defaults(func=_formats)
+
 
 def _load(args):
     from qtulu.recipes import load_recipe
@@ -67,6 +71,17 @@ def _build(args) -> int:
     summary = {k: m[k] for k in ("examples", "tokens", "supervised_tokens", "dropped", "truncated", "sources", "packing")}
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}/dataset, {out}/manifest.json, {out}/recipe.json")
+    return 0
+
+
+def _formats(args) -> int:
+    from qtulu.data.formats import CONVERTERS, OPTIONS
+
+    for name, fn in CONVERTERS.items():
+        summary = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())
+        print(f"{name}: {summary.split('. ')[0].removesuffix('.')}")
+        for key, (default, _, meaning) in OPTIONS[name].items():
+            print(f"    {key} (default {json.dumps(default)}): {meaning}")
     return 0
 
 

@@ -1,5 +1,6 @@
-"""Load the rows of a source: a local json / jsonl / parquet / arrow file (or a folder / glob of them),
-a ``datasets`` ``save_to_disk`` folder, or a Hugging Face hub dataset.
+"""Load the rows of a source: a local json / jsonl / tsv / parquet / arrow file (or a folder / glob of
+them), a ``datasets`` ``save_to_disk`` folder, or a Hugging Face hub dataset. A .tsv row is the list
+of its line's tab-separated fields (FLAN's raw CoT files); the converter names them.
 
 Local JSON is read here rather than with ``datasets.load_dataset("json")`` because the build must
 report malformed rows one by one (``file:line`` and a reason) and, under ``on_bad_row: skip``,
@@ -25,7 +26,7 @@ from typing import Any, Iterator
 from qtulu.data.errors import BadRow, DataError
 from qtulu.recipes import SourceSpec
 
-LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow")
+LOCAL_SUFFIXES = (".json", ".jsonl", ".tsv", ".parquet", ".arrow")
 
 
 @dataclass
@@ -80,21 +81,39 @@ def _local_files(path: str, label: str, source: str) -> list[Path]:
     return [p]
 
 
-def read_jsonl(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
-    """``(file:line, row)`` for each non-blank line; broken JSON / invalid UTF-8 lines as `BadRow`."""
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
-        if not raw.strip():
+def _text_lines(path: Path, data: bytes, *, blank: bool) -> Iterator[tuple[str, Any]]:
+    """``(file:line, text | BadRow)``: lines as a text-line reader splits them (a final newline ends
+    the last line), blank ones only when ``blank``; an undecodable line as `BadRow` (``invalid_utf8``)."""
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    for lineno, raw in enumerate(lines, 1):
+        if not blank and not raw.strip():
             continue
         where = f"{path}:{lineno}"
         try:
-            text = raw.decode("utf-8")
+            yield where, raw.decode("utf-8")
         except UnicodeDecodeError as e:
             yield where, BadRow("invalid_utf8", f"byte {e.start}: {e.reason}", where)
+
+
+def read_jsonl(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
+    """``(file:line, row)`` for each non-blank line; broken JSON / invalid UTF-8 lines as `BadRow`."""
+    for where, text in _text_lines(path, data, blank=False):
+        if isinstance(text, BadRow):
+            yield where, text
             continue
         try:
             yield where, json.loads(text)
         except json.JSONDecodeError as e:
             yield where, BadRow("broken_json", f"column {e.colno}: {e.msg}", where)
+
+
+def read_tsv(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
+    """``(file:line, [field, ...])`` for every line, blank ones too (a line's position can matter: FLAN
+    templates its CoT rows by it); a ``\\r`` before the newline is not part of the line."""
+    for where, text in _text_lines(path, data, blank=True):
+        yield where, text if isinstance(text, BadRow) else text.removesuffix("\r").split("\t")
 
 
 def read_json(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
@@ -182,7 +201,8 @@ def load_source(spec: SourceSpec, files: list[Path] | None = None) -> LoadedSour
                 continue
             data = f.read_bytes()
             hashes[str(f)] = _sha256_bytes(data)
-            rows.extend(read_jsonl(f, data) if f.suffix == ".jsonl" else read_json(f, data))
+            read = {".jsonl": read_jsonl, ".tsv": read_tsv}.get(f.suffix, read_json)
+            rows.extend(read(f, data))
         return LoadedSource(rows, {"path": spec.path, "files": hashes})
     if spec.hub_id:
         return _load_hub(spec)

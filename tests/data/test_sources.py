@@ -27,6 +27,16 @@ def test_jsonl_bad_lines_are_located(tmp_path):
     assert loaded.inputs["files"] == {str(p): file_sha256(p)}
 
 
+def test_tsv_lines_are_field_lists_and_every_line_keeps_its_number(tmp_path):
+    p = tmp_path / "raw.tsv"
+    p.write_bytes(b"q1\ta1\tr1\r\n\nq\xe9\ta\tr\nq4\t\tr4\tx\n")
+    rows = load_source(spec(p, "flan_cot_raw")).rows
+    assert [w for w, _ in rows] == [f"{p}:{n}" for n in (1, 2, 3, 4)]  # the blank line counts; no row after the final newline
+    assert rows[0][1] == ["q1", "a1", "r1"] and rows[1][1] == [""] and rows[3][1] == ["q4", "", "r4", "x"]
+    assert isinstance(rows[2][1], BadRow) and rows[2][1].reason == "invalid_utf8"
+    assert load_source(spec(tmp_path / "*.tsv", "flan_cot_raw")).inputs["files"] == {str(p): file_sha256(p)}
+
+
 def test_json_list_object_and_broken_file(tmp_path):
     p = tmp_path / "d.json"
     p.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]))
@@ -62,7 +72,7 @@ def test_parquet_folder_glob_and_missing(tmp_path):
         load_source(spec(tmp_path / "nope.jsonl"))
     with pytest.raises(DataError, match="unsupported file type"):
         load_source(spec(d / "README.md"))
-    with pytest.raises(DataError, match="no .json/.jsonl/.parquet/.arrow file matches"):
+    with pytest.raises(DataError, match="no .json/.jsonl/.tsv/.parquet/.arrow file matches"):
         load_source(spec(tmp_path / "*.csv"))
 
 

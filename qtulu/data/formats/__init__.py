@@ -17,6 +17,7 @@ converter's ``random_template=False``). Modules, each naming its reference:
 - `trees`: OpenAssistant OASST1 (trees file and flat messages)
 - `superni`: Super-NaturalInstructions task files
 - `flan`: FLAN V2 (submix resampling) and its CoT submix
+- `flan_cot_raw`: FLAN's raw CoT TSV (GSM8K) rendered as FLAN's ``cot_zsopt`` rows, then converted as `cot`
 - `released`: ``messages`` rows and the released Tülu mixtures
 """
 
@@ -28,6 +29,7 @@ from qtulu.data.errors import DataError
 from qtulu.data.formats._rows import PROFILES, Context, Filtered, Out, Row, rowwise
 from qtulu.data.formats.conversations import baize, sharegpt
 from qtulu.data.formats.flan import PORTIONS, cot, flan_v2
+from qtulu.data.formats.flan_cot_raw import flan_cot_raw
 from qtulu.data.formats.instructions import alpaca, dolly, self_instruct, unnatural_instructions
 from qtulu.data.formats.released import RELEASES, messages, release_source
 from qtulu.data.formats.superni import superni
@@ -47,6 +49,7 @@ CONVERTERS: dict[str, Callable[[Iterable[Row], dict, Context], Out]] = {
     "superni": superni,
     "flan_v2": flan_v2,
     "cot": cot,
+    "flan_cot_raw": flan_cot_raw,
     "baize": rowwise(baize),
     "messages": messages,
 }
@@ -85,6 +88,9 @@ OPTIONS: dict[str, dict[str, tuple[Any, tuple, str]]] = {
     "cot": {
         "zero_shot": (None, _OPT_INT, "zs_opt rows to draw (null: all)"),
         "few_shot": (None, _OPT_INT, "fs_opt rows to draw (null: all)"),
+    },
+    "flan_cot_raw": {
+        "zero_shot": (None, _OPT_INT, "rendered zs_opt rows to draw, as cot's zero_shot (null: all)"),
     },
     "baize": {},
     "messages": {
