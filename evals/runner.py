@@ -155,6 +155,10 @@ def evaluate(model, tokenizer, tasks, *, data_dir, out_dir, adapters: Sequence[s
                "allow_code_execution": allow_code_execution}
     bar = tqdm(total=len(labels) * len(names), desc="eval", unit="cell", disable=not progress)
     done = reused = 0
+    from qtulu.model.dense_cache import dense_weights
+
+    dense = dense_weights(model)  # CPU: the NF4 base dequantized once, not at every matmul
+    dense.__enter__()
     try:
         for label in labels:
             if adapters:
@@ -182,6 +186,7 @@ def evaluate(model, tokenizer, tasks, *, data_dir, out_dir, adapters: Sequence[s
         raise KeyboardInterrupt(f"{done} of {len(labels) * len(names)} eval cells complete in {out_dir}; "
                                 "run the same command again to resume") from None
     finally:
+        dense.__exit__(None, None, None)
         bar.close()
         if was_training:
             model.train()

@@ -177,6 +177,9 @@ def _main(args: argparse.Namespace) -> int:
         raise ChatError(f"{args.model}: the model has no tokenizer (tokenizer.json / tokenizer.model)")
     max_pos = getattr(model.config, "max_position_embeddings", None)
     max_context = max(1, max_pos - args.max_new_tokens) if max_pos else None
-    run_chat(model, tok, sys.stdin, sys.stdout, chat_format=args.chat_format, max_new_tokens=args.max_new_tokens,
-             temperature=args.temperature, max_context=max_context)
+    from qtulu.model.dense_cache import dense_weights
+
+    with dense_weights(model):  # CPU: the NF4 base dequantized once, not at every matmul of every token
+        run_chat(model, tok, sys.stdin, sys.stdout, chat_format=args.chat_format, max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature, max_context=max_context)
     return 0

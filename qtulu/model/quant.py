@@ -22,6 +22,7 @@ import re
 from typing import Iterable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qtulu.errors import QtuluError
@@ -106,6 +107,7 @@ class Linear4bit(nn.Linear):
         use :meth:`from_linear` / :meth:`from_bnb` to quantize a real weight. ``dtype`` is the
         bias dtype and the state's nominal original dtype."""
         nn.Module.__init__(self)
+        self._dense = None  # the dequantized weight while qtulu.model.dense_cache holds it
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.compute_dtype = compute_dtype
@@ -168,6 +170,7 @@ class Linear4bit(nn.Linear):
         packed, state = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
         mod = cls.__new__(cls)
         nn.Module.__init__(mod)
+        mod._dense = None  # the dequantized weight while qtulu.model.dense_cache holds it
         mod.in_features, mod.out_features = linear.in_features, linear.out_features
         mod.compute_dtype = compute_dtype
         mod.backend = backend
@@ -194,6 +197,7 @@ class Linear4bit(nn.Linear):
         codes, state, repacked = bnb_codes_and_state(weight.data, qs)
         mod = cls.__new__(cls)
         nn.Module.__init__(mod)
+        mod._dense = None  # the dequantized weight while qtulu.model.dense_cache holds it
         mod.in_features, mod.out_features = int(state.shape[1]), int(state.shape[0])
         mod.compute_dtype = getattr(bnb_linear, "compute_dtype", None)
         mod.backend = backend
@@ -217,7 +221,11 @@ class Linear4bit(nn.Linear):
         elif not x.is_floating_point():
             raise TypeError(f"Linear4bit: input must be floating point, got {x.dtype}")
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        out = nf4_matmul(x, self.weight, self.quant_state, bias, backend=self.backend)
+        dense = getattr(self, "_dense", None)  # set by qtulu.model.dense_cache on CPU runs
+        if dense is not None and dense.dtype == x.dtype and dense.device == x.device:
+            out = F.linear(x, dense, bias)  # = nf4_matmul's torch path without dequantizing again
+        else:
+            out = nf4_matmul(x, self.weight, self.quant_state, bias, backend=self.backend)
         return out.to(inp_dtype)
 
     def extra_repr(self) -> str:

@@ -603,11 +603,12 @@ def _run_trainer(run: _Run, *, adapter_name: str) -> None:
         say(f"{resume_from.name} already reached train.max_steps={t.max_steps}: nothing left to train")
         return
     from qtulu.train.loss import loss_chunking
+    from qtulu.model.dense_cache import dense_weights
     from qtulu.model.threads import fitted_threads, usable_cores
 
     try:
         # intra-op threads: one for a small model, else the idle cores (qtulu.model.threads); loss tiles (qtulu.train.loss)
-        with fitted_threads(run.base) as n_threads, loss_chunking(t.loss_chunk_size):
+        with fitted_threads(run.base) as n_threads, loss_chunking(t.loss_chunk_size), dense_weights(run.base, say=say):
             if run.base.device.type == "cpu":
                 say(f"torch intra-op threads: {n_threads} (of {usable_cores()} core(s); set QTULU_THREADS=N to choose)")
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
