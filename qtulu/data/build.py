@@ -245,20 +245,35 @@ def _converted(spec: SourceSpec, rows, ctx: Context, tally: _Tally, special_re, 
     return good
 
 
-def held_out_conversations(spec: SourceSpec, tokenizer, *, profile: str = "open_instruct", seed: int = 42,
-                           max_seq_len: int = 2048, on_bad_row: str = "error"):
-    """The held-out rows of ``spec`` (its ``hold_out``), converted and validated exactly as the build
-    converts the rows it trains on: ``([(where, messages)], info)``, ``info`` = what the manifest
-    records of the hold-out plus what was dropped or filtered among the held-out rows."""
+def held_out_rows(spec: SourceSpec):
+    """``(resolved spec, held-out (where, row) pairs, info)``: the native rows of ``spec`` its
+    ``hold_out`` sets aside (the rows the build leaves out), with what the manifest records of them."""
     if spec.hold_out is None:
         raise DataError(f"source {spec.name!r}: no hold_out set: there are no held-out rows to read")
-    tally = _Tally(on_bad_row)
-    spec, rows, _ = _load_split(spec, tally)
+    tally = _Tally("skip")
+    resolved, split, _ = _load_split(spec, tally)
+    return resolved, split.held, tally.held_out[spec.name]
+
+
+def convert_rows(spec: SourceSpec, rows, tokenizer, *, profile: str = "open_instruct", seed: int = 42,
+                 max_seq_len: int = 2048):
+    """``([(where, messages)], {"dropped": {reason: n}, "filtered": {reason: n}})``: native ``rows`` of
+    ``spec`` (already resolved) converted and validated as the build converts the rows it trains on
+    (same converter, options, profile, seed and tokenizer checks); bad rows counted, not raised."""
+    tally = _Tally("skip")
     ctx = Context(profile=profile, seed=seed, tokenizer=tokenizer, max_seq_len=int(max_seq_len))
-    good = _converted(spec, rows.held, ctx, tally, special_tokens_regex(tokenizer) if tokenizer is not None else None)
-    info = {**tally.held_out[spec.name], "dropped": dict(tally.dropped_by_source.get(spec.name, {})),
-            "filtered": dict(tally.filtered_by_source.get(spec.name, {}))}
-    return good, info
+    good = _converted(spec, rows, ctx, tally, special_tokens_regex(tokenizer) if tokenizer is not None else None)
+    return good, {"dropped": dict(tally.dropped_by_source.get(spec.name, {})),
+                  "filtered": dict(tally.filtered_by_source.get(spec.name, {}))}
+
+
+def held_out_conversations(spec: SourceSpec, tokenizer, *, profile: str = "open_instruct", seed: int = 42,
+                           max_seq_len: int = 2048):
+    """The held-out rows of ``spec`` converted (`held_out_rows` then `convert_rows`): ``([(where,
+    messages)], info)``, ``info`` = the manifest's record of the hold-out plus what was dropped or filtered."""
+    resolved, rows, info = held_out_rows(spec)
+    good, counts = convert_rows(resolved, rows, tokenizer, profile=profile, seed=seed, max_seq_len=max_seq_len)
+    return good, {**info, **counts}
 
 
 def _tokenizer_sha256(tokenizer) -> str:
