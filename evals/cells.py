@@ -10,7 +10,8 @@ The key covers:
 - the task: name, version, resolved options (profile included), ``limit``;
 - how it ran: chat format, batch size (sampling is seeded per batch), max length, and what scoring
   used (judge endpoint and model, toxicity classifier, code execution allowed);
-- the data: SHA-256 of the files under the task's data folder;
+- the data: SHA-256 of the files under the task's data folder (of the files its options name, for a
+  task with ``data_files``, such as reply_loss: those options are keyed by content, not path);
 - the code: SHA-256 of the task module, its helpers, ``evals/lm.py`` and ``evals/metrics.py``.
 
 Layout: ``OUT/<label>/<task>/{predictions.jsonl, metrics.json}``; ``metrics.json`` is written last
@@ -51,13 +52,40 @@ def files_sha256(root: Path) -> str:
     return h.hexdigest()
 
 
+def _module_files(name: str) -> list[Path]:
+    """A module's source file, or every .py file of a package (found without importing it)."""
+    import importlib.util
+
+    origin = Path(importlib.util.find_spec(name).origin)
+    return sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
+
+
 def code_sha256(task) -> str:
-    """The code that turns a model into this task's predictions and scores."""
+    """The code that turns a model into this task's predictions and scores (with the qtulu modules
+    a task names in ``CODE_MODULES``, e.g. the data pipeline that renders reply_loss's rows)."""
     paths = [Path(task.module.__file__)] + [_EVALS / name for name in CODE_FILES]
+    paths += [p for name in getattr(task.module, "CODE_MODULES", ()) for p in _module_files(name)]
     return _sha256_bytes(*[p.read_bytes() for p in paths if p.is_file()])
 
 
-def data_sha256(task, data_dir) -> str | None:
+def task_data_files(task, data_dir) -> dict[str, Path] | None:
+    """The files a task module names through its options (``data_files``, e.g. reply_loss's source
+    file), or None for a task that reads its whole ``DATA_SUBDIR``."""
+    fn = getattr(task.module, "data_files", None)
+    return None if fn is None else fn(data_dir, **task.opts)
+
+
+def keyed_options(task) -> dict:
+    """The task's options as a key holds them: an option naming a file (the module's
+    ``FILE_OPTIONS``) is keyed by the file's contents (`data_sha256`), not by how its path is spelt."""
+    skip = set(getattr(task.module, "FILE_OPTIONS", ()))
+    return _canonical({k: v for k, v in task.opts.items() if k not in skip})
+
+
+def data_sha256(task, data_dir) -> str | dict | None:
+    files = task_data_files(task, data_dir)
+    if files is not None:
+        return {k: files_sha256(p) if p.exists() else None for k, p in files.items()}
     root = Path(data_dir) / getattr(task.module, "DATA_SUBDIR", "")
     return files_sha256(root) if root.exists() else None
 
@@ -110,7 +138,7 @@ def cell_key(identity: dict, task, *, data_dir, limit, chat_format, batch_size, 
     predictions (the judge's endpoint and model, the toxicity classifier, code execution allowed)."""
     what = {
         "model": identity,
-        "task": {"name": task.name, "version": task.version, "options": _canonical(task.opts), "limit": limit},
+        "task": {"name": task.name, "version": task.version, "options": keyed_options(task), "limit": limit},
         "run": {"chat_format": chat_format, "batch_size": batch_size, "max_length": max_length,
                 "scoring": _canonical(scoring or {})},
         "data": data_sha256(task, data_dir),

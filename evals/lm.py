@@ -214,6 +214,35 @@ class LM:
                 results[i] = (float(tok_lp.sum()), bool((pred.argmax(-1) == target).all()))
         return results
 
+    def masked_nll(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, int]]:
+        """For each (input_ids, labels) as training encodes them (labels -100 where nothing is
+        supervised, else the token itself): (sum over t >= 1 with labels[t] != -100 of
+        -log p(labels[t] | ids[:t]), the number of such t): the training loss's terms, summed."""
+        import torch
+        import torch.nn.functional as F
+
+        from qtulu.data.chat import IGNORE_INDEX
+
+        results: list[tuple[float, int]] = [None] * len(requests)  # type: ignore[list-item]
+        for ids, labels in requests:
+            if len(ids) != len(labels):
+                raise ValueError(f"input_ids ({len(ids)}) and labels ({len(labels)}) differ in length")
+            if self.max_length and len(ids) > self.max_length:
+                raise ValueError(f"a scored sequence of {len(ids)} tokens exceeds max_length={self.max_length}")
+        for chunk in self._chunks(self._order([len(ids) for ids, _ in requests]), "reply loss"):
+            seqs = [[int(t) for t in requests[i][0]] for i in chunk]
+            logits = self._score_logits(seqs)  # (B, W, V)
+            for row, i in enumerate(chunk):
+                n = len(seqs[row])
+                target = torch.tensor([int(t) for t in requests[i][1][1:n]], dtype=torch.long, device=logits.device)
+                count = int((target != IGNORE_INDEX).sum())
+                if count == 0:
+                    results[i] = (0.0, 0)
+                    continue
+                nll = F.cross_entropy(logits[row, : n - 1].float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+                results[i] = (float(nll), count)
+        return results
+
     def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         ctx = self.encode(context)
         whole = self.encode(context + continuation)

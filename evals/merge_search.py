@@ -54,18 +54,22 @@ def merge_search(model, tokenizer, adapters: Sequence[str], tasks, *, data_dir, 
                  weight_grid: Sequence[Sequence[float]] | None = None, densities: Sequence[float] = (0.5,),
                  limit: int | None = 20, batch_size: int = 8, chat_format: str | None = "tulu",
                  task_options: dict | None = None, base_info: dict | None = None, seed: int = 0,
-                 include_inputs: bool = True, progress: bool = True, **score_context) -> dict:
+                 include_inputs: bool = True, progress: bool = True, columns: dict[str, str] | None = None,
+                 **score_context) -> dict:
     """Evaluate every candidate merge of ``adapters``; save the best to ``out_dir/best``.
 
     Returns ``{"candidates": [row, ...], "best": row, "best_dir": str}`` where a row is
     ``{"name", "method", "weights", "density", "objective", "scores": {task: score}}``; also
-    writes ``out_dir/merge_search.json`` and ``out_dir/merge_search.md``.
+    writes ``out_dir/merge_search.json`` and ``out_dir/merge_search.md``. ``columns``: ``{label: task}``
+    (as `evals.runner.evaluate`): scores, folders and ``task_options`` keyed by the label.
     """
     from qtulu.adapters.store import save_adapter, set_active
     from qtulu.adapters.merge import METHODS, combine_adapters
 
-    names = parse_task_list(tasks)
-    check_requirements(names, judge=score_context.get("judge"), classifier=score_context.get("classifier"),
+    columns = dict(columns) if columns else {n: n for n in parse_task_list(tasks)}
+    names = list(columns)
+    task_of = dict(zip(names, parse_task_list(list(columns.values()))))
+    check_requirements(list(task_of.values()), judge=score_context.get("judge"), classifier=score_context.get("classifier"),
                        allow_code_execution=score_context.get("allow_code_execution", False))
     adapters = list(adapters)
     if len(adapters) < 2:
@@ -87,8 +91,8 @@ def merge_search(model, tokenizer, adapters: Sequence[str], tasks, *, data_dir, 
             specs.append({"method": method, "weights": [float(x) for x in w], "density": d})
 
     def evaluate_active(label: str) -> dict:
-        return {t: run_task(lm, t, data_dir=data_dir, out_dir=out_dir / "candidates" / label / t, limit=limit,
-                            task_options=(task_options or {}).get(t), score_context=ctx) for t in names}
+        return {t: run_task(lm, task_of[t], data_dir=data_dir, out_dir=out_dir / "candidates" / label / t, limit=limit,
+                            task_options=(task_options or {}).get(t), score_context=ctx, column=t) for t in names}
 
     rows = []
     iterator = range(len(specs))

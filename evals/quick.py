@@ -27,6 +27,7 @@ QUICK_OPTIONS: dict[str, dict[str, Any]] = {
     "toxigen": {"max_prompts_per_group": 5, "max_new_tokens": 32},
     "truthfulqa": {"max_new_tokens": 20},
     "synthetic": {},
+    "reply_loss": {},  # one forward pass over the held-out rows: --limit caps the rows
 }
 
 

@@ -69,10 +69,12 @@ def resolve_task(task_name: str, task_options: dict | None = None, profile: str 
 
 
 def run_task(lm: LM, task_name: str, *, data_dir, out_dir: Path | None = None, limit=None,
-             task_options: dict | None = None, score_context: dict | None = None, profile: str | None = None) -> dict:
+             task_options: dict | None = None, score_context: dict | None = None, profile: str | None = None,
+             column: str | None = None) -> dict:
     """Load, predict, score one task with ``lm``; save predictions.jsonl + metrics.json in ``out_dir``.
 
     ``profile`` (None: the task's default, open_instruct) applies unless ``task_options`` names one.
+    ``column``: the label the task's result goes under, when it is not the task's name (recorded).
     """
     task = resolve_task(task_name, task_options, profile)
     ctx = dict(score_context or {})
@@ -94,6 +96,8 @@ def run_task(lm: LM, task_name: str, *, data_dir, out_dir: Path | None = None, l
         "chat_format": lm.chat_format, "predict_seconds": round(t1 - t0, 2),
         "score_seconds": round(time.time() - t1, 2),
     }
+    if column is not None and column != task_name:
+        metrics["column"] = column
     if out_dir is not None:
         write_json(Path(out_dir) / "metrics.json", metrics)
     return metrics
@@ -105,7 +109,8 @@ def evaluate(model, tokenizer, tasks, *, data_dir, out_dir, adapters: Sequence[s
              unsafe_no_isolation: bool = False, task_options: dict[str, dict] | None = None,
              model_name: str = "model", max_length: int | None = None,
              base_chat_format: str | None = None, progress: bool = True, report: bool = True,
-             profile: str = "open_instruct", quick: bool = False, resume: bool = True, cache_dir=None) -> dict:
+             profile: str = "open_instruct", quick: bool = False, resume: bool = True, cache_dir=None,
+             columns: dict[str, str] | None = None) -> dict:
     """Evaluate ``model`` (optionally under each of ``adapters``) on ``tasks``; returns the results dict.
 
     ``tasks``: names from ``qtulu.evals.tasks.TASKS`` (list or "a,b"). ``adapters``: names already
@@ -119,22 +124,28 @@ def evaluate(model, tokenizer, tasks, *, data_dir, out_dir, adapters: Sequence[s
     default ``limit``). ``resume``: a (label, task) cell already complete in ``out_dir`` with the
     same key (`evals.cells`: model/adapter, task, options, data, code) is read back, not recomputed;
     ``cache_dir``: also look cells up in / store them to that content-addressed folder.
+    ``columns``: ``{label: task}`` to run one task several times with different options (e.g.
+    reply_loss per source): results, cell folders and ``task_options`` are keyed by the label
+    (``tasks`` is then ignored); default: one column per task, labelled with its name.
     Ctrl-C raises `KeyboardInterrupt` saying how many cells are complete (a re-run resumes).
     The returned dict (also ``out_dir/results.json``) is
     ``{"results": {label: {task: metrics}}, "versions": {task: version}, "config": {...}}``.
     """
-    names = parse_task_list(tasks)
+    columns = dict(columns) if columns else {n: n for n in parse_task_list(tasks)}
+    names = list(columns)  # the column labels
+    task_of = dict(zip(names, parse_task_list(list(columns.values()))))
     from .tasks._common import check_profile
 
     check_profile(profile)
-    check_requirements(names, judge=judge, classifier=classifier, allow_code_execution=allow_code_execution,
+    check_requirements(list(task_of.values()), judge=judge, classifier=classifier, allow_code_execution=allow_code_execution,
                        unsafe_no_isolation=unsafe_no_isolation)
     if quick:
         from .quick import apply_quick
 
-        task_options, limit = apply_quick(names, task_options, limit)
+        per_column = {lab: apply_quick([t], {t: (task_options or {}).get(lab, {})}, limit)[0][t] for lab, t in task_of.items()}
+        task_options, limit = per_column, apply_quick([], None, limit)[1]
     for name in names:  # an unknown option fails here, before any generation
-        resolve_task(name, (task_options or {}).get(name), profile)
+        resolve_task(task_of[name], (task_options or {}).get(name), profile)
     out_dir = Path(out_dir)
     labels = list(adapters) if adapters else [model_name]
     if adapters:
@@ -169,15 +180,15 @@ def evaluate(model, tokenizer, tasks, *, data_dir, out_dir, adapters: Sequence[s
             for name in names:
                 bar.set_description(f"eval {label} · {name}")  # which adapter, which task
                 cell_dir, opts = out_dir / label / name, (task_options or {}).get(name)
-                key, what = cell_key(identity, resolve_task(name, opts, profile), data_dir=data_dir, limit=limit,
+                key, what = cell_key(identity, resolve_task(task_of[name], opts, profile), data_dir=data_dir, limit=limit,
                                      chat_format=lm.chat_format, batch_size=batch_size, max_length=max_length,
                                      scoring=scoring)
                 metrics = load_cell(cell_dir, key, cache_dir) if resume else None
                 if metrics is not None:
                     reused += 1
                 else:
-                    metrics = run_task(lm, name, data_dir=data_dir, out_dir=cell_dir, limit=limit,
-                                       task_options=opts, score_context=ctx, profile=profile)
+                    metrics = run_task(lm, task_of[name], data_dir=data_dir, out_dir=cell_dir, limit=limit,
+                                       task_options=opts, score_context=ctx, profile=profile, column=name)
                     metrics = seal_cell(cell_dir, key, what, metrics, cache_dir)
                 results[label][name] = metrics
                 done += 1
@@ -195,7 +206,7 @@ def evaluate(model, tokenizer, tasks, *, data_dir, out_dir, adapters: Sequence[s
               "(same model, adapter, task, options, data and code): read back, not recomputed", flush=True)
     out = {
         "results": results,
-        "versions": {n: get_task(n).version for n in names},
+        "versions": {n: get_task(task_of[n]).version for n in names},
         "config": {"tasks": names, "labels": labels, "batch_size": batch_size, "limit": limit, "quick": quick,
                    "chat_format": chat_format, "base_chat_format": base_chat_format, "data_dir": str(data_dir),
                    "profile": profile,

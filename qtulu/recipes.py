@@ -104,6 +104,9 @@ class SourceSpec:
     path: str | None = None  # local json/jsonl/parquet/arrow file or directory (wins over hub_id)
     split: str = "train"  # hub split to read
     count: int | float | None = None  # examples to take: int n (resampled if larger), fraction in (0, 1], or null = all
+    # native rows set aside for evaluation (never trained on, chosen by content: qtulu.data.holdout):
+    # int k = k rows (SuperNI: instances, OASST1: trees), float in (0, 1) = that fraction; null = none
+    hold_out: int | float | None = None
     options: dict[str, Any] = field(default_factory=dict)  # converter options (qtulu data formats lists them)
     # Take this source's rows from a released mixture instead (rows whose `dataset` column is
     # `release_dataset`, default the source's name): "tulu_v1" / "tulu_v2" (allenai/tulu-v*-sft-mixture),
@@ -276,7 +279,7 @@ def schema_keys(cls=Recipe, prefix: str = "") -> dict[str, str]:
 
 
 _PATH_LIKE_KEYS = (("data", "tokenizer"), ("model", "base"))
-_REF_OVERRIDABLE = ("name", "count", "options", "split", "path", "hub_id", "hub_config", "release", "release_dataset")
+_REF_OVERRIDABLE = ("name", "count", "hold_out", "options", "split", "path", "hub_id", "hub_config", "release", "release_dataset")
 
 
 def resolve_recipe_path(path_or_name: str | os.PathLike, base_dir: Path | None = None) -> Path:
@@ -460,6 +463,10 @@ def _validate(raw: dict[str, Any], file: str) -> Recipe:
             err(f"{where}.count", f"an int count must be >= 1, got {s.count}")
         if isinstance(s.count, float) and not 0.0 < s.count <= 1.0:
             err(f"{where}.count", f"a float count is a fraction in (0, 1], got {s.count}")
+        if isinstance(s.hold_out, int) and s.hold_out < 1:
+            err(f"{where}.hold_out", f"an int hold_out is a number of rows >= 1, got {s.hold_out}")
+        if isinstance(s.hold_out, float) and not 0.0 < s.hold_out < 1.0:
+            err(f"{where}.hold_out", f"a float hold_out is a fraction in (0, 1), got {s.hold_out}")
     d = recipe.data
     if d.max_seq_len < 8:
         err("data.max_seq_len", f"must be >= 8, got {d.max_seq_len}")

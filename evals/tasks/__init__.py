@@ -12,6 +12,10 @@ subset (n and seed), the metric, and whether the run is comparable to the paper'
 prints it), and takes a ``profile`` option: ``open_instruct`` (default; reproduces open-instruct's
 Tulu-1 evaluation) or ``corrected`` (see ``_common.PROFILES``).
 
+A module may also declare ``FILE_OPTIONS`` (options naming files it reads, with ``data_files(data_dir,
+**opts) -> {option: Path}``: a cell is keyed by those files' contents rather than by ``DATA_SUBDIR``)
+and ``CODE_MODULES`` (qtulu modules its results depend on, keyed with its code), as reply_loss does.
+
 Each module also declares ``OPTIONS``: every option its functions accept, as
 ``{name: (default, one-line meaning)}``; an option not listed there is refused (`TaskOptionError`
 names the valid ones), so that a misspelt option never passes silently.
@@ -56,7 +60,13 @@ TASKS: dict[str, tuple[str, dict[str, Any]]] = {
     "synthetic_upper": ("synthetic", {"skill": "upper"}),
     "synthetic_successor": ("synthetic", {"skill": "successor"}),
     "synthetic_copy": ("synthetic", {"skill": "copy"}),  # the warm-up skill: what an adapter keeps of the base
+    # not the paper's: a training source's held-out rows (its hold_out), mean NLL per reply token
+    # (options format, path, hold_out, ...: one study column per source, tasks.N.column)
+    "reply_loss": ("reply_loss", {}),
 }
+
+
+NOT_THE_PAPERS = ("synthetic", "reply_loss")  # task modules "all" leaves out
 
 
 @dataclass(frozen=True)
@@ -95,8 +105,8 @@ def check_options(name: str, module: ModuleType, options: dict[str, Any]) -> Non
 def parse_task_list(spec: str | list[str]) -> list[str]:
     """"mmlu,gsm8k" or ["mmlu", "gsm8k"] -> validated names ("all" = every variant of the paper's suite)."""
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
-    if names == ["all"]:  # the paper's suite (the demo's synthetic skills are not part of it)
-        return [n for n, (module, _) in TASKS.items() if module != "synthetic"]
+    if names == ["all"]:  # the paper's suite (the demo's synthetic skills and reply_loss are not part of it)
+        return [n for n, (module, _) in TASKS.items() if module not in NOT_THE_PAPERS]
     for n in names:
         if n not in TASKS:
             raise TaskOptionError(f"unknown task {n!r}; known tasks: {', '.join(sorted(TASKS))}")

@@ -7,7 +7,8 @@
     built.manifest["packing"] # {"utilization": 0.99.., "sequences": ...}
     built.save("out/data"); load_built("out/data")
 
-Steps: load each source's rows -> convert (formats, under ``data.profile``) -> validate (chat) ->
+Steps: load each source's rows -> set aside its ``hold_out`` rows (`qtulu.data.holdout`; recorded in
+``manifest["held_out"]``) -> convert (formats, under ``data.profile``) -> validate (chat) ->
 sample ``count`` with the data seed -> tokenize in batches with offsets (labels on assistant replies
 + EOS) -> split long conversations (``messages`` sources with ``split_long``; ShareGPT splits in its
 converter) -> truncate/drop over-long examples -> pack (BFD). Malformed rows are found here, before
@@ -128,6 +129,7 @@ class _Tally:
         self.filtered_by_source: dict[str, Counter] = defaultdict(Counter)
         self.empty_replies: Counter = Counter()  # empty assistant turns kept (profile open_instruct)
         self.sampling: dict[str, dict] = {}  # source -> {rows, count, drawn} where `count` is set
+        self.held_out: dict[str, dict] = {}  # source -> {hold_out, unit, held_out, of, sha256} where `hold_out` is set
 
     def bad(self, source: str, err: BadRow, where: str) -> None:
         if self.on_bad_row == "error":
@@ -183,10 +185,30 @@ def resolved_source(spec: SourceSpec) -> SourceSpec:
 
 def collect_source(spec: SourceSpec, recipe: Recipe, tally: _Tally, special_re, *, sample: bool = True,
                    limit: int | None = None, tokenizer=None, max_seq_len: int | None = None):
-    """Load, convert and validate one source: ``([(where, messages)], inputs)``.
+    """Load, hold out (``hold_out``: its rows are left out here), convert and validate one source:
+    ``([(where, messages)], inputs)``.
 
     ``tokenizer`` is needed by converters that count tokens (ShareGPT's ``split_long``).
     """
+    spec, rows, inputs = _load_split(spec, tally)
+    ctx = Context(profile=recipe.data.profile, seed=recipe.data.seed, tokenizer=tokenizer,
+                  max_seq_len=int(max_seq_len or recipe.data.max_seq_len))
+    good = _converted(spec, rows.train, ctx, tally, special_re, limit)
+    if sample:
+        rng = np.random.default_rng([recipe.data.seed, zlib.crc32(spec.name.encode())])
+        picked = _sample(len(good), spec.count, rng)
+        if spec.count is not None:
+            tally.sampling[spec.name] = {"rows": len(good), "count": spec.count, "drawn": len(picked)}
+        good = [good[i] for i in picked]
+    tally.empty_replies[spec.name] += sum(1 for _, msgs in good for m in msgs if m["role"] == "assistant" and not m["content"])
+    return good, inputs
+
+
+def _load_split(spec: SourceSpec, tally: _Tally):
+    """``(resolved spec, Split of its rows, inputs)``: the source read and its ``hold_out`` set aside
+    (`qtulu.data.holdout.split_rows`, recorded in ``tally.held_out``)."""
+    from qtulu.data.holdout import split_rows
+
     release = spec.release
     spec = resolved_source(spec)
     check_options(spec.format, spec.options, spec.name)
@@ -196,10 +218,16 @@ def collect_source(spec: SourceSpec, recipe: Recipe, tally: _Tally, special_re, 
     loaded = load_source(spec, files)
     if release:
         loaded.inputs["release"] = {"release": release, "dataset": spec.options["dataset"]}
-    ctx = Context(profile=recipe.data.profile, seed=recipe.data.seed, tokenizer=tokenizer,
-                  max_seq_len=int(max_seq_len or recipe.data.max_seq_len))
+    split = split_rows(spec.format, loaded.rows, spec.hold_out, spec.name)
+    if spec.hold_out is not None:
+        tally.held_out[spec.name] = split.info
+    return spec, split, loaded.inputs
+
+
+def _converted(spec: SourceSpec, rows, ctx: Context, tally: _Tally, special_re, limit: int | None = None):
+    """``[(where, messages)]``: ``rows`` converted and validated; bad and filtered rows counted in ``tally``."""
     good: list[tuple[str, list[dict[str, str]]]] = []
-    for where, item in convert(spec.format, loaded.rows, spec.options, ctx):
+    for where, item in convert(spec.format, rows, spec.options, ctx):
         if isinstance(item, BadRow):
             tally.bad(spec.name, item, where)
             continue
@@ -207,21 +235,45 @@ def collect_source(spec: SourceSpec, recipe: Recipe, tally: _Tally, special_re, 
             tally.filter(spec.name, item.reason)
             continue
         try:
-            msgs = validate_messages(item, special_re, allow_empty_reply=recipe.data.profile == "open_instruct")
+            msgs = validate_messages(item, special_re, allow_empty_reply=ctx.profile == "open_instruct")
         except BadRow as e:
             tally.bad(spec.name, e, where)
         else:
             good.append((where, msgs))
         if limit is not None and len(good) >= limit:
             break
-    if sample:
-        rng = np.random.default_rng([recipe.data.seed, zlib.crc32(spec.name.encode())])
-        picked = _sample(len(good), spec.count, rng)
-        if spec.count is not None:
-            tally.sampling[spec.name] = {"rows": len(good), "count": spec.count, "drawn": len(picked)}
-        good = [good[i] for i in picked]
-    tally.empty_replies[spec.name] += sum(1 for _, msgs in good for m in msgs if m["role"] == "assistant" and not m["content"])
-    return good, loaded.inputs
+    return good
+
+
+def held_out_rows(spec: SourceSpec):
+    """``(resolved spec, held-out (where, row) pairs, info)``: the native rows of ``spec`` its
+    ``hold_out`` sets aside (the rows the build leaves out), with what the manifest records of them."""
+    if spec.hold_out is None:
+        raise DataError(f"source {spec.name!r}: no hold_out set: there are no held-out rows to read")
+    tally = _Tally("skip")
+    resolved, split, _ = _load_split(spec, tally)
+    return resolved, split.held, tally.held_out[spec.name]
+
+
+def convert_rows(spec: SourceSpec, rows, tokenizer, *, profile: str = "open_instruct", seed: int = 42,
+                 max_seq_len: int = 2048):
+    """``([(where, messages)], {"dropped": {reason: n}, "filtered": {reason: n}})``: native ``rows`` of
+    ``spec`` (already resolved) converted and validated as the build converts the rows it trains on
+    (same converter, options, profile, seed and tokenizer checks); bad rows counted, not raised."""
+    tally = _Tally("skip")
+    ctx = Context(profile=profile, seed=seed, tokenizer=tokenizer, max_seq_len=int(max_seq_len))
+    good = _converted(spec, rows, ctx, tally, special_tokens_regex(tokenizer) if tokenizer is not None else None)
+    return good, {"dropped": dict(tally.dropped_by_source.get(spec.name, {})),
+                  "filtered": dict(tally.filtered_by_source.get(spec.name, {}))}
+
+
+def held_out_conversations(spec: SourceSpec, tokenizer, *, profile: str = "open_instruct", seed: int = 42,
+                           max_seq_len: int = 2048):
+    """The held-out rows of ``spec`` converted (`held_out_rows` then `convert_rows`): ``([(where,
+    messages)], info)``, ``info`` = the manifest's record of the hold-out plus what was dropped or filtered."""
+    resolved, rows, info = held_out_rows(spec)
+    good, counts = convert_rows(resolved, rows, tokenizer, profile=profile, seed=seed, max_seq_len=max_seq_len)
+    return good, {**info, **counts}
 
 
 def _tokenizer_sha256(tokenizer) -> str:
@@ -423,6 +475,7 @@ def _manifest(recipe: Recipe, tok, tally: _Tally, kept: _Kept, packed, lens, fla
         "filtered_by_source": {k: dict(sorted(v.items())) for k, v in tally.filtered_by_source.items()},
         "empty_replies_by_source": dict(tally.empty_replies),
         "sampling": tally.sampling,
+        "held_out": tally.held_out,
         "truncated": kept.truncated,
         "split_conversations_extra_chunks": kept.split_extra,
         "sources": {n: per_source.get(n, 0) for n in names},
@@ -466,6 +519,9 @@ def build_notes(manifest: dict) -> list[str]:
             notes.append(f"data: source {name!r}: {n} empty repl{'y' if n == 1 else 'ies'}, encoded as open-instruct "
                          "encodes them: the turn trains nothing, an example with no other reply is dropped as "
                          "empty_reply (docs/open_instruct_differences.md)")
+    for name, h in (manifest.get("held_out") or {}).items():
+        notes.append(f"data: source {name!r}: {h['held_out']} of {h['of']} {h['unit']} held out (hold_out={h['hold_out']}; "
+                     "never trained on, scored by the reply_loss eval task)")
     if manifest.get("truncated"):
         notes.append(f"data: {manifest['truncated']} example(s) truncated to {manifest['packing']['max_seq_len']} tokens")
     notes.append(f"data: {manifest['examples']} examples, {manifest['tokens']} tokens "

@@ -47,14 +47,21 @@ class Row:
 
 @dataclass(frozen=True)
 class Column:
-    """An eval task: name, options (as written, quick mode's applied; eval.profile applies unless they
-    name one), data folder."""
+    """An eval task as a column: its label (``name``: the task's ``column``, default the task's
+    name; it keys the table, the records, the eval folders and the merge search), the task variant
+    (``task``), options (as written, quick mode's applied; eval.profile applies unless they name
+    one), data folder."""
 
     name: str
     options: dict[str, Any]
     data_dir: Path
     where: str
     judge: Any = None  # JudgeSpec: the task's own, else eval.judge
+    task: str = ""  # the task variant (default: ``name``)
+
+    def __post_init__(self):
+        if not self.task:
+            object.__setattr__(self, "task", self.name)
 
 
 @dataclass(frozen=True)
@@ -336,31 +343,59 @@ def _load_columns(spec: Study, ev: EvalSpec, here: Path, err) -> tuple[list[Colu
     if not spec.tasks:
         err("tasks", "list at least one task")
     entries = [StudyTask(name=t) if isinstance(t, str) else t for t in spec.tasks]
-    names = [t.name for t in entries]
-    for i, n in enumerate(names):
-        if names.index(n) != i:
-            err(f"tasks.{i}", f"task {n!r} is listed twice (one column per task)")
-    options = {t.name: dict(t.options) for t in entries}
+    labels = _column_labels(entries, err)
+    options = {lab: _task_paths(t, here) for lab, t in zip(labels, entries)}
     limit = ev.limit
     if ev.quick:
         from qtulu.evals.tasks import TASKS
 
-        known = [n for n in names if n in TASKS]
-        quick_opts, limit = apply_quick(known, {n: options[n] for n in known}, ev.limit)
-        options.update(quick_opts)
+        _, limit = apply_quick([], None, ev.limit)
+        for lab, t in zip(labels, entries):
+            if t.name in TASKS:
+                options[lab] = apply_quick([t.name], {t.name: options[lab]}, ev.limit)[0][t.name]
     cols = []
-    for i, t in enumerate(entries):
+    for i, (lab, t) in enumerate(zip(labels, entries)):
         where = f"tasks.{i}"
         try:
-            resolve_task(t.name, options[t.name], ev.profile)  # an unknown task or option is refused here
+            resolve_task(t.name, options[lab], ev.profile)  # an unknown task or option is refused here
         except QtuluError as e:
             err(f"{where} ({t.name})", str(e))
         data_dir = _local(t.data_dir, here) if t.data_dir else ev.data_dir
         if data_dir is None:
             err(f"{where}.data_dir", "no eval data folder: set eval.data_dir (every task) or this task's data_dir")
-        cols.append(Column(name=t.name, options=options[t.name], data_dir=Path(data_dir), where=where,
-                           judge=t.judge or ev.judge))
+        cols.append(Column(name=lab, options=options[lab], data_dir=Path(data_dir), where=where,
+                           judge=t.judge or ev.judge, task=t.name))
     return cols, limit
+
+
+def _column_labels(entries: list[StudyTask], err) -> list[str]:
+    """Each task's column label (``column``, default its name); a label used twice is refused."""
+    labels = [t.column or t.name for t in entries]
+    for i, (lab, t) in enumerate(zip(labels, entries)):
+        if t.column is not None and (not _NAME_RE.fullmatch(t.column) or t.column == BASE_ROW):
+            err(f"tasks.{i}.column", f"{t.column!r}: use letters, digits, '.', '_' or '-' (it names a folder)")
+        if labels.index(lab) != i:
+            j = labels.index(lab)
+            err(f"tasks.{i}", f"column {lab!r} is already tasks.{j} ({entries[j].name}): give each column of a task "
+                              "its own label (tasks.N.column)")
+    return labels
+
+
+def _task_paths(t: StudyTask, here: Path) -> dict:
+    """The task's options, with a file option (the module's ``FILE_OPTIONS``, e.g. reply_loss's path)
+    written ``./...`` or ``../...`` made absolute against the study file, as recipes' source paths are;
+    other relative paths stay relative to the task's data folder."""
+    from qtulu.evals.tasks import TASKS
+
+    opts = dict(t.options)
+    if t.name in TASKS:
+        import importlib
+
+        module = importlib.import_module(f"qtulu.evals.tasks.{TASKS[t.name][0]}")
+        for key in getattr(module, "FILE_OPTIONS", ()):
+            if isinstance(opts.get(key), str) and _path_like(opts[key]):
+                opts[key] = _local(opts[key], here)
+    return opts
 
 
 def _check_merge(m: MergeSearchSpec, rows: list[Row], cols: list[Column], err) -> MergePlan:
@@ -426,7 +461,7 @@ def to_json(study: LoadedStudy) -> str:
         "file": str(study.file), "name": study.name, "description": study.spec.description,
         "base": asdict(study.base), "base_path": study.base_path,
         "rows": {r.name: r.recipe.to_dict() for r in study.rows},
-        "columns": {c.name: {"options": c.options, "data_dir": str(c.data_dir)} for c in study.columns},
+        "columns": {c.name: {"task": c.task, "options": c.options, "data_dir": str(c.data_dir)} for c in study.columns},
         "eval": asdict(study.eval), "limit": study.limit,
         "synthetic": asdict(study.synthetic) if study.synthetic else None,
         "merge_search": ({"name": study.merge.name, "adapters": study.merge.adapters, "tasks": study.merge.tasks,

@@ -221,13 +221,18 @@ class Plan:
 
     def task_id(self, col: Column, limit: int | None) -> dict:
         """What `qtulu.evals.cells.cell_key` hashes of a task: name, version, options, limit, data, code."""
-        from qtulu.evals.cells import _canonical, code_sha256
+        from qtulu.evals.cells import code_sha256, keyed_options, task_data_files
         from qtulu.evals.runner import resolve_task
 
-        task = resolve_task(col.name, col.options, self.study.eval.profile)
-        root = col.data_dir / getattr(task.module, "DATA_SUBDIR", "")
-        return {"task": {"name": task.name, "version": task.version, "options": _canonical(task.opts), "limit": limit},
-                "data": self.hasher.tree(root) if root.exists() else None, "code": code_sha256(task)}
+        task = resolve_task(col.task, col.options, self.study.eval.profile)
+        files = task_data_files(task, col.data_dir)
+        if files is not None:  # a task reading the files its options name (reply_loss): those, by content
+            data = {k: self.hasher.tree(p) if p.exists() else None for k, p in files.items()}
+        else:
+            root = col.data_dir / getattr(task.module, "DATA_SUBDIR", "")
+            data = self.hasher.tree(root) if root.exists() else None
+        return {"task": {"name": task.name, "version": task.version, "options": keyed_options(task), "limit": limit},
+                "data": data, "code": code_sha256(task)}
 
     def eval_key(self, label: str, col: Column, adapter_sha: str | None) -> str:
         ev = self.study.eval

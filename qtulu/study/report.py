@@ -8,6 +8,7 @@
      "best": {TASK: [ROW, ...]},               # the best adapter per task (ties listed), only where it
                                                # beats the base (none if none does, or all score 0)
      "rows": [...], "columns": [...], "tasks": {TASK: {"metric", "lower_is_better", "version", "n"}},
+                                               # TASK: a column's label ("task": its task when they differ)
      "merge": {...} | null, "study": {...}, "cells_digest": ...}
 
 ``OUT/results.md`` (the same as markdown, with each task's profile, subset and comparability) and
@@ -46,10 +47,11 @@ def collect(plan) -> dict:
             rec = plan.records.read(f"eval/{label}/{c.name}") if m else None
             keys.append([label, c.name, rec and rec.get("key")])
     tasks = {}
-    for t in cols:
+    for c in study.columns:
+        t = c.name
         m = next((metrics[lab][t] for lab in rows if t in metrics[lab]), {})
         tasks[t] = {"metric": m.get("metric"), "lower_is_better": bool(m.get("lower_is_better")),
-                    "version": m.get("version"), "n": m.get("n")}
+                    "version": m.get("version"), "n": m.get("n"), **({"task": c.task} if c.task != t else {})}
     oriented = {lab: {t: (None if table[lab][t] is None else
                           (1.0 - table[lab][t] if tasks[t]["lower_is_better"] else table[lab][t])) for t in cols}
                 for lab in rows}
@@ -107,7 +109,8 @@ def _header(res: dict, t: str) -> str:
     from qtulu.evals.report import HEADLINE
 
     lower = " ↓" if res["tasks"][t]["lower_is_better"] else ""
-    return f"{t} ({HEADLINE[t]}{lower})" if t in HEADLINE else f"{t}{lower}"
+    task = res["tasks"][t].get("task", t)  # a labelled column: its task's headline
+    return f"{t} ({HEADLINE[task]}{lower})" if task in HEADLINE else f"{t}{lower}"
 
 
 def markdown(res: dict) -> str:

@@ -123,7 +123,7 @@ class StudyRun:
                 j = c.judge
                 self.judges[c.name] = None if j is None else Judge(j.url, j.model, api_key_env=j.api_key_env)
                 try:
-                    check_requirements([c.name], judge=self.judges[c.name], classifier=ev.toxigen_classifier,
+                    check_requirements([c.task], judge=self.judges[c.name], classifier=ev.toxigen_classifier,
                                        allow_code_execution=ev.allow_code_execution,
                                        unsafe_no_isolation=ev.unsafe_no_isolation)
                 except QtuluError as e:
@@ -139,7 +139,7 @@ class StudyRun:
                 continue
             if not c.data_dir.is_dir():
                 raise StudyError(f"{s.file}: {c.where} ({c.name}): eval data folder {c.data_dir} not found")
-            task = resolve_task(c.name, c.options, ev.profile)
+            task = resolve_task(c.task, c.options, ev.profile)
             try:
                 task.module.load(c.data_dir, limit=1, **task.opts)  # TaskDataError names the missing file
             except (QtuluError, OSError, ValueError) as e:
@@ -397,16 +397,18 @@ class StudyRun:
         t = time.perf_counter()
         key = self.plan.eval_cell_key(label, col)
         self._attach([label])
-        res = evaluate(self.model, self.tok, [col.name], data_dir=col.data_dir, out_dir=self.plan.eval_dir(),
+        res = evaluate(self.model, self.tok, [col.task], data_dir=col.data_dir, out_dir=self.plan.eval_dir(),
                        adapters=[label], batch_size=ev.batch_size, limit=s.limit, chat_format=ev.chat_format,
                        base_chat_format=ev.base_chat_format, judge=self.judges[col.name],
                        classifier=ev.toxigen_classifier,
                        allow_code_execution=ev.allow_code_execution, workers=ev.workers,
                        unsafe_no_isolation=ev.unsafe_no_isolation, task_options={col.name: col.options},
+                       columns={col.name: col.task},
                        max_length=ev.max_length, progress=self.progress, report=False, profile=ev.profile,
                        resume=True, cache_dir=ev.cache_dir)
         m = res["results"][label][col.name]
-        self.records.write(f"eval/{label}/{col.name}", key, {"row": label, "task": col.name},
+        column = {"column": col.name} if col.name != col.task else {}
+        self.records.write(f"eval/{label}/{col.name}", key, {"row": label, "task": col.task, **column},
                            {"eval_key": m["cell"]["key"], "score": m.get("score"), "n": m.get("n"),
                             "metric": m.get("metric"), "lower_is_better": bool(m.get("lower_is_better"))},
                            time.perf_counter() - t)
@@ -426,7 +428,7 @@ class StudyRun:
             task_options={t_: {"profile": ev.profile, **cols[t_].options} for t_ in m.tasks}, base_info=self.info,
             seed=m.spec.seed, include_inputs=True, progress=self.progress, judge=self.judges[m.tasks[0]],
             classifier=ev.toxigen_classifier, allow_code_execution=ev.allow_code_execution, workers=ev.workers,
-            unsafe_no_isolation=ev.unsafe_no_isolation)
+            unsafe_no_isolation=ev.unsafe_no_isolation, columns={t_: cols[t_].task for t_ in m.tasks})
         best = res["best"]
         say(f"merge search: {len(res['candidates'])} candidates; best {best['name']} ({best['method']}, weights "
             f"{best['weights']}, density {best['density']}): objective {best['objective']:.3f} on the first "

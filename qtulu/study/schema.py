@@ -90,6 +90,9 @@ class StudyTask:
     """One column of the table: an eval task with its options."""
 
     name: str  # task variant (`qtulu eval --list-tasks`)
+    # the column's label in the table, records and merge search (default: the task's name); give
+    # each column of one task its own, e.g. reply_loss per source: column: dolly_loss
+    column: str | None = None
     options: dict[str, Any] = field(default_factory=dict)  # task options, as `qtulu eval -o TASK.KEY=VALUE`
     data_dir: str | None = None  # this task's eval data root (default: eval.data_dir)
     judge: JudgeSpec | None = None  # this task's judge endpoint (default: eval.judge)

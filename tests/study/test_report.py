@@ -12,7 +12,7 @@ from qtulu.study.report import collect, text_table
 def _plan(scores: dict[str, dict[str, float]]):
     """A plan whose complete eval cells hold ``scores`` ({row: {task: score}}), the base first."""
     rows, cols = list(scores), list(next(iter(scores.values())))
-    study = SimpleNamespace(labels=rows, columns=[SimpleNamespace(name=t) for t in cols], average=cols, merge=None,
+    study = SimpleNamespace(labels=rows, columns=[SimpleNamespace(name=t, task=t) for t in cols], average=cols, merge=None,
                             name="t", file=Path("t.yaml"), spec=SimpleNamespace(description=None), base_path="b",
                             eval=SimpleNamespace(profile="open_instruct", quick=False), limit=None)
     return SimpleNamespace(

@@ -14,6 +14,7 @@ scores are mostly 0: the comparisons are on the predictions themselves, which di
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -154,6 +155,11 @@ BAD = [
     ("base: {demo: {}, path: /x}", "base: give exactly one of base.path"),
     ("overrides: {data.chat_format: tokenizer}", "recipes.0: row 'up' trains with data.chat_format='tokenizer' but "
                                                  "eval.chat_format is 'tulu'"),
+    ("tasks: [synthetic_upper, {name: synthetic_upper}]", "tasks.1: column 'synthetic_upper' is already tasks.0"),
+    ("tasks: [{name: reply_loss, column: loss, options: {format: messages, path: a.jsonl, hold_out: 2}}, "
+     "{name: reply_loss, column: loss, options: {format: messages, path: b.jsonl, hold_out: 2}}]",
+     "tasks.1: column 'loss' is already tasks.0 (reply_loss): give each column of a task its own label"),
+    ("tasks: [{name: synthetic_upper, column: 'a/b'}]", "tasks.0.column: 'a/b'"),
 ]
 
 
@@ -367,6 +373,46 @@ def test_a_new_recipe_and_task_run_only_their_cells_in_a_moved_folder(killed_and
     assert res["table"]["up2"] == res["table"]["up"]
     assert _predictions(moved / "eval" / "up2" / "synthetic_upper" / "predictions.jsonl") == \
         _predictions(moved / "eval" / "up" / "synthetic_upper" / "predictions.jsonl")
+
+
+def test_reply_loss_columns_of_held_out_rows_run_under_their_labels(killed_and_resumed, tmp_path, capsys):
+    """Two reply_loss columns (one task, two sources: the skills' test splits, never trained on) and
+    a merge chosen on one of them: only their cells and the merge run; each is keyed, stored,
+    tabulated and merged under its label."""
+    from qtulu.cli import main
+    from qtulu.study.load import load_study
+
+    moved = tmp_path / "moved"
+    shutil.copytree(killed_and_resumed["out"], moved)
+    up = "{name: reply_loss, column: up_loss, options: {format: messages, path: upper_test.jsonl, hold_out: 3}}"
+    succ = ("{name: reply_loss, column: succ_loss, options: {format: messages, path: ./succ.jsonl, hold_out: 0.5, "
+            "max_seq_len: 32}}")
+    (tmp_path / "succ.jsonl").write_bytes((moved / "data" / "successor_test.jsonl").read_bytes())
+    grown = tiny_study(tmp_path / "grown.yaml", tasks=[*TASKS, up, succ])
+    grown.write_text(grown.read_text().replace("tasks: [synthetic_upper, synthetic_successor], methods",
+                                               "tasks: [synthetic_upper, up_loss], methods"))
+    study = load_study(grown, moved)
+    assert [(c.name, c.task) for c in study.columns][2:] == [("up_loss", "reply_loss"), ("succ_loss", "reply_loss")]
+    assert study.columns[3].options["path"] == str(tmp_path / "succ.jsonl")  # ./ is the study file's folder
+    start = len(read_log(moved))
+    assert main(["study", str(grown), "--out", str(moved), "--no-progress"]) == 0
+    ran = {x["cell"] for x in read_log(moved)[start:] if x["event"] == "run"}
+    new = {f"eval/{r}/{c}" for r in ("base", "up", "succ") for c in ("up_loss", "succ_loss")}
+    assert new | {"merge"} <= ran and not {c for c in ran if c.startswith(("data/", "train/"))}
+    res = json.loads((moved / "results.json").read_text())
+    assert res["columns"] == [*TASKS, "up_loss", "succ_loss"]
+    assert res["tasks"]["up_loss"]["task"] == "reply_loss" and "task" not in res["tasks"]["synthetic_upper"]
+    for row in ("base", "up", "succ", "merge"):
+        a, b = (json.loads((moved / "eval" / row / c / "metrics.json").read_text()) for c in ("up_loss", "succ_loss"))
+        assert a["column"] == "up_loss" and a["task"] == "reply_loss" and a["n"] == 3
+        assert b["options"]["max_seq_len"] == 32 and a["loss"] != b["loss"]
+        assert res["table"][row]["up_loss"] == pytest.approx(math.exp(-a["loss"]))
+    search = json.loads((moved / "merge" / "merge_search.json").read_text())
+    assert search["tasks"] == ["synthetic_upper", "up_loss"] and "up_loss" in search["best"]["scores"]
+    assert (moved / "merge" / "candidates" / "input_up" / "up_loss" / "metrics.json").is_file()
+    capsys.readouterr()
+    assert main(["study", str(grown), "--out", str(moved), "--plan"]) == 0
+    assert "to run" not in capsys.readouterr().out
 
 
 def test_the_readme_study_example_loads(tmp_path):
