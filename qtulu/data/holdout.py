@@ -58,8 +58,9 @@ def _unit_name(fmt: str) -> str:
 
 def _units(fmt: str, row: Any) -> list[str] | str | None:
     """The unit hash(es) of one row: a list for a SuperNI task (one per instance), one hash for any
-    other row, None for a row that cannot be held out (a bad row or not an object)."""
-    if isinstance(row, BadRow) or not isinstance(row, dict):
+    other row (an object, or a TSV line's list of fields), None for a row that cannot be held out
+    (a bad row, or a scalar)."""
+    if isinstance(row, BadRow) or not isinstance(row, (dict, list)):
         return None
     if fmt == "superni" and isinstance(row.get("Instances"), list):
         return [unit_hash(inst) for inst in row["Instances"]]

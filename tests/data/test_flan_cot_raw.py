@@ -166,3 +166,19 @@ def test_positions_count_per_file_of_a_folder(tmp_path):
     idx = [(w.rsplit("/", 1)[1], r["template_idx"] if isinstance(r, dict) else r.reason) for w, r in out]
     assert idx == [(f"a.tsv:{i + 1}", i) for i in range(10)] + [(f"b.tsv:{i + 1}", i) for i in range(10)] + \
         [("b.tsv:11", "flan_batch_remainder")]
+
+
+def test_held_out_rows_leave_the_others_their_flan_template(shared_data, tmp_path):
+    """sources.cot.hold_out removes rows before conversion: each remaining line keeps the template of
+    its place in the file (FLAN batches by file position), not of its place among the rows left."""
+    from qtulu.data.holdout import split_rows
+    from qtulu.data.formats.flan_cot_raw import zsopt_rows
+    from qtulu.data.sources import read_tsv
+
+    path = shared_data(*RAW)
+    rows = list(read_tsv(path, path.read_bytes()))
+    whole = {w: r["template_idx"] for w, r in zsopt_rows(rows)}
+    split = split_rows("flan_cot_raw", rows, 7, "cot")
+    assert len(split.held) == 7
+    kept = {w: r["template_idx"] for w, r in zsopt_rows(split.train)}
+    assert len(kept) == len(rows) - 7 and all(whole[w] == idx for w, idx in kept.items())

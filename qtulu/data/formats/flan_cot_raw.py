@@ -87,16 +87,29 @@ def cot_fields(row) -> dict[str, str]:
             "chain_of_thought": rationale.replace("\\n", "\n")}
 
 
+def _line_count(file: str) -> int:
+    """Lines of ``file`` as the TSV reader numbers them (0 when it cannot be read: the rows count)."""
+    try:
+        with open(file, "rb") as f:
+            lines = f.read().split(b"\n")  # as qtulu.data.sources._text_lines: a final newline ends the last line
+        return len(lines) - (lines[-1] == b"")
+    except OSError:
+        return 0
+
+
 def zsopt_rows(rows: Iterable[Row]) -> Out:
     """``(where, {"inputs", "targets", "template_type": "zs_opt", "template_idx"})`` per line, as FLAN's
     ``cot_gsm8k_template_0to10_zero_shot`` task renders it; ``BadRow`` for a malformed line,
     ``Filtered`` for a line in its file's last ``n % 10`` (positions count per file)."""
     rows = list(rows)
     lines = Counter(_POSITION.sub("", where) for where, _ in rows)
+    for file in lines:  # the file's own line count: rows held out (sources.NAME.hold_out) still count
+        lines[file] = max(lines[file], _line_count(file))
     seen: Counter = Counter()
     for where, row in rows:
         file = _POSITION.sub("", where)
-        position = seen[file]
+        line = re.search(r":(\d+)$", where)
+        position = int(line.group(1)) - 1 if line else seen[file]  # its place in the file, as FLAN batches
         seen[file] += 1
         if isinstance(row, BadRow):
             yield where, row
