@@ -95,30 +95,36 @@ def merge_search(model, tokenizer, adapters: Sequence[str], tasks, *, data_dir, 
                             task_options=(task_options or {}).get(t), score_context=ctx, column=t) for t in names}
 
     rows = []
-    iterator = range(len(specs))
-    if progress:
-        from tqdm.auto import tqdm
+    steps = ([("input", a) for a in adapters] if include_inputs else []) + [("candidate", i) for i in range(len(specs))]
+    from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, desc="merge candidates")
+    from qtulu.model.dense_cache import dense_weights
+
     model.eval()
-    if include_inputs:
-        for a in adapters:
-            set_active(model, a)
-            metrics = evaluate_active(f"input_{a}")
-            rows.append({"name": f"input_{a}", "method": "input", "weights": None, "density": None,
-                         "objective": objective(metrics), "scores": {t: m["score"] for t, m in metrics.items()}})
-    for i in iterator:
-        spec = specs[i]
-        name = f"cand{i}_{spec['method']}"
-        combine_adapters(model, adapters, spec["method"], spec["weights"], spec["density"], new_name=name, seed=seed)
-        try:
-            set_active(model, name)
-            metrics = evaluate_active(name)
-        finally:
-            set_active(model, adapters[0])
-            model.delete_adapter(name)  # keep memory flat: only the winner is rebuilt below
-        rows.append({"name": name, **spec, "objective": objective(metrics),
-                     "scores": {t: m["score"] for t, m in metrics.items()}})
+    # one bar over the inputs and the candidates; on a CPU the NF4 base is dequantized once (dense_cache)
+    with tqdm(total=len(steps), desc="merge search", unit="model", disable=not progress) as bar, dense_weights(model):
+        for kind, x in steps:
+            if kind == "input":
+                bar.set_description(f"merge search · input {x}")
+                set_active(model, x)
+                metrics = evaluate_active(f"input_{x}")
+                rows.append({"name": f"input_{x}", "method": "input", "weights": None, "density": None,
+                             "objective": objective(metrics), "scores": {t: m["score"] for t, m in metrics.items()}})
+            else:
+                spec = specs[x]
+                name = f"cand{x}_{spec['method']}"
+                bar.set_description(f"merge search · {name}")
+                combine_adapters(model, adapters, spec["method"], spec["weights"], spec["density"], new_name=name,
+                                 seed=seed)
+                try:
+                    set_active(model, name)
+                    metrics = evaluate_active(name)
+                finally:
+                    set_active(model, adapters[0])
+                    model.delete_adapter(name)  # keep memory flat: only the winner is rebuilt below
+                rows.append({"name": name, **spec, "objective": objective(metrics),
+                             "scores": {t: m["score"] for t, m in metrics.items()}})
+            bar.update(1)
 
     merged = [r for r in rows if r["method"] != "input" and not math.isnan(r["objective"])]
     if not merged:

@@ -36,9 +36,9 @@ from ._common import TaskConfigError, TaskDataError, head
 NAME = "reply_loss"
 VERSION = "1.0"
 DATA_SUBDIR = ""  # `path` is resolved against the data folder; only that file is keyed (data_files)
-FILE_OPTIONS = ("path",)
+FILE_OPTIONS = ("path",)  # options naming files: a cell is keyed by their contents, not their spelling
 # the code that renders the rows, keyed with the task's own (a converter change re-scores the cells)
-CODE_MODULES = ("qtulu.data.holdout", "qtulu.data.build", "qtulu.data.chat", "qtulu.data.sources", "qtulu.data.formats")  # options naming files: a cell is keyed by their contents, not their spelling
+CODE_MODULES = ("qtulu.data.holdout", "qtulu.data.build", "qtulu.data.chat", "qtulu.data.sources", "qtulu.data.formats")
 # every option load/predict/score accept: name -> (default, meaning); `qtulu eval --list-tasks` shows them
 OPTIONS = {
     "format": (None, "the source's format (a converter of qtulu data formats: dolly, oasst1, superni, ...)"),
