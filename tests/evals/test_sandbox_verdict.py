@@ -234,7 +234,7 @@ def test_next_run_cleans_what_a_killed_run_left(require_namespaces):
     support = probe()["cgroup"]
     groups = [Path(b, f"uid-{n}") for b in set(support.bases.values()) for n in locks] if support.version else []
     assert locks and folders and all(g.is_dir() for g in groups), (locks, folders, groups)
-    for _ in range(150):  # the launchers end on their own (deadline, then their backstop): locks free
+    for _ in range(600):  # the launchers end on their own (deadline, then their backstop): locks free (up to 60 s)
         if not _marked() and all(_lock_free(os.path.join(directory, n)) for n in locks):
             break
         time.sleep(0.1)

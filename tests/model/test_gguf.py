@@ -227,11 +227,21 @@ def test_smollm2_study_validates(shared_data, tmp_path):
     shared_data("sources")  # its paths point at ../shared/data
     root = Path(__file__).resolve().parents[2]
     study = load_study(root / "recipes" / "studies" / "smollm2_cpu.yaml", tmp_path / "out")
-    sources = ["dolly", "oasst1", "superni", "baize", "sharegpt", "code_alpaca", "self_instruct"]
+    sources = ["dolly", "oasst1", "superni", "cot", "baize", "sharegpt", "code_alpaca", "self_instruct"]
     assert study.labels == ["base", *sources, "mix", "merge"]
-    assert [c.name for c in study.columns] == ["mmlu", "gsm8k", "bbh", "codex_humaneval_t01", "truthfulqa_mc"]
+    held = [s for s in sources if s != "baize"]  # Baize's sample is one transcript: nothing to hold out
+    benchmarks = ["mmlu", "gsm8k", "bbh", "codex_humaneval_t01", "truthfulqa_mc"]
+    assert [c.name for c in study.columns] == benchmarks + [f"{s}_loss" for s in held]
+    assert study.average == benchmarks and study.merge.tasks == benchmarks
     mix = study.rows[-1].recipe
     assert [s.name for s in mix.sources] == sources
+    # every reply_loss column scores exactly the rows its source's recipe and the mixture hold out
+    by_row = {row.name: {s.name: s for s in row.recipe.sources} for row in study.rows}
+    for col in study.columns[len(benchmarks):]:
+        name = col.name.removesuffix("_loss")
+        for spec in (by_row[name][name], by_row["mix"][name]):
+            assert (col.options["format"], col.options["hold_out"]) == (spec.format, spec.hold_out), col.name
+            assert Path(col.options["path"]).resolve() == Path(spec.path).resolve(), col.name
     for row in study.rows:
         r = row.recipe
         assert is_gguf(r.model.base) and (r.data.max_seq_len, r.train.max_steps, r.data.on_bad_row) == (256, 40, "skip")
