@@ -233,10 +233,9 @@ def _resolve_chat_format(args) -> None:
     """``--chat-format`` left out: the format the adapters were trained with, else tulu."""
     if args.chat_format is not None:
         return
-    from qtulu.adapters.files import recorded_chat_format
-    from qtulu.adapters.store import parse_adapter_spec
+    from qtulu.adapters.store import prompt_format_of
 
-    args.chat_format = recorded_chat_format([parse_adapter_spec(a)[1] for a in args.adapter]) or "tulu"
+    args.chat_format = prompt_format_of(args.adapter)
 
 
 def _load(args):

@@ -164,10 +164,9 @@ def _main(args: argparse.Namespace) -> int:
 
     check_before_load(args.model, args.adapter, args.trained_on)  # a typo costs seconds, not a base load
     if args.chat_format is None:  # prompt the adapters as their training rendered the rows
-        from qtulu.adapters.files import recorded_chat_format
-        from qtulu.adapters.store import parse_adapter_spec
+        from qtulu.adapters.store import prompt_format_of
 
-        args.chat_format = recorded_chat_format([parse_adapter_spec(a)[1] for a in args.adapter]) or "tulu"
+        args.chat_format = prompt_format_of(args.adapter)
         print(f"prompt format: {args.chat_format} (--chat-format to choose)", file=sys.stderr)
     model, tok = load_model(
         args.model, args.adapter, quantize=None if args.no_quantize else AUTO, force=args.force,

@@ -358,6 +358,14 @@ def recorded_name(adapter_dir: str | os.PathLike) -> str | None:
     return name if isinstance(name, str) and adapter_name_problem(name) is None else None
 
 
+def prompt_format_of(specs) -> str:
+    """The prompt format to use for the adapters given as ``specs`` (as `parse_adapter_spec` reads
+    them): the one they were trained with (`qtulu.adapters.files.recorded_chat_format`), else tulu."""
+    from qtulu.adapters.files import recorded_chat_format
+
+    return recorded_chat_format([parse_adapter_spec(a)[1] for a in specs]) or "tulu"
+
+
 def parse_adapter_spec(spec: str | os.PathLike | tuple[str, str]) -> tuple[str, Path]:
     """``"dir"`` -> (its recorded run name, else its basename, dir); ``"name=dir"`` -> (name, dir);
     ``(name, dir)`` as is."""
